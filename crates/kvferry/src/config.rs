@@ -1,0 +1,302 @@
+//! Engine configuration: a builder, resolved once at engine creation against
+//! the environment.
+//!
+//! Precedence, highest first: a value set on [`EngineConfig`]; a `KVFERRY_*`
+//! variable; the variable Mooncake users already set (`ASCEND_*` in ms, then
+//! `MC_*`); the default. See docs/configuration.md.
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Which transport to use for remote peers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransportChoice {
+    /// The best path per peer: local, then same-host, then tcp.
+    Auto,
+    /// tcp for every peer outside this process.
+    Tcp,
+}
+
+/// The builder. Unset fields fall back to the environment, then defaults.
+#[derive(Debug, Clone, Default)]
+pub struct EngineConfig {
+    hostname: Option<String>,
+    port: Option<u16>,
+    port_range: Option<(u16, u16)>,
+    connect_timeout: Option<Duration>,
+    transfer_timeout: Option<Duration>,
+    slice_size: Option<u64>,
+    async_workers: Option<usize>,
+    max_batches: Option<usize>,
+    transport: Option<TransportChoice>,
+}
+
+/// The resolved configuration an engine runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// The host part of the engine's name; peers connect to it.
+    pub hostname: String,
+    /// A fixed port, or `None` to pick one in `port_range`.
+    pub port: Option<u16>,
+    /// Inclusive range a free port is picked from (Mooncake: 15000-17000);
+    /// `(0, 0)` means any free port.
+    pub port_range: (u16, u16),
+    pub connect_timeout: Duration,
+    /// Deadline of a whole batch; also how long unregister waits for pins.
+    pub transfer_timeout: Duration,
+    /// Ops larger than this are cut into slices of this size.
+    pub slice_size: u64,
+    /// Threads that run asynchronous batches.
+    pub async_workers: usize,
+    /// Live (unfreed) batches allowed at once.
+    pub max_batches: usize,
+    pub transport: TransportChoice,
+}
+
+pub const DEFAULT_PORT_RANGE: (u16, u16) = (15000, 17000);
+/// Mooncake's code uses 10 s for Ascend transfers; kvferry takes the same.
+pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_SLICE_SIZE: u64 = 4 << 20;
+pub const DEFAULT_MAX_BATCHES: usize = 1 << 16;
+
+impl EngineConfig {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The host peers reach this engine at (IPv4, IPv6 or a name).
+    pub fn hostname(mut self, h: impl Into<String>) -> Self {
+        self.hostname = Some(h.into());
+        self
+    }
+    /// Listen on exactly this port (0 = any free port).
+    pub fn port(mut self, p: u16) -> Self {
+        self.port = Some(p);
+        self
+    }
+    pub fn port_range(mut self, lo: u16, hi: u16) -> Self {
+        self.port_range = Some((lo, hi));
+        self
+    }
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = Some(d);
+        self
+    }
+    pub fn transfer_timeout(mut self, d: Duration) -> Self {
+        self.transfer_timeout = Some(d);
+        self
+    }
+    pub fn slice_size(mut self, bytes: u64) -> Self {
+        self.slice_size = Some(bytes);
+        self
+    }
+    pub fn async_workers(mut self, n: usize) -> Self {
+        self.async_workers = Some(n);
+        self
+    }
+    pub fn max_batches(mut self, n: usize) -> Self {
+        self.max_batches = Some(n);
+        self
+    }
+    pub fn transport(mut self, t: TransportChoice) -> Self {
+        self.transport = Some(t);
+        self
+    }
+
+    /// Resolves against the process environment.
+    pub fn resolve(&self) -> Result<Settings> {
+        self.resolve_with(|k| std::env::var(k).ok())
+    }
+
+    /// Resolves against `env` (a lookup function, so tests need not touch the
+    /// process environment).
+    pub fn resolve_with(&self, env: impl Fn(&str) -> Option<String>) -> Result<Settings> {
+        let num = |key: &str| -> Result<Option<u64>> {
+            match env(key) {
+                None => Ok(None),
+                Some(v) if v.trim().is_empty() => Ok(None),
+                Some(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+                    Error::invalid(format!("environment variable {key}={v:?} is not a number"))
+                }),
+            }
+        };
+        let ms =
+            |key: &str| -> Result<Option<Duration>> { Ok(num(key)?.map(Duration::from_millis)) };
+        let flag = |key: &str| {
+            env(key).is_some_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "on"))
+        };
+
+        let hostname = match &self.hostname {
+            Some(h) => h.clone(),
+            None => env("KVFERRY_HOSTNAME")
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "127.0.0.1".to_owned()),
+        };
+        if hostname.is_empty() {
+            return Err(Error::invalid("hostname is empty"));
+        }
+        let port = match self.port {
+            Some(p) => Some(p),
+            None => num("KVFERRY_PORT")?
+                .map(|p| u16::try_from(p).map_err(|_| Error::invalid("KVFERRY_PORT > 65535")))
+                .transpose()?,
+        };
+        let port_range = match self.port_range {
+            Some(r) => r,
+            None => {
+                let lo = num("KVFERRY_MIN_PORT")?.or(num("MC_MIN_RPC_PORT")?);
+                let hi = num("KVFERRY_MAX_PORT")?.or(num("MC_MAX_RPC_PORT")?);
+                let lo = lo.map_or(Ok(DEFAULT_PORT_RANGE.0), u16::try_from);
+                let hi = hi.map_or(Ok(DEFAULT_PORT_RANGE.1), u16::try_from);
+                match (lo, hi) {
+                    (Ok(lo), Ok(hi)) => (lo, hi),
+                    _ => return Err(Error::invalid("port range bound > 65535")),
+                }
+            }
+        };
+        if port_range.0 > port_range.1 {
+            return Err(Error::invalid(format!(
+                "port range {}-{} is empty",
+                port_range.0, port_range.1
+            )));
+        }
+        let connect_timeout = match self.connect_timeout {
+            Some(d) => d,
+            None => ms("KVFERRY_CONNECT_TIMEOUT_MS")?
+                .or(ms("ASCEND_CONNECT_TIMEOUT")?)
+                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        };
+        let transfer_timeout = match self.transfer_timeout {
+            Some(d) => d,
+            None => ms("KVFERRY_TRANSFER_TIMEOUT_MS")?
+                .or(ms("ASCEND_TRANSFER_TIMEOUT")?)
+                .or(num("MC_TRANSFER_TIMEOUT")?.map(Duration::from_secs))
+                .unwrap_or(DEFAULT_TRANSFER_TIMEOUT),
+        };
+        let slice_size = match self.slice_size {
+            Some(s) => s,
+            None => num("KVFERRY_SLICE_SIZE")?.unwrap_or(DEFAULT_SLICE_SIZE),
+        };
+        if slice_size == 0 {
+            return Err(Error::invalid("slice size is zero"));
+        }
+        let async_workers = match self.async_workers {
+            Some(n) => n,
+            None => num("KVFERRY_ASYNC_WORKERS")?.map_or(2, |n| n as usize),
+        };
+        if async_workers == 0 {
+            return Err(Error::invalid("async_workers is zero"));
+        }
+        let max_batches = self.max_batches.unwrap_or(DEFAULT_MAX_BATCHES);
+        if max_batches == 0 || max_batches > u32::MAX as usize {
+            return Err(Error::invalid("max_batches must be in 1..=2^32-1"));
+        }
+        let transport = match self.transport {
+            Some(t) => t,
+            None => match env("KVFERRY_TRANSPORT").as_deref().map(str::trim) {
+                Some("tcp") => TransportChoice::Tcp,
+                Some("auto") | Some("") => TransportChoice::Auto,
+                Some(other) => {
+                    return Err(Error::invalid(format!(
+                        "KVFERRY_TRANSPORT={other:?}: expected \"auto\" or \"tcp\""
+                    )));
+                }
+                None if flag("MC_FORCE_TCP") => TransportChoice::Tcp,
+                None => TransportChoice::Auto,
+            },
+        };
+        Ok(Settings {
+            hostname,
+            port,
+            port_range,
+            connect_timeout,
+            transfer_timeout,
+            slice_size,
+            async_workers,
+            max_batches,
+            transport,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults() {
+        let s = EngineConfig::new().resolve_with(with(&[])).unwrap();
+        assert_eq!(s.port_range, (15000, 17000));
+        assert_eq!(s.transfer_timeout, DEFAULT_TRANSFER_TIMEOUT);
+        assert_eq!(s.transport, TransportChoice::Auto);
+        assert_eq!(s.port, None);
+    }
+
+    #[test]
+    fn precedence_builder_then_kvferry_then_mooncake() {
+        let env = with(&[
+            ("ASCEND_TRANSFER_TIMEOUT", "33064"),
+            ("MC_TRANSFER_TIMEOUT", "5"),
+            ("ASCEND_CONNECT_TIMEOUT", "1500"),
+            ("MC_FORCE_TCP", "1"),
+            ("MC_MIN_RPC_PORT", "20000"),
+            ("MC_MAX_RPC_PORT", "20010"),
+        ]);
+        let s = EngineConfig::new().resolve_with(&env).unwrap();
+        assert_eq!(s.transfer_timeout, Duration::from_millis(33064));
+        assert_eq!(s.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(s.transport, TransportChoice::Tcp);
+        assert_eq!(s.port_range, (20000, 20010));
+
+        let s = EngineConfig::new()
+            .resolve_with(with(&[("MC_TRANSFER_TIMEOUT", "5")]))
+            .unwrap();
+        assert_eq!(s.transfer_timeout, Duration::from_secs(5));
+
+        let s = EngineConfig::new()
+            .resolve_with(with(&[
+                ("KVFERRY_TRANSFER_TIMEOUT_MS", "7"),
+                ("ASCEND_TRANSFER_TIMEOUT", "33064"),
+                ("KVFERRY_TRANSPORT", "auto"),
+                ("MC_FORCE_TCP", "1"),
+            ]))
+            .unwrap();
+        assert_eq!(s.transfer_timeout, Duration::from_millis(7));
+        assert_eq!(s.transport, TransportChoice::Auto);
+
+        let s = EngineConfig::new()
+            .transfer_timeout(Duration::from_secs(1))
+            .resolve_with(&env)
+            .unwrap();
+        assert_eq!(s.transfer_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for vars in [
+            [("ASCEND_TRANSFER_TIMEOUT", "soon")],
+            [("KVFERRY_TRANSPORT", "carrier-pigeon")],
+            [("MC_MIN_RPC_PORT", "70000")],
+            [("KVFERRY_SLICE_SIZE", "0")],
+        ] {
+            let e = EngineConfig::new().resolve_with(with(&vars)).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { .. }), "{vars:?}: {e}");
+        }
+        assert!(
+            EngineConfig::new()
+                .port_range(10, 9)
+                .resolve_with(with(&[]))
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,240 @@
+//! The one error type of the core crate, and its stable status codes.
+
+use std::sync::Arc;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in kvferry. Every variant carries the context
+/// a user needs to find the cause (address, peer, batch, errno).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid argument: {what}")]
+    InvalidArgument { what: String },
+
+    #[error("cannot register a zero-length region at {addr:#x}")]
+    ZeroLengthRegion { addr: u64 },
+
+    #[error(
+        "region [{addr:#x}, +{len}) overlaps the registered region [{other_addr:#x}, +{other_len})"
+    )]
+    RegionOverlap {
+        addr: u64,
+        len: u64,
+        other_addr: u64,
+        other_len: u64,
+    },
+
+    #[error("no region is registered at {addr:#x}")]
+    NotRegistered { addr: u64 },
+
+    #[error(
+        "region at {addr:#x} is still used by {in_flight} in-flight transfer(s) after {waited_ms} ms; it stays registered"
+    )]
+    RegionBusy {
+        addr: u64,
+        in_flight: usize,
+        waited_ms: u64,
+    },
+
+    #[error("bad location {location:?}: expected \"cpu\", \"cpu:N\", \"npu:N\" or \"*\"")]
+    BadLocation { location: String },
+
+    #[error("op {index}: length is zero")]
+    ZeroLengthOp { index: usize },
+
+    #[error("op {index}: address {addr:#x} + length {len} overflows 64 bits")]
+    AddressOverflow { index: usize, addr: u64, len: u64 },
+
+    #[error("op {index}: local range [{addr:#x}, +{len}) is not inside one registered region")]
+    LocalOutOfRange { index: usize, addr: u64, len: u64 },
+
+    #[error(
+        "op {index}: remote range [{addr:#x}, +{len}) is not inside one region of peer {peer}'s segment"
+    )]
+    RemoteOutOfRange {
+        index: usize,
+        peer: String,
+        addr: u64,
+        len: u64,
+    },
+
+    #[error("bad session id {session:?}: {reason}")]
+    BadSession { session: String, reason: String },
+
+    #[error("peer {peer} is unreachable: {reason}")]
+    PeerUnreachable { peer: String, reason: String },
+
+    #[error("batch id {id:#x} is unknown or already freed")]
+    BadBatchId { id: u64 },
+
+    #[error("batch {id:#x} is still in progress; wait for it before freeing it")]
+    BatchInProgress { id: u64 },
+
+    #[error("{limit} batches are already live; free finished ones first")]
+    TooManyBatches { limit: usize },
+
+    #[error("{what} timed out after {ms} ms")]
+    Timeout { what: String, ms: u64 },
+
+    #[error("transfer with peer {peer} failed: {reason}")]
+    TransferFailed { peer: String, reason: String },
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+
+    #[error("not supported: {what}")]
+    Unsupported { what: String },
+
+    #[error("internal error: {what}")]
+    Internal { what: String },
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done when it happened.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>) -> Self {
+        Error::InvalidArgument { what: what.into() }
+    }
+
+    /// The stable status code of this error (see [`Status`]).
+    pub fn status(&self) -> Status {
+        match self {
+            Error::InvalidArgument { .. } => Status::InvalidArgument,
+            Error::ZeroLengthRegion { .. } => Status::ZeroLengthRegion,
+            Error::RegionOverlap { .. } => Status::RegionOverlap,
+            Error::NotRegistered { .. } => Status::NotRegistered,
+            Error::RegionBusy { .. } => Status::RegionBusy,
+            Error::BadLocation { .. } => Status::BadLocation,
+            Error::ZeroLengthOp { .. } => Status::ZeroLengthOp,
+            Error::AddressOverflow { .. } => Status::AddressOverflow,
+            Error::LocalOutOfRange { .. } => Status::LocalOutOfRange,
+            Error::RemoteOutOfRange { .. } => Status::RemoteOutOfRange,
+            Error::BadSession { .. } => Status::BadSession,
+            Error::PeerUnreachable { .. } => Status::PeerUnreachable,
+            Error::BadBatchId { .. } => Status::BadBatchId,
+            Error::BatchInProgress { .. } => Status::BatchInProgress,
+            Error::TooManyBatches { .. } => Status::TooManyBatches,
+            Error::Timeout { .. } => Status::Timeout,
+            Error::TransferFailed { .. } => Status::TransferFailed,
+            Error::Io { .. } => Status::Io,
+            Error::Unsupported { .. } => Status::Unsupported,
+            Error::Internal { .. } => Status::Internal,
+        }
+    }
+}
+
+/// Stable numeric status codes, shared by the C ABI and the Python package.
+///
+/// 0 is success, positive values are "not done yet", negative values are
+/// errors grouped by area in blocks of ten. Codes are never renumbered; a
+/// retired code stays here as a comment.
+#[repr(i32)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Ok = 0,
+    InProgress = 1,
+    // -1 .. -9: arguments and the library itself
+    InvalidArgument = -1,
+    NullPointer = -2,
+    Internal = -3,
+    Unsupported = -4,
+    BufferTooSmall = -5,
+    // -10 .. -19: memory registration
+    ZeroLengthRegion = -10,
+    RegionOverlap = -11,
+    NotRegistered = -12,
+    RegionBusy = -13,
+    BadLocation = -14,
+    // -20 .. -29: op validation (nothing was moved)
+    ZeroLengthOp = -20,
+    AddressOverflow = -21,
+    LocalOutOfRange = -22,
+    RemoteOutOfRange = -23,
+    // -30 .. -39: batches
+    BadBatchId = -30,
+    BatchInProgress = -31,
+    TooManyBatches = -32,
+    Timeout = -33,
+    // -40 .. -49: peers and the network
+    BadSession = -40,
+    PeerUnreachable = -41,
+    TransferFailed = -42,
+    Io = -43,
+}
+
+impl Status {
+    /// Every status, for tables and tests.
+    pub const ALL: [Status; 24] = [
+        Status::Ok,
+        Status::InProgress,
+        Status::InvalidArgument,
+        Status::NullPointer,
+        Status::Internal,
+        Status::Unsupported,
+        Status::BufferTooSmall,
+        Status::ZeroLengthRegion,
+        Status::RegionOverlap,
+        Status::NotRegistered,
+        Status::RegionBusy,
+        Status::BadLocation,
+        Status::ZeroLengthOp,
+        Status::AddressOverflow,
+        Status::LocalOutOfRange,
+        Status::RemoteOutOfRange,
+        Status::BadBatchId,
+        Status::BatchInProgress,
+        Status::TooManyBatches,
+        Status::Timeout,
+        Status::BadSession,
+        Status::PeerUnreachable,
+        Status::TransferFailed,
+        Status::Io,
+    ];
+
+    /// A short, static description of the code.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::InProgress => "in progress",
+            Status::InvalidArgument => "invalid argument",
+            Status::NullPointer => "null pointer",
+            Status::Internal => "internal error",
+            Status::Unsupported => "not supported",
+            Status::BufferTooSmall => "buffer too small",
+            Status::ZeroLengthRegion => "zero-length region",
+            Status::RegionOverlap => "region overlaps a registered region",
+            Status::NotRegistered => "address not registered",
+            Status::RegionBusy => "region in use by an in-flight transfer",
+            Status::BadLocation => "bad location string",
+            Status::ZeroLengthOp => "zero-length op",
+            Status::AddressOverflow => "address + length overflows",
+            Status::LocalOutOfRange => "local range outside registered memory",
+            Status::RemoteOutOfRange => "remote range outside the peer's registered memory",
+            Status::BadBatchId => "unknown or freed batch id",
+            Status::BatchInProgress => "batch still in progress",
+            Status::TooManyBatches => "too many live batches",
+            Status::Timeout => "timed out",
+            Status::BadSession => "bad session id",
+            Status::PeerUnreachable => "peer unreachable",
+            Status::TransferFailed => "transfer failed",
+            Status::Io => "I/O error",
+        }
+    }
+
+    /// The status with this numeric code, if there is one.
+    pub fn from_code(code: i32) -> Option<Status> {
+        Status::ALL.into_iter().find(|s| *s as i32 == code)
+    }
+}

@@ -1,0 +1,375 @@
+//! Registered memory: locations, regions and the per-engine registry.
+//!
+//! A region is `[addr, addr + len)` that the owner promised stays valid until
+//! it is unregistered. Transfers pin the regions they touch (an `Arc` clone);
+//! unregistering waits for pins to drop, so kvferry never touches memory the
+//! owner has been told it may free.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, Result};
+
+/// Where a region lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// Host memory.
+    Host,
+    /// Device memory of NPU `N`.
+    Npu(u32),
+}
+
+/// What a caller asked for: a concrete location, or `"*"` (detect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LocationHint {
+    Exactly(Location),
+    /// Mooncake's `"*"`: ask the device runtime, host memory when none claims it.
+    Detect,
+}
+
+impl FromStr for LocationHint {
+    type Err = Error;
+
+    /// Accepts Mooncake's strings: `"cpu"`, `"cpu:N"`, `"host"`, `"npu:N"`, `"*"`
+    /// and the empty string (same as `"*"`).
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::BadLocation {
+            location: s.to_owned(),
+        };
+        let t = s.trim();
+        if t.is_empty() || t == "*" {
+            return Ok(LocationHint::Detect);
+        }
+        let (kind, index) = match t.split_once(':') {
+            Some((k, i)) => (k, Some(i)),
+            None => (t, None),
+        };
+        let index = match index {
+            Some(i) => Some(i.parse::<u32>().map_err(|_| bad())?),
+            None => None,
+        };
+        match (kind.to_ascii_lowercase().as_str(), index) {
+            ("cpu" | "host", _) => Ok(LocationHint::Exactly(Location::Host)),
+            ("npu", Some(n)) => Ok(LocationHint::Exactly(Location::Npu(n))),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Host => write!(f, "cpu:0"),
+            Location::Npu(n) => write!(f, "npu:{n}"),
+        }
+    }
+}
+
+/// The public description of a region, as peers see it in a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RegionDesc {
+    pub addr: u64,
+    pub len: u64,
+    pub location: Location,
+}
+
+impl RegionDesc {
+    /// One past the last byte. Registration guarantees it does not overflow.
+    pub fn end(&self) -> u64 {
+        self.addr + self.len
+    }
+
+    /// Whether `[addr, addr + len)` lies inside this region. `addr + len`
+    /// must already be known not to overflow.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.addr && addr + len <= self.end()
+    }
+}
+
+/// A registered region. Transfers hold an `Arc<Region>` (a pin) while they
+/// touch its bytes.
+#[derive(Debug)]
+pub struct Region {
+    desc: RegionDesc,
+    /// Set when unregistration starts: lookups stop handing out new pins.
+    closing: AtomicBool,
+}
+
+impl Region {
+    pub fn desc(&self) -> RegionDesc {
+        self.desc
+    }
+}
+
+/// A pinned region: while it lives, the region is not unregistered.
+pub type Pin = Arc<Region>;
+
+/// The regions of one engine. Regions never overlap.
+#[derive(Debug, Default)]
+pub struct Registry {
+    regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+    /// Bumped on every successful register / unregister.
+    epoch: AtomicU64,
+}
+
+fn check_new(map: &BTreeMap<u64, Arc<Region>>, desc: &RegionDesc) -> Result<()> {
+    if desc.len == 0 {
+        return Err(Error::ZeroLengthRegion { addr: desc.addr });
+    }
+    let end = desc
+        .addr
+        .checked_add(desc.len)
+        .ok_or(Error::AddressOverflow {
+            index: 0,
+            addr: desc.addr,
+            len: desc.len,
+        })?;
+    // The only candidates for overlap: the last region starting before `end`.
+    if let Some((_, r)) = map.range(..end).next_back() {
+        if r.desc.end() > desc.addr {
+            return Err(Error::RegionOverlap {
+                addr: desc.addr,
+                len: desc.len,
+                other_addr: r.desc.addr,
+                other_len: r.desc.len,
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current epoch: changes whenever the set of regions changes.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Registers all regions or none: on any error nothing changes.
+    pub fn register(&self, descs: &[RegionDesc]) -> Result<()> {
+        let mut map = self.regions.write();
+        // Validate against the map and against each other before inserting.
+        let mut staged: BTreeMap<u64, Arc<Region>> = BTreeMap::new();
+        for d in descs {
+            check_new(&map, d)?;
+            check_new(&staged, d)?;
+            staged.insert(
+                d.addr,
+                Arc::new(Region {
+                    desc: *d,
+                    closing: AtomicBool::new(false),
+                }),
+            );
+        }
+        map.append(&mut staged);
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Unregisters all regions starting at `addrs`, or none.
+    ///
+    /// Waits up to `wait` for in-flight transfers that pinned them; if they
+    /// are still running then, the regions stay registered and `RegionBusy`
+    /// is returned, so the caller never frees memory under a transfer.
+    pub fn unregister(&self, addrs: &[u64], wait: Duration) -> Result<()> {
+        let targets: Vec<Arc<Region>> = {
+            // Write lock: checking and marking `closing` must be one step, so
+            // two racing unregisters of one region cannot both succeed.
+            let map = self.regions.write();
+            let mut seen = std::collections::HashSet::new();
+            let mut out = Vec::with_capacity(addrs.len());
+            for &a in addrs {
+                let r = map.get(&a).ok_or(Error::NotRegistered { addr: a })?;
+                if r.closing.load(Ordering::Acquire) || !seen.insert(a) {
+                    return Err(Error::NotRegistered { addr: a });
+                }
+                out.push(Arc::clone(r));
+            }
+            for r in &out {
+                r.closing.store(true, Ordering::Release);
+            }
+            out
+        };
+        let start = Instant::now();
+        // Pins: the map's reference and `targets`' own are not transfers.
+        let busy = |r: &Arc<Region>| Arc::strong_count(r).saturating_sub(2);
+        let mut pause = Duration::from_micros(20);
+        loop {
+            let stuck = targets.iter().find(|r| busy(r) > 0);
+            let Some(r) = stuck else { break };
+            if start.elapsed() >= wait {
+                for r in &targets {
+                    r.closing.store(false, Ordering::Release);
+                }
+                return Err(Error::RegionBusy {
+                    addr: r.desc.addr,
+                    in_flight: busy(r),
+                    waited_ms: wait.as_millis() as u64,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+        let mut map = self.regions.write();
+        for r in &targets {
+            map.remove(&r.desc.addr);
+        }
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Pins the region that holds all of `[addr, addr + len)`, if one does.
+    /// `addr + len` must already be known not to overflow.
+    pub fn pin(&self, addr: u64, len: u64) -> Option<Pin> {
+        let map = self.regions.read();
+        let (_, r) = map.range(..=addr).next_back()?;
+        if r.desc.contains(addr, len) && !r.closing.load(Ordering::Acquire) {
+            Some(Arc::clone(r))
+        } else {
+            None
+        }
+    }
+
+    /// A snapshot of all regions, in address order.
+    pub fn descs(&self) -> Vec<RegionDesc> {
+        self.regions
+            .read()
+            .values()
+            .filter(|r| !r.closing.load(Ordering::Acquire))
+            .map(|r| r.desc)
+            .collect()
+    }
+
+    /// The starting addresses of all regions (used when an engine shuts down).
+    pub fn addrs(&self) -> Vec<u64> {
+        self.regions.read().keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(addr: u64, len: u64) -> RegionDesc {
+        RegionDesc {
+            addr,
+            len,
+            location: Location::Host,
+        }
+    }
+
+    #[test]
+    fn location_strings() {
+        use LocationHint::*;
+        assert_eq!(
+            "cpu:0".parse::<LocationHint>().ok(),
+            Some(Exactly(Location::Host))
+        );
+        assert_eq!(
+            "npu:3".parse::<LocationHint>().ok(),
+            Some(Exactly(Location::Npu(3)))
+        );
+        assert_eq!("*".parse::<LocationHint>().ok(), Some(Detect));
+        assert_eq!("".parse::<LocationHint>().ok(), Some(Detect));
+        for bad in ["npu", "npu:x", "gpu:0", "cpu:-1", "npu:1:2"] {
+            assert!(
+                matches!(bad.parse::<LocationHint>(), Err(Error::BadLocation { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn register_rejects_bad_regions_atomically() {
+        let r = Registry::new();
+        r.register(&[host(0x1000, 0x1000)]).unwrap();
+        let e0 = r.epoch();
+        assert!(matches!(
+            r.register(&[host(0x5000, 0)]),
+            Err(Error::ZeroLengthRegion { .. })
+        ));
+        assert!(matches!(
+            r.register(&[host(0x1800, 0x10)]),
+            Err(Error::RegionOverlap { .. })
+        ));
+        assert!(matches!(
+            r.register(&[host(0x800, 0x801)]),
+            Err(Error::RegionOverlap { .. })
+        ));
+        // Overlap inside one batch: nothing of the batch is registered.
+        assert!(matches!(
+            r.register(&[host(0x9000, 0x100), host(0x9050, 0x100)]),
+            Err(Error::RegionOverlap { .. })
+        ));
+        assert!(r.pin(0x9000, 1).is_none());
+        assert!(matches!(
+            r.register(&[host(u64::MAX - 1, 4)]),
+            Err(Error::AddressOverflow { .. })
+        ));
+        assert_eq!(r.epoch(), e0);
+        // Adjacent is fine.
+        r.register(&[host(0x2000, 0x10), host(0x800, 0x800)])
+            .unwrap();
+        assert_eq!(r.descs().len(), 3);
+    }
+
+    #[test]
+    fn unregister_rules() {
+        let r = Registry::new();
+        r.register(&[host(0x1000, 0x100), host(0x2000, 0x100)])
+            .unwrap();
+        let w = Duration::from_millis(10);
+        assert!(matches!(
+            r.unregister(&[0x1001], w),
+            Err(Error::NotRegistered { .. })
+        ));
+        // All or nothing: one unknown address leaves the other registered.
+        assert!(r.unregister(&[0x1000, 0x3000], w).is_err());
+        assert!(r.pin(0x1000, 1).is_some());
+        r.unregister(&[0x1000], w).unwrap();
+        assert!(matches!(
+            r.unregister(&[0x1000], w),
+            Err(Error::NotRegistered { .. })
+        ));
+        assert!(r.pin(0x1000, 1).is_none());
+    }
+
+    #[test]
+    fn pinned_region_is_not_unregistered_until_released() {
+        let r = Arc::new(Registry::new());
+        r.register(&[host(0x1000, 0x100)]).unwrap();
+        let pin = r.pin(0x1010, 0x10).unwrap();
+        let e = r
+            .unregister(&[0x1000], Duration::from_millis(20))
+            .unwrap_err();
+        assert!(matches!(e, Error::RegionBusy { in_flight: 1, .. }), "{e}");
+        // Still registered and usable.
+        assert!(r.pin(0x1000, 0x100).is_some());
+        let r2 = Arc::clone(&r);
+        let t = std::thread::spawn(move || r2.unregister(&[0x1000], Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(30));
+        drop(pin);
+        t.join().unwrap().unwrap();
+        assert!(r.pin(0x1000, 1).is_none());
+    }
+
+    #[test]
+    fn pin_requires_whole_range_in_one_region() {
+        let r = Registry::new();
+        r.register(&[host(0x1000, 0x100), host(0x1100, 0x100)])
+            .unwrap();
+        assert!(r.pin(0x1000, 0x100).is_some());
+        assert!(r.pin(0x10ff, 2).is_none(), "spans two regions");
+        assert!(r.pin(0xfff, 1).is_none());
+        assert!(r.pin(0x1200, 1).is_none());
+    }
+}

@@ -1,0 +1,150 @@
+//! Session ids (`"host:port"`) and the initiator's cached view of a peer.
+
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+
+use crate::error::{Error, Result};
+use crate::segment::Segment;
+use crate::transport::Transport;
+
+/// A parsed session id.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerAddr {
+    /// Host name or IP address, without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl PeerAddr {
+    /// Parses `"host:port"`, `"1.2.3.4:port"` or `"[v6::addr]:port"`.
+    pub fn parse(session: &str) -> Result<PeerAddr> {
+        let bad = |reason: &str| Error::BadSession {
+            session: session.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (host, port) = if let Some(rest) = session.strip_prefix('[') {
+            let (h, p) = rest
+                .split_once("]:")
+                .ok_or_else(|| bad("expected \"[ipv6]:port\""))?;
+            if h.parse::<std::net::Ipv6Addr>().is_err() {
+                return Err(bad("not an IPv6 address inside the brackets"));
+            }
+            (h, p)
+        } else {
+            let (h, p) = session
+                .rsplit_once(':')
+                .ok_or_else(|| bad("expected \"host:port\""))?;
+            if h.contains(':') {
+                return Err(bad("IPv6 addresses go in brackets: \"[addr]:port\""));
+            }
+            (h, p)
+        };
+        if host.is_empty() {
+            return Err(bad("the host is empty"));
+        }
+        if !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+        {
+            return Err(bad("the host has characters no host name or address has"));
+        }
+        let port: u16 = port
+            .parse()
+            .map_err(|_| bad("the port is not a number in 1..=65535"))?;
+        if port == 0 {
+            return Err(bad("port 0 is not a peer's port"));
+        }
+        Ok(PeerAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// The initiator's view of one peer: its segment and the transport to it.
+#[derive(Debug)]
+pub struct Session {
+    pub name: String,
+    segment: RwLock<Arc<Segment>>,
+    transport: Arc<dyn Transport>,
+}
+
+impl Session {
+    pub fn new(name: String, transport: Arc<dyn Transport>) -> Result<Session> {
+        let segment = Arc::new(transport.fetch_segment()?);
+        Ok(Session {
+            name,
+            segment: RwLock::new(segment),
+            transport,
+        })
+    }
+
+    pub fn segment(&self) -> Arc<Segment> {
+        Arc::clone(&self.segment.read())
+    }
+
+    pub fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
+    }
+
+    /// Fetches the peer's segment again (after a miss or a restart).
+    pub fn refresh(&self) -> Result<Arc<Segment>> {
+        let fresh = Arc::new(self.transport.fetch_segment()?);
+        *self.segment.write() = Arc::clone(&fresh);
+        Ok(fresh)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids() {
+        let ok = |s: &str, h: &str, p: u16| {
+            assert_eq!(
+                PeerAddr::parse(s).unwrap(),
+                PeerAddr {
+                    host: h.into(),
+                    port: p
+                },
+                "{s}"
+            );
+        };
+        ok("127.0.0.1:15000", "127.0.0.1", 15000);
+        ok("node-7.cluster:80", "node-7.cluster", 80);
+        ok("[::1]:16000", "::1", 16000);
+        ok("[fe80::1:2]:1", "fe80::1:2", 1);
+        for bad in [
+            "",
+            "host",
+            ":80",
+            "host:",
+            "host:0",
+            "host:65536",
+            "host:-1",
+            "::1:80",
+            "[::1]80",
+            "[nothost]:80",
+            "a b:80",
+            "host:80 ",
+        ] {
+            assert!(
+                matches!(PeerAddr::parse(bad), Err(Error::BadSession { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        assert_eq!(PeerAddr::parse("[::1]:5").unwrap().to_string(), "[::1]:5");
+    }
+}

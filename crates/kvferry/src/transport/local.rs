@@ -1,0 +1,85 @@
+//! The `local` transport: both engines live in this process, so an op is a
+//! memory copy between their registered regions.
+
+use std::sync::{Arc, Weak};
+
+use crate::engine::Shared;
+use crate::error::{Error, Result};
+use crate::plan::Opcode;
+use crate::segment::Segment;
+use crate::transport::{Job, Report, Transport};
+
+/// Reaches a peer engine of this process.
+#[derive(Debug)]
+pub struct LocalTransport {
+    peer: Weak<Shared>,
+    peer_name: String,
+}
+
+impl LocalTransport {
+    pub(crate) fn new(peer: &Arc<Shared>) -> Self {
+        LocalTransport {
+            peer: Arc::downgrade(peer),
+            peer_name: peer.name.clone(),
+        }
+    }
+
+    fn peer(&self) -> Result<Arc<Shared>> {
+        self.peer.upgrade().ok_or_else(|| Error::PeerUnreachable {
+            peer: self.peer_name.clone(),
+            reason: "the engine was shut down".into(),
+        })
+    }
+}
+
+impl Transport for LocalTransport {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn fetch_segment(&self) -> Result<Segment> {
+        Ok(self.peer()?.segment())
+    }
+
+    fn run(&self, job: &Job<'_>, report: Report<'_>) {
+        let peer = match self.peer() {
+            Ok(p) => p,
+            Err(e) => {
+                for i in 0..job.slices.len() {
+                    report(i, Err(e.clone()));
+                }
+                return;
+            }
+        };
+        for (i, s) in job.slices.iter().enumerate() {
+            // Pin the peer's region for the copy: the peer may be
+            // unregistering concurrently, and its registry is the truth.
+            let Some(_pin) = peer.registry.pin(s.remote, s.len) else {
+                report(
+                    i,
+                    Err(Error::RemoteOutOfRange {
+                        index: s.first_op as usize,
+                        peer: self.peer_name.clone(),
+                        addr: s.remote,
+                        len: s.len,
+                    }),
+                );
+                continue;
+            };
+            let (src, dst) = match job.opcode {
+                Opcode::Read => (s.remote, s.local),
+                Opcode::Write => (s.local, s.remote),
+            };
+            // SAFETY: both ranges lie inside registered regions pinned for
+            // the duration of the copy (local by the plan, remote just
+            // above); their owners promised at registration that the memory
+            // is valid until unregistered, and unregistering waits for pins.
+            // The ranges may overlap when both engines registered the same
+            // memory, hence `copy` (memmove), not `copy_nonoverlapping`.
+            unsafe {
+                std::ptr::copy(src as *const u8, dst as *mut u8, s.len as usize);
+            }
+            report(i, Ok(()));
+        }
+    }
+}
