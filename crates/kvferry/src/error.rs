@@ -13,6 +13,12 @@ pub enum Error {
     #[error("invalid argument: {what}")]
     InvalidArgument { what: String },
 
+    #[error("{argument} is NULL")]
+    NullPointer { argument: &'static str },
+
+    #[error("buffer of {capacity} bytes is too small: {needed} needed")]
+    BufferTooSmall { needed: usize, capacity: usize },
+
     #[error("cannot register a zero-length region at {addr:#x}")]
     ZeroLengthRegion { addr: u64 },
 
@@ -112,6 +118,8 @@ impl Error {
     pub fn status(&self) -> Status {
         match self {
             Error::InvalidArgument { .. } => Status::InvalidArgument,
+            Error::NullPointer { .. } => Status::NullPointer,
+            Error::BufferTooSmall { .. } => Status::BufferTooSmall,
             Error::ZeroLengthRegion { .. } => Status::ZeroLengthRegion,
             Error::RegionOverlap { .. } => Status::RegionOverlap,
             Error::NotRegistered { .. } => Status::NotRegistered,
@@ -176,32 +184,34 @@ pub enum Status {
 
 impl Status {
     /// Every status, for tables and tests.
-    pub const ALL: [Status; 24] = [
-        Status::Ok,
-        Status::InProgress,
-        Status::InvalidArgument,
-        Status::NullPointer,
-        Status::Internal,
-        Status::Unsupported,
-        Status::BufferTooSmall,
-        Status::ZeroLengthRegion,
-        Status::RegionOverlap,
-        Status::NotRegistered,
-        Status::RegionBusy,
-        Status::BadLocation,
-        Status::ZeroLengthOp,
-        Status::AddressOverflow,
-        Status::LocalOutOfRange,
-        Status::RemoteOutOfRange,
-        Status::BadBatchId,
-        Status::BatchInProgress,
-        Status::TooManyBatches,
-        Status::Timeout,
-        Status::BadSession,
-        Status::PeerUnreachable,
-        Status::TransferFailed,
-        Status::Io,
-    ];
+    pub fn all() -> [Status; 24] {
+        [
+            Status::Ok,
+            Status::InProgress,
+            Status::InvalidArgument,
+            Status::NullPointer,
+            Status::Internal,
+            Status::Unsupported,
+            Status::BufferTooSmall,
+            Status::ZeroLengthRegion,
+            Status::RegionOverlap,
+            Status::NotRegistered,
+            Status::RegionBusy,
+            Status::BadLocation,
+            Status::ZeroLengthOp,
+            Status::AddressOverflow,
+            Status::LocalOutOfRange,
+            Status::RemoteOutOfRange,
+            Status::BadBatchId,
+            Status::BatchInProgress,
+            Status::TooManyBatches,
+            Status::Timeout,
+            Status::BadSession,
+            Status::PeerUnreachable,
+            Status::TransferFailed,
+            Status::Io,
+        ]
+    }
 
     /// A short, static description of the code.
     pub fn describe(self) -> &'static str {
@@ -235,6 +245,6 @@ impl Status {
 
     /// The status with this numeric code, if there is one.
     pub fn from_code(code: i32) -> Option<Status> {
-        Status::ALL.into_iter().find(|s| *s as i32 == code)
+        Status::all().into_iter().find(|s| *s as i32 == code)
     }
 }

@@ -1,0 +1,69 @@
+//! The panic boundary and the thread-local last error.
+
+use std::cell::RefCell;
+use std::ffi::{CString, c_char};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use kvferry_core::{Error, Status};
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+pub(crate) fn set_last_error(message: &str) {
+    // Interior NULs would cut the message short in C: replace them.
+    let c = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+pub(crate) fn last_error_ptr() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into());
+    format!("internal error (panic): {what}")
+}
+
+/// Runs the body of an exported function: success gives its status, an
+/// error or a panic becomes a status code with the message kept as the last
+/// error. Nothing unwinds into C.
+pub(crate) fn run(body: impl FnOnce() -> Result<Status, Error>) -> Status {
+    match catch_unwind(AssertUnwindSafe(body)) {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => {
+            set_last_error(&e.to_string());
+            e.status()
+        }
+        Err(p) => {
+            set_last_error(&panic_message(p.as_ref()));
+            Status::Internal
+        }
+    }
+}
+
+/// For functions returning a static string: a panic gives "".
+pub(crate) fn static_str(body: impl FnOnce() -> &'static str) -> *const c_char {
+    thread_local! {
+        static BUF: RefCell<CString> = RefCell::new(CString::default());
+    }
+    let s = catch_unwind(AssertUnwindSafe(body)).unwrap_or("");
+    BUF.with(|b| {
+        *b.borrow_mut() = CString::new(s).unwrap_or_default();
+        b.borrow().as_ptr()
+    })
+}
+
+/// The body of an exported fallible function: `ffi!({ ...; Ok(Status::Ok) })`.
+macro_rules! ffi {
+    ($body:block) => {
+        $crate::boundary::run(
+            move || -> Result<kvferry_core::Status, kvferry_core::Error> { $body },
+        )
+    };
+}
+pub(crate) use ffi;

@@ -1,0 +1,206 @@
+//! `kvf_config`: the engine builder. Not thread-safe: build it on one thread.
+
+use std::ffi::c_char;
+use std::time::Duration;
+
+use kvferry_core::{EngineConfig, Error, Status, TransportChoice};
+
+use crate::boundary::ffi;
+use crate::handle;
+
+/// Engine settings under construction. Made by `kvf_config_new`, freed by
+/// `kvf_config_free`; not thread-safe. Unset fields come from the
+/// environment when the engine is created (docs/configuration.md).
+#[derive(Debug)]
+pub struct kvf_config {
+    _private: [u8; 0],
+}
+
+/// Creates an empty config in `*out`.
+///
+/// # Safety
+/// `out` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_new(out: *mut *mut kvf_config) -> Status {
+    ffi!({
+        handle::need_out(out, "out")?;
+        // SAFETY: checked non-NULL above; writable (caller's promise).
+        unsafe { handle::out(out, "out", handle::config_into_raw(EngineConfig::new())) }?;
+        Ok(Status::Ok)
+    })
+}
+
+/// Frees a config. NULL is a no-op.
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`, and not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_free(config: *mut kvf_config) {
+    // A panic cannot happen in a drop of plain data; the boundary is kept for uniformity.
+    let _ = ffi!({
+        // SAFETY: forwarded to the caller.
+        unsafe { handle::config_free(config) };
+        Ok(Status::Ok)
+    });
+}
+
+/// Applies `f` to the config behind `config`.
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+unsafe fn update(
+    config: *mut kvf_config,
+    f: impl FnOnce(EngineConfig) -> Result<EngineConfig, Error>,
+) -> Status {
+    ffi!({
+        // SAFETY: forwarded to the caller.
+        let c = unsafe { handle::config_mut(config) }?;
+        *c = f(std::mem::take(c))?;
+        Ok(Status::Ok)
+    })
+}
+
+/// The host name or address peers reach this engine at (default
+/// `KVFERRY_HOSTNAME`, else 127.0.0.1).
+///
+/// # Safety
+/// `config` as for every `kvf_config_*`; `hostname` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_hostname(
+    config: *mut kvf_config,
+    hostname: *const c_char,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    let h = unsafe { handle::str_arg(hostname, "hostname") }.map(str::to_owned);
+    // SAFETY: forwarded to the caller.
+    unsafe { update(config, |c| Ok(c.hostname(h?))) }
+}
+
+/// Listen on exactly `port` (0: any free port).
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_port(config: *mut kvf_config, port: u16) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe { update(config, |c| Ok(c.port(port))) }
+}
+
+/// Pick a free port in `[lo, hi]` (default 15000-17000).
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_port_range(
+    config: *mut kvf_config,
+    lo: u16,
+    hi: u16,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        update(config, |c| {
+            if lo > hi {
+                return Err(Error::InvalidArgument {
+                    what: format!("port range {lo}-{hi} is empty"),
+                });
+            }
+            Ok(c.port_range(lo, hi))
+        })
+    }
+}
+
+/// Deadline for connecting to a peer, in milliseconds.
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_connect_timeout_ms(
+    config: *mut kvf_config,
+    ms: u64,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe { update(config, |c| Ok(c.connect_timeout(Duration::from_millis(ms)))) }
+}
+
+/// Deadline of a whole batch, in milliseconds.
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_transfer_timeout_ms(
+    config: *mut kvf_config,
+    ms: u64,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        update(
+            config,
+            |c| Ok(c.transfer_timeout(Duration::from_millis(ms))),
+        )
+    }
+}
+
+/// Ops larger than `bytes` are cut into slices of this size (> 0).
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_slice_size(config: *mut kvf_config, bytes: u64) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        update(config, |c| {
+            if bytes == 0 {
+                return Err(Error::InvalidArgument {
+                    what: "slice size is zero".into(),
+                });
+            }
+            Ok(c.slice_size(bytes))
+        })
+    }
+}
+
+/// Threads that run asynchronous batches (> 0; default 2).
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_async_workers(
+    config: *mut kvf_config,
+    workers: u32,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        update(config, |c| {
+            if workers == 0 {
+                return Err(Error::InvalidArgument {
+                    what: "async_workers is zero".into(),
+                });
+            }
+            Ok(c.async_workers(workers as usize))
+        })
+    }
+}
+
+/// `"auto"` (the best path per peer) or `"tcp"` (tcp for every peer outside
+/// this process).
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`; `transport` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_transport(
+    config: *mut kvf_config,
+    transport: *const c_char,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    let t = unsafe { handle::str_arg(transport, "transport") };
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        update(config, |c| match t? {
+            "auto" => Ok(c.transport(TransportChoice::Auto)),
+            "tcp" => Ok(c.transport(TransportChoice::Tcp)),
+            other => Err(Error::InvalidArgument {
+                what: format!("transport {other:?}: expected \"auto\" or \"tcp\""),
+            }),
+        })
+    }
+}
