@@ -10,6 +10,8 @@
     non_camel_case_types,
     reason = "C type names follow the kvf_ prefix convention"
 )]
+// Library code reports failures; it never panics on them.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
 
 mod boundary;
 mod config;

@@ -216,10 +216,10 @@ impl BatchTable {
     pub fn remove(&self, id: BatchId) -> Result<()> {
         let mut t = self.table.lock();
         let i = Self::locate(&t, id)?;
-        if let Some(b) = &t.slots[i].batch {
-            if matches!(b.state(), BatchState::InProgress) {
-                return Err(Error::BatchInProgress { id: id.0 });
-            }
+        if let Some(b) = &t.slots[i].batch
+            && matches!(b.state(), BatchState::InProgress)
+        {
+            return Err(Error::BatchInProgress { id: id.0 });
         }
         t.slots[i].batch = None;
         t.free.push(i as u32);

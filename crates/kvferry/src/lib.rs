@@ -22,6 +22,9 @@
 //! assert_eq!(dst, src);
 //! ```
 
+// Library code reports failures; it never panics on them.
+#![warn(clippy::unwrap_used, clippy::expect_used)]
+
 pub mod batch;
 pub mod config;
 pub mod engine;

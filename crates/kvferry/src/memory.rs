@@ -131,15 +131,15 @@ fn check_new(map: &BTreeMap<u64, Arc<Region>>, desc: &RegionDesc) -> Result<()> 
             len: desc.len,
         })?;
     // The only candidates for overlap: the last region starting before `end`.
-    if let Some((_, r)) = map.range(..end).next_back() {
-        if r.desc.end() > desc.addr {
-            return Err(Error::RegionOverlap {
-                addr: desc.addr,
-                len: desc.len,
-                other_addr: r.desc.addr,
-                other_len: r.desc.len,
-            });
-        }
+    if let Some((_, r)) = map.range(..end).next_back()
+        && r.desc.end() > desc.addr
+    {
+        return Err(Error::RegionOverlap {
+            addr: desc.addr,
+            len: desc.len,
+            other_addr: r.desc.addr,
+            other_len: r.desc.len,
+        });
     }
     Ok(())
 }

@@ -279,7 +279,8 @@ mod tests {
     fn rejects_bad_ops_naming_them() {
         let (l, s) = setup();
         let good = op(0x10000, 0x90000, 0x10);
-        let cases: Vec<(Op, fn(&Error) -> bool)> = vec![
+        type Check = fn(&Error) -> bool;
+        let cases: Vec<(Op, Check)> = vec![
             (op(0x10000, 0x90000, 0), |e| {
                 matches!(e, Error::ZeroLengthOp { index: 1 })
             }),

@@ -1,0 +1,84 @@
+//! The `kvferry` command.
+
+mod demo;
+mod kv;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "kvferry", version, about = "KV-cache transfer engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Move a real KV cache from a prefill engine to a decode engine, verify
+    /// every byte and print throughput.
+    Demo {
+        /// Transformer layers (each has a K and a V tensor).
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
+        /// Blocks per tensor.
+        #[arg(long, default_value_t = 64)]
+        blocks: usize,
+        /// Tokens per block.
+        #[arg(long, default_value_t = 128)]
+        block_tokens: usize,
+        /// KV heads held by one rank.
+        #[arg(long, default_value_t = 8)]
+        kv_heads: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        /// Bytes per element (2 for bf16).
+        #[arg(long, default_value_t = 2)]
+        dtype_bytes: usize,
+        /// Requests to pull.
+        #[arg(long, default_value_t = 16)]
+        requests: usize,
+        /// Blocks of each request.
+        #[arg(long, default_value_t = 16)]
+        blocks_per_request: usize,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo {
+            layers,
+            blocks,
+            block_tokens,
+            kv_heads,
+            head_dim,
+            dtype_bytes,
+            requests,
+            blocks_per_request,
+        } => {
+            let block_bytes = block_tokens * kv_heads * head_dim * dtype_bytes;
+            if block_bytes == 0
+                || block_bytes % 8 != 0
+                || blocks == 0
+                || layers == 0
+                || blocks_per_request > blocks
+            {
+                Err("the KV shape must be non-empty, blocks a multiple of 8 bytes, and requests no larger than the cache".to_string())
+            } else {
+                demo::run_in_process(&demo::DemoArgs {
+                    shape: kv::KvShape {
+                        layers,
+                        blocks,
+                        block_bytes,
+                    },
+                    requests,
+                    blocks_per_request,
+                })
+            }
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("kvferry: {e}");
+        std::process::exit(1);
+    }
+}
