@@ -45,16 +45,13 @@ fn declared() -> BTreeSet<String> {
         if l.starts_with("//") || l.starts_with('#') || l.starts_with('*') {
             continue;
         }
-        if let Some(open) = l.find('(') {
-            let before = &l[..open];
-            if let Some(name) = before
-                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .next_back()
-            {
-                if name.starts_with("kvf_") {
-                    names.insert(name.to_owned());
-                }
-            }
+        let Some(open) = l.find('(') else { continue };
+        let name = l[..open]
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .next_back()
+            .unwrap_or_default();
+        if name.starts_with("kvf_") {
+            names.insert(name.to_owned());
         }
     }
     names

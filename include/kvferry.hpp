@@ -1,0 +1,423 @@
+/*
+ * kvferry: KV-cache transfer engine, C++17 wrapper over kvferry.h.
+ *
+ * Header-only; written by hand (kvferry.h is the generated one). Every call
+ * goes through the C API, so the conventions of kvferry.h hold, plus:
+ *
+ * - Errors: a failing call throws kvferry::Error, which carries the
+ *   kvf_status and the kvf_last_error() message captured at the moment of
+ *   the failure. Read them from the exception, not from kvf_last_error()
+ *   afterwards: a destructor running during unwinding may overwrite the
+ *   thread's last error.
+ * - Ownership: Config, Engine and Batch each own one C handle and free it in
+ *   their destructor. They are move-only. A moved-from object owns nothing:
+ *   destroying or assigning it is fine, and any other call throws Error with
+ *   KVF_STATUS_NULL_POINTER (the C API refuses the NULL handle) instead of
+ *   misbehaving.
+ * - Lifetimes: a Batch refers to the Engine that made it and must be
+ *   destroyed before that Engine. Registered memory must stay valid until it
+ *   is unregistered or its Engine is destroyed.
+ * - Threads: an Engine may be used from many threads at once (every const
+ *   member function is thread-safe); moving, assigning or destroying it must
+ *   not race with other calls. Config and Batch objects are not thread-safe:
+ *   use each from one thread at a time.
+ */
+
+#ifndef KVFERRY_HPP
+#define KVFERRY_HPP
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kvferry.h"
+
+namespace kvferry {
+
+/// The name of a status code ("unknown status" for codes this version does
+/// not know). Copied at once: the C string is only valid until the next call.
+inline std::string status_name(kvf_status status) {
+  return std::string(kvf_status_str(static_cast<std::int32_t>(status)));
+}
+
+/// The library's version, "MAJOR.MINOR.PATCH".
+inline std::string version() { return std::string(kvf_version()); }
+
+/// A failed kvferry call. Carries the status and the library's message (what
+/// failed and why, with the address, op index, peer or batch id involved).
+/// Copying never throws, so it is safe to catch by value or rethrow.
+class Error : public std::runtime_error {
+ public:
+  /// `call` names the C function that failed and must be a string literal
+  /// (it is kept as a pointer); `message` is that call's kvf_last_error().
+  Error(kvf_status status, const char *call, const std::string &message)
+      : std::runtime_error(compose(status, call, message)),
+        status_(status),
+        call_(call),
+        message_offset_(prefix(status, call).size()) {}
+
+  /// The status code of the failure (always negative for library errors).
+  kvf_status status() const noexcept { return status_; }
+
+  /// The C function that failed, e.g. "kvf_transfer_sync".
+  const char *call() const noexcept { return call_; }
+
+  /// The library's message (kvf_last_error() right after the failure).
+  std::string message() const { return std::string(what() + message_offset_); }
+
+ private:
+  static std::string prefix(kvf_status status, const char *call) {
+    return std::string(call) + " failed (" + status_name(status) + ", " +
+           std::to_string(static_cast<std::int32_t>(status)) + "): ";
+  }
+  static std::string compose(kvf_status status, const char *call,
+                             const std::string &message) {
+    return prefix(status, call) + message;
+  }
+
+  kvf_status status_;
+  const char *call_;
+  // what() is "<prefix><message>": the message is kept once, inside the
+  // runtime_error, whose copy is noexcept.
+  std::size_t message_offset_;
+};
+
+namespace detail {
+
+/// Throws Error for anything but KVF_STATUS_OK; the message is read at once,
+/// before any other kvf_ call can replace it.
+inline void check(kvf_status status, const char *call) {
+  if (status != KVF_STATUS_OK) {
+    throw Error(status, call, std::string(kvf_last_error()));
+  }
+}
+
+inline std::uint64_t timeout_ms(std::chrono::milliseconds timeout) {
+  return timeout.count() <= 0 ? 0 : static_cast<std::uint64_t>(timeout.count());
+}
+
+}  // namespace detail
+
+/// The address of `p` as the C API takes it.
+inline std::uint64_t addr_of(const void *p) noexcept {
+  return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
+}
+
+/// One transfer: `len` bytes between `local` (this engine's memory) and
+/// `remote` (the peer's), both absolute addresses of registered memory.
+struct Op {
+  std::uint64_t local;
+  std::uint64_t remote;
+  std::uint64_t len;
+};
+
+/// A region to register: `[addr, addr + len)`.
+struct Region {
+  std::uint64_t addr;
+  std::uint64_t len;
+};
+
+/// Direction of a batch, seen from the engine that submits it.
+enum class Opcode : std::uint32_t {
+  read = KVF_OP_READ,   ///< remote -> local
+  write = KVF_OP_WRITE  ///< local -> remote
+};
+
+/// Engine settings (owns a kvf_config). Setters chain and throw Error when
+/// the library refuses a value. Unset fields come from the environment when
+/// the Engine is created. Move-only; not thread-safe.
+class Config {
+ public:
+  Config() { detail::check(kvf_config_new(&config_), "kvf_config_new"); }
+  ~Config() { kvf_config_free(config_); }
+
+  Config(Config &&other) noexcept : config_(std::exchange(other.config_, nullptr)) {}
+  Config &operator=(Config &&other) noexcept {
+    if (this != &other) {
+      kvf_config_free(config_);
+      config_ = std::exchange(other.config_, nullptr);
+    }
+    return *this;
+  }
+  Config(const Config &) = delete;
+  Config &operator=(const Config &) = delete;
+
+  /// Host name or address peers reach the engine at.
+  Config &hostname(const std::string &host) {
+    detail::check(kvf_config_set_hostname(config_, host.c_str()), "kvf_config_set_hostname");
+    return *this;
+  }
+  /// Listen on exactly `p` (0: any free port).
+  Config &port(std::uint16_t p) {
+    detail::check(kvf_config_set_port(config_, p), "kvf_config_set_port");
+    return *this;
+  }
+  /// Pick a free port in `[lo, hi]`.
+  Config &port_range(std::uint16_t lo, std::uint16_t hi) {
+    detail::check(kvf_config_set_port_range(config_, lo, hi), "kvf_config_set_port_range");
+    return *this;
+  }
+  Config &connect_timeout(std::chrono::milliseconds t) {
+    detail::check(kvf_config_set_connect_timeout_ms(config_, detail::timeout_ms(t)),
+                  "kvf_config_set_connect_timeout_ms");
+    return *this;
+  }
+  /// Deadline of a whole batch; also how long unregistering waits for it.
+  Config &transfer_timeout(std::chrono::milliseconds t) {
+    detail::check(kvf_config_set_transfer_timeout_ms(config_, detail::timeout_ms(t)),
+                  "kvf_config_set_transfer_timeout_ms");
+    return *this;
+  }
+  /// Ops larger than `bytes` are cut into slices of this size (> 0).
+  Config &slice_size(std::uint64_t bytes) {
+    detail::check(kvf_config_set_slice_size(config_, bytes), "kvf_config_set_slice_size");
+    return *this;
+  }
+  /// Threads that run submitted batches (> 0).
+  Config &async_workers(std::uint32_t workers) {
+    detail::check(kvf_config_set_async_workers(config_, workers),
+                  "kvf_config_set_async_workers");
+    return *this;
+  }
+  /// "auto" or "tcp".
+  Config &transport(const std::string &name) {
+    detail::check(kvf_config_set_transport(config_, name.c_str()), "kvf_config_set_transport");
+    return *this;
+  }
+
+  /// The C handle, still owned by this object (NULL when moved from).
+  const kvf_config *get() const noexcept { return config_; }
+  kvf_config *get() noexcept { return config_; }
+
+ private:
+  kvf_config *config_ = nullptr;
+};
+
+class Engine;
+
+/// A submitted batch (owns its id in the engine's batch table). Move-only.
+///
+/// The destructor waits for the batch to end (at most the engine's transfer
+/// timeout) and frees it; it never throws, and so cannot report a failed
+/// batch: call wait() (or poll()) first when the outcome matters. Must be
+/// destroyed before the Engine that made it. Not thread-safe.
+class Batch {
+ public:
+  Batch(Batch &&other) noexcept
+      : engine_(std::exchange(other.engine_, nullptr)), id_(std::exchange(other.id_, 0)) {}
+  /// Finishes (waits for and frees) the batch this object held, then takes
+  /// over `other`'s.
+  Batch &operator=(Batch &&other) noexcept {
+    if (this != &other) {
+      finish();
+      engine_ = std::exchange(other.engine_, nullptr);
+      id_ = std::exchange(other.id_, 0);
+    }
+    return *this;
+  }
+  Batch(const Batch &) = delete;
+  Batch &operator=(const Batch &) = delete;
+  ~Batch() { finish(); }
+
+  /// true when every op is done, false while the batch runs; throws Error
+  /// with the batch's first error if it failed.
+  bool poll() const {
+    const kvf_status s = kvf_batch_poll(engine_, id_);
+    if (s == KVF_STATUS_IN_PROGRESS) {
+      return false;
+    }
+    detail::check(s, "kvf_batch_poll");
+    return true;
+  }
+
+  /// Waits up to `timeout`: true when done, false when still running (it
+  /// keeps running); throws Error with the batch's first error if it failed.
+  bool wait(std::chrono::milliseconds timeout) const {
+    const kvf_status s = kvf_batch_wait(engine_, id_, detail::timeout_ms(timeout));
+    if (s == KVF_STATUS_TIMEOUT) {
+      return false;
+    }
+    detail::check(s, "kvf_batch_wait");
+    return true;
+  }
+
+  /// Waits until the batch ends (the engine's transfer timeout bounds it);
+  /// throws Error with its first error if it failed.
+  void wait() const {
+    detail::check(kvf_batch_wait(engine_, id_, KVF_WAIT_FOREVER), "kvf_batch_wait");
+  }
+
+  /// The state of op `index`: KVF_STATUS_OK, KVF_STATUS_IN_PROGRESS, or the
+  /// batch's first error for an op that failed. Throws Error for a bad index.
+  kvf_status op_status(std::size_t index) const {
+    kvf_status s = KVF_STATUS_OK;
+    detail::check(kvf_batch_op_status(engine_, id_, index, &s), "kvf_batch_op_status");
+    return s;
+  }
+
+  /// The batch id (0 when moved from), for the C API.
+  std::uint64_t id() const noexcept { return id_; }
+
+ private:
+  friend class Engine;
+  Batch(const kvf_engine *engine, std::uint64_t id) noexcept : engine_(engine), id_(id) {}
+
+  void finish() noexcept {
+    if (engine_ != nullptr) {
+      // Both calls only return statuses (nothing unwinds out of the C API).
+      // The outcome is dropped on purpose: see the class comment.
+      (void)kvf_batch_wait(engine_, id_, KVF_WAIT_FOREVER);
+      (void)kvf_batch_free(engine_, id_);
+      engine_ = nullptr;
+      id_ = 0;
+    }
+  }
+
+  const kvf_engine *engine_ = nullptr;
+  std::uint64_t id_ = 0;
+};
+
+/// A transfer engine (owns a kvf_engine). Move-only. Thread-safe: its const
+/// member functions may run on many threads at once. The destructor waits for
+/// the engine's in-flight batches, unregisters its memory and closes its port.
+class Engine {
+ public:
+  /// Creates an engine from `config` (which is not consumed).
+  explicit Engine(const Config &config) {
+    detail::check(kvf_engine_new(config.get(), &engine_), "kvf_engine_new");
+  }
+  /// Creates an engine configured by the environment and defaults only.
+  static Engine from_env() {
+    kvf_engine *e = nullptr;
+    detail::check(kvf_engine_new(nullptr, &e), "kvf_engine_new");
+    return Engine(e);
+  }
+  ~Engine() { kvf_engine_free(engine_); }
+
+  Engine(Engine &&other) noexcept : engine_(std::exchange(other.engine_, nullptr)) {}
+  Engine &operator=(Engine &&other) noexcept {
+    if (this != &other) {
+      kvf_engine_free(engine_);
+      engine_ = std::exchange(other.engine_, nullptr);
+    }
+    return *this;
+  }
+  Engine(const Engine &) = delete;
+  Engine &operator=(const Engine &) = delete;
+
+  /// The session id peers use for this engine, "host:port".
+  std::string name() const {
+    std::string buf(64, '\0');
+    std::size_t len = 0;
+    kvf_status s = kvf_engine_name(engine_, &buf[0], buf.size(), &len);
+    if (s == KVF_STATUS_BUFFER_TOO_SMALL) {
+      buf.assign(len + 1, '\0');
+      s = kvf_engine_name(engine_, &buf[0], buf.size(), &len);
+    }
+    detail::check(s, "kvf_engine_name");
+    buf.resize(len);
+    return buf;
+  }
+
+  /// The port the engine listens on.
+  std::uint16_t rpc_port() const {
+    std::uint16_t port = 0;
+    detail::check(kvf_engine_rpc_port(engine_, &port), "kvf_engine_rpc_port");
+    return port;
+  }
+
+  /// Registers `[addr, addr + len)`. `location`: "cpu:0", "npu:N", or
+  /// nullptr / "*" to detect. The memory must stay valid until unregistered
+  /// or the engine is destroyed.
+  void register_memory(std::uint64_t addr, std::uint64_t len,
+                       const char *location = nullptr) const {
+    detail::check(kvf_register_memory(engine_, addr, len, location), "kvf_register_memory");
+  }
+
+  /// Registers every region, or none.
+  void register_memory(const std::vector<Region> &regions,
+                       const char *location = nullptr) const {
+    std::vector<std::uint64_t> addrs, lens;
+    addrs.reserve(regions.size());
+    lens.reserve(regions.size());
+    for (const Region &r : regions) {
+      addrs.push_back(r.addr);
+      lens.push_back(r.len);
+    }
+    detail::check(kvf_register_memory_batch(engine_, addrs.data(), lens.data(), regions.size(),
+                                            location),
+                  "kvf_register_memory_batch");
+  }
+
+  /// Unregisters the region starting at `addr`, after the transfers using it
+  /// end; afterwards the memory may be freed.
+  void unregister_memory(std::uint64_t addr) const {
+    detail::check(kvf_unregister_memory(engine_, addr), "kvf_unregister_memory");
+  }
+
+  /// Unregisters every region, or none.
+  void unregister_memory(const std::vector<std::uint64_t> &addrs) const {
+    detail::check(kvf_unregister_memory_batch(engine_, addrs.data(), addrs.size()),
+                  "kvf_unregister_memory_batch");
+  }
+
+  /// Moves `ops` and returns when all are done. Every op is validated first;
+  /// on Error from validation nothing was moved.
+  void transfer(Opcode opcode, const std::string &session, const std::vector<Op> &ops) const {
+    const Columns c(ops);
+    detail::check(kvf_transfer_sync(engine_, session.c_str(), static_cast<std::uint32_t>(opcode),
+                                    c.local.data(), c.remote.data(), c.len.data(), ops.size()),
+                  "kvf_transfer_sync");
+  }
+  /// Copies the peer's memory into ours (synchronously).
+  void read(const std::string &session, const std::vector<Op> &ops) const {
+    transfer(Opcode::read, session, ops);
+  }
+  /// Copies our memory into the peer's (synchronously).
+  void write(const std::string &session, const std::vector<Op> &ops) const {
+    transfer(Opcode::write, session, ops);
+  }
+
+  /// Validates `ops`, starts moving them in the background and returns the
+  /// running Batch.
+  Batch submit(Opcode opcode, const std::string &session, const std::vector<Op> &ops) const {
+    const Columns c(ops);
+    std::uint64_t id = 0;
+    detail::check(kvf_batch_submit(engine_, session.c_str(), static_cast<std::uint32_t>(opcode),
+                                   c.local.data(), c.remote.data(), c.len.data(), ops.size(),
+                                   &id),
+                  "kvf_batch_submit");
+    return Batch(engine_, id);
+  }
+
+  /// The C handle, still owned by this object (NULL when moved from).
+  const kvf_engine *get() const noexcept { return engine_; }
+
+ private:
+  explicit Engine(kvf_engine *engine) noexcept : engine_(engine) {}
+
+  /// Ops as the three arrays the C API takes.
+  struct Columns {
+    explicit Columns(const std::vector<Op> &ops) {
+      local.reserve(ops.size());
+      remote.reserve(ops.size());
+      len.reserve(ops.size());
+      for (const Op &op : ops) {
+        local.push_back(op.local);
+        remote.push_back(op.remote);
+        len.push_back(op.len);
+      }
+    }
+    std::vector<std::uint64_t> local, remote, len;
+  };
+
+  kvf_engine *engine_ = nullptr;
+};
+
+}  // namespace kvferry
+
+#endif  // KVFERRY_HPP
