@@ -286,8 +286,15 @@ class Batch {
 /// the engine's in-flight batches, unregisters its memory and closes its port.
 class Engine {
  public:
-  /// Creates an engine from `config` (which is not consumed).
+  /// Creates an engine from `config` (which is not consumed). A moved-from
+  /// Config is refused (KVF_STATUS_NULL_POINTER) rather than taken for "all
+  /// defaults", which is what its NULL handle would mean to the C API; use
+  /// from_env() for that.
   explicit Engine(const Config &config) {
+    if (config.get() == nullptr) {
+      throw Error(KVF_STATUS_NULL_POINTER, "kvf_engine_new",
+                  "config is NULL (a moved-from kvferry::Config)");
+    }
     detail::check(kvf_engine_new(config.get(), &engine_), "kvf_engine_new");
   }
   /// Creates an engine configured by the environment and defaults only.

@@ -1,0 +1,468 @@
+//! Block planning: from two sides' KV layouts and paired block ids, the list
+//! of (local address, remote address, length) copies, COMPAT.md section 2.
+//!
+//! The connectors build these lists in a Python loop over layers, caches and
+//! blocks for every request. Doing it here is faster, and every address is
+//! computed with checked arithmetic against a layout whose regions were
+//! validated once, so a bad id or layout is an error instead of a transfer into
+//! someone else's memory.
+//!
+//! Units: `block_len` and `stride` describe one *kernel* block (what the
+//! cache tensor's first dimension indexes, `tensor.stride(0) * element_size`);
+//! block ids are *logical* (what the scheduler hands out). Logical block `b`
+//! is kernel blocks `b*scale .. b*scale + scale`. With `scale == 1` the two
+//! coincide, which is the connectors' usual case.
+
+use std::ops::Range;
+
+use crate::error::{Result, Side, TopologyError};
+
+/// Where one cache (K or V; nope or rope under MLA) of one layer lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheLayout {
+    /// Address of kernel block 0.
+    pub base: u64,
+    /// Bytes of one kernel block.
+    pub block_len: u64,
+    /// Bytes from one kernel block to the next (at least `block_len`; larger
+    /// when blocks are padded or interleaved with other data).
+    pub stride: u64,
+    /// Kernel blocks per logical block (at least 1).
+    pub scale: u64,
+}
+
+impl CacheLayout {
+    /// A densely packed cache: `stride == block_len`, `scale == 1`.
+    pub fn dense(base: u64, block_len: u64) -> Self {
+        CacheLayout {
+            base,
+            block_len,
+            stride: block_len,
+            scale: 1,
+        }
+    }
+
+    fn is_byte_contiguous(&self) -> bool {
+        self.stride == self.block_len
+    }
+}
+
+/// One side's KV layout: for every layer, its caches, all with `num_blocks`
+/// logical blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SideLayout {
+    num_blocks: u64,
+    layers: Vec<Vec<CacheLayout>>,
+}
+
+impl SideLayout {
+    /// Validates and stores a layout.
+    ///
+    /// Each cache needs `block_len >= 1`, `scale >= 1`, `stride >= block_len`
+    /// (overlapping blocks cannot be copied independently), and a region
+    /// `base .. base + stride * scale * num_blocks` that fits in 64 bits; the
+    /// planner then keeps every copy inside that region.
+    pub fn new(num_blocks: u64, layers: Vec<Vec<CacheLayout>>) -> Result<Self> {
+        for (layer, caches) in layers.iter().enumerate() {
+            for (cache, c) in caches.iter().enumerate() {
+                let invalid = |reason: String| TopologyError::InvalidLayout {
+                    layer,
+                    cache,
+                    reason,
+                };
+                if c.block_len == 0 {
+                    return Err(invalid("block_len is 0".into()));
+                }
+                if c.scale == 0 {
+                    return Err(invalid("scale is 0".into()));
+                }
+                if c.stride < c.block_len {
+                    return Err(invalid(format!(
+                        "stride {} is below block_len {}: blocks would overlap",
+                        c.stride, c.block_len
+                    )));
+                }
+                if region_end(c, num_blocks).is_none() {
+                    return Err(invalid(format!(
+                        "region {:#x} + {} * {} * {} blocks overflows 64 bits",
+                        c.base, c.stride, c.scale, num_blocks
+                    )));
+                }
+            }
+        }
+        Ok(SideLayout { num_blocks, layers })
+    }
+
+    /// Logical blocks per cache.
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    /// The caches of every layer.
+    pub fn layers(&self) -> &[Vec<CacheLayout>] {
+        &self.layers
+    }
+
+    /// The bytes one cache may be read or written at:
+    /// `base .. base + stride * scale * num_blocks`.
+    pub fn region(&self, layer: usize, cache: usize) -> Option<Range<u64>> {
+        let c = self.layers.get(layer)?.get(cache)?;
+        Some(c.base..region_end(c, self.num_blocks)?)
+    }
+}
+
+fn region_end(c: &CacheLayout, num_blocks: u64) -> Option<u64> {
+    c.stride
+        .checked_mul(c.scale)?
+        .checked_mul(num_blocks)?
+        .checked_add(c.base)
+}
+
+/// Which side's block is cut into `pulls` slices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SplitSide {
+    /// The local block holds `pulls` remote blocks side by side: a decode
+    /// rank pulling from `n` prefill ranks (the v1 connector).
+    #[default]
+    Local,
+    /// The remote block holds `pulls` local blocks: a prefill rank pushing
+    /// its slice into a larger decode block (the layerwise connector).
+    Remote,
+}
+
+/// What the local side already holds, so only the rest is copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum PrefixHit {
+    /// Nothing: the id lists pair one to one and must have equal lengths.
+    #[default]
+    None,
+    /// The local side already computed the first `computed_tokens` tokens
+    /// (a local prefix-cache hit; vLLM only reuses whole blocks, so this must
+    /// be a multiple of `tokens_per_block`). The remote list covers the whole
+    /// prompt, the local list only the blocks still missing: the first
+    /// `computed_tokens / tokens_per_block` remote ids are skipped and the
+    /// rest must pair one to one with the local ids.
+    ComputedTokens {
+        /// Tokens the local side already holds.
+        computed_tokens: u64,
+        /// Tokens per logical block.
+        tokens_per_block: u64,
+    },
+    /// The connectors' own rule when they do not pass the count: a local
+    /// list shorter than the remote one pairs with the remote list's tail
+    /// (`remote_ids[-len(local_ids):]`). A longer local list is an error.
+    TrimRemoteHead,
+}
+
+/// One planned request's inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PlanRequest<'a> {
+    /// Local logical block ids.
+    pub local_ids: &'a [u64],
+    /// Remote logical block ids.
+    pub remote_ids: &'a [u64],
+    /// What the local side already holds.
+    pub prefix: PrefixHit,
+    /// `n`, pulls per decode rank (1 when the two sides hold the same heads).
+    pub pulls: u64,
+    /// `o`, which `1/n` slice of the split side's block this transfer fills.
+    pub offset_index: u64,
+    /// Which side's block is cut into slices.
+    pub split: SplitSide,
+}
+
+impl<'a> PlanRequest<'a> {
+    /// A one-to-one copy: no prefix hit, one pull, offset 0.
+    pub fn new(local_ids: &'a [u64], remote_ids: &'a [u64]) -> Self {
+        PlanRequest {
+            local_ids,
+            remote_ids,
+            prefix: PrefixHit::None,
+            pulls: 1,
+            offset_index: 0,
+            split: SplitSide::Local,
+        }
+    }
+
+    /// Sets `n` and `o` (see the field docs).
+    pub fn with_pulls(mut self, pulls: u64, offset_index: u64) -> Self {
+        self.pulls = pulls;
+        self.offset_index = offset_index;
+        self
+    }
+
+    /// Sets the prefix hit.
+    pub fn with_prefix(mut self, prefix: PrefixHit) -> Self {
+        self.prefix = prefix;
+        self
+    }
+
+    /// Sets the split side.
+    pub fn with_split(mut self, split: SplitSide) -> Self {
+        self.split = split;
+        self
+    }
+}
+
+/// One copy: `len` bytes between `local` and `remote`, both absolute
+/// addresses (direction is the caller's: a pull reads remote into local).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PlannedOp {
+    /// Local address.
+    pub local: u64,
+    /// Remote address.
+    pub remote: u64,
+    /// Bytes.
+    pub len: u64,
+}
+
+/// Per-cache constants of one plan.
+struct CachePlan {
+    local: CacheLayout,
+    remote: CacheLayout,
+    /// Bytes each side contributes per kernel block (`ib`).
+    slice: u64,
+    local_offset: u64,
+    remote_offset: u64,
+    /// Whether a run of consecutive ids is one run of consecutive bytes.
+    coalesce: bool,
+}
+
+/// Plans the copies for one request; see [`plan_blocks_into`].
+pub fn plan_blocks(
+    local: &SideLayout,
+    remote: &SideLayout,
+    request: &PlanRequest<'_>,
+) -> Result<Vec<PlannedOp>> {
+    let mut ops = Vec::new();
+    plan_blocks_into(local, remote, request, &mut ops)?;
+    Ok(ops)
+}
+
+/// Appends the copies for one request to `ops`, in the connectors' order:
+/// for each layer, each cache, each run.
+///
+/// Rules (COMPAT.md section 2), with `ib = block_len / n` of the split side:
+/// - ids pair one to one after the prefix hit is skipped;
+/// - with `n == 1`, consecutive pairs where both ids step by +1 form a run,
+///   copied as one op when both sides' kernel blocks are back to back
+///   (`stride == block_len`), else one op per kernel block; with `n > 1`
+///   every kernel block is its own op;
+/// - the split side's address is `base + kernel_id * stride + o * ib`, the
+///   other side's `base + kernel_id * stride`; the length `ib * kernel blocks`.
+///
+/// Rejected before anything is appended: `n == 0` or `o >= n`; layer or cache
+/// counts that differ; id lists that do not pair; ids beyond `num_blocks`;
+/// different scales on the two sides (a kernel block would hold different
+/// tokens on each); a split block not divisible by `n`, or an unsplit block
+/// that is not exactly `ib` (a copy would spill into the next block).
+/// Duplicate ids are copied as often as they appear, like the connectors do.
+pub fn plan_blocks_into(
+    local: &SideLayout,
+    remote: &SideLayout,
+    request: &PlanRequest<'_>,
+    ops: &mut Vec<PlannedOp>,
+) -> Result<()> {
+    let (pulls, offset_index) = (request.pulls, request.offset_index);
+    if pulls == 0 || offset_index >= pulls {
+        return Err(TopologyError::OffsetOutOfRange {
+            offset_index,
+            pulls,
+        });
+    }
+    if local.layers.len() != remote.layers.len() {
+        return Err(TopologyError::LayerCountMismatch {
+            local: local.layers.len(),
+            remote: remote.layers.len(),
+        });
+    }
+    let local_ids = request.local_ids;
+    let remote_ids = pair_remote_ids(local_ids, request.remote_ids, request.prefix)?;
+    check_ids(Side::Local, local_ids, local.num_blocks)?;
+    check_ids(Side::Remote, remote_ids, remote.num_blocks)?;
+
+    let mut caches = Vec::new();
+    for (layer, (local_caches, remote_caches)) in
+        local.layers.iter().zip(&remote.layers).enumerate()
+    {
+        if local_caches.len() != remote_caches.len() {
+            return Err(TopologyError::CacheCountMismatch {
+                layer,
+                local: local_caches.len(),
+                remote: remote_caches.len(),
+            });
+        }
+        for (cache, (l, r)) in local_caches.iter().zip(remote_caches).enumerate() {
+            caches.push(cache_plan(layer, cache, *l, *r, request)?);
+        }
+    }
+
+    // Runs of consecutive ids on both sides, shared by every cache. With
+    // n > 1 the connectors never merge blocks, so every pair stands alone.
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    for (&l, &r) in local_ids.iter().zip(remote_ids) {
+        match runs.last_mut() {
+            Some((l0, r0, count))
+                if pulls == 1
+                    && l0.checked_add(*count) == Some(l)
+                    && r0.checked_add(*count) == Some(r) =>
+            {
+                *count += 1;
+            }
+            _ => runs.push((l, r, 1)),
+        }
+    }
+
+    let start_len = ops.len();
+    let result = emit(&caches, &runs, ops);
+    if result.is_err() {
+        ops.truncate(start_len);
+    }
+    result
+}
+
+fn emit(caches: &[CachePlan], runs: &[(u64, u64, u64)], ops: &mut Vec<PlannedOp>) -> Result<()> {
+    let overflow = |what| TopologyError::Overflow { what };
+    for c in caches {
+        let scale = c.local.scale;
+        let address = |layout: &CacheLayout, kernel_id: u64, offset: u64| {
+            kernel_id
+                .checked_mul(layout.stride)
+                .and_then(|bytes| bytes.checked_add(layout.base))
+                .and_then(|addr| addr.checked_add(offset))
+                .ok_or(overflow("block address"))
+        };
+        for &(l, r, count) in runs {
+            let l_kernel = l.checked_mul(scale).ok_or(overflow("kernel block id"))?;
+            let r_kernel = r.checked_mul(scale).ok_or(overflow("kernel block id"))?;
+            let kernels = count.checked_mul(scale).ok_or(overflow("run length"))?;
+            if c.coalesce {
+                ops.push(PlannedOp {
+                    local: address(&c.local, l_kernel, c.local_offset)?,
+                    remote: address(&c.remote, r_kernel, c.remote_offset)?,
+                    len: c.slice.checked_mul(kernels).ok_or(overflow("run bytes"))?,
+                });
+            } else {
+                for i in 0..kernels {
+                    let l_id = l_kernel.checked_add(i).ok_or(overflow("kernel block id"))?;
+                    let r_id = r_kernel.checked_add(i).ok_or(overflow("kernel block id"))?;
+                    ops.push(PlannedOp {
+                        local: address(&c.local, l_id, c.local_offset)?,
+                        remote: address(&c.remote, r_id, c.remote_offset)?,
+                        len: c.slice,
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cache_plan(
+    layer: usize,
+    cache: usize,
+    local: CacheLayout,
+    remote: CacheLayout,
+    request: &PlanRequest<'_>,
+) -> Result<CachePlan> {
+    if local.scale != remote.scale {
+        return Err(TopologyError::ScaleMismatch {
+            layer,
+            cache,
+            local: local.scale,
+            remote: remote.scale,
+        });
+    }
+    let pulls = request.pulls;
+    let (split_side, split, other_side, other) = match request.split {
+        SplitSide::Local => (Side::Local, local, Side::Remote, remote),
+        SplitSide::Remote => (Side::Remote, remote, Side::Local, local),
+    };
+    if split.block_len % pulls != 0 {
+        return Err(TopologyError::BlockLenNotDivisible {
+            layer,
+            cache,
+            side: split_side,
+            block_len: split.block_len,
+            pulls,
+        });
+    }
+    let slice = split.block_len / pulls;
+    if other.block_len != slice {
+        return Err(TopologyError::BlockLenMismatch {
+            layer,
+            cache,
+            side: other_side,
+            expected: slice,
+            found: other.block_len,
+        });
+    }
+    // offset_index < pulls, so this is below block_len.
+    let offset = request.offset_index * slice;
+    let (local_offset, remote_offset) = match request.split {
+        SplitSide::Local => (offset, 0),
+        SplitSide::Remote => (0, offset),
+    };
+    Ok(CachePlan {
+        local,
+        remote,
+        slice,
+        local_offset,
+        remote_offset,
+        coalesce: pulls == 1 && local.is_byte_contiguous() && remote.is_byte_contiguous(),
+    })
+}
+
+fn pair_remote_ids<'a>(local: &[u64], remote: &'a [u64], prefix: PrefixHit) -> Result<&'a [u64]> {
+    let mismatch = |detail: String| TopologyError::IdCountMismatch {
+        local: local.len(),
+        remote: remote.len(),
+        detail,
+    };
+    let skip = match prefix {
+        PrefixHit::None => 0,
+        PrefixHit::TrimRemoteHead => remote.len().checked_sub(local.len()).ok_or_else(|| {
+            mismatch("the local list may not be longer than the remote list".into())
+        })?,
+        PrefixHit::ComputedTokens {
+            computed_tokens,
+            tokens_per_block,
+        } => {
+            if tokens_per_block == 0 || computed_tokens % tokens_per_block != 0 {
+                return Err(TopologyError::ComputedTokensNotAligned {
+                    computed_tokens,
+                    tokens_per_block,
+                });
+            }
+            usize::try_from(computed_tokens / tokens_per_block).map_err(|_| {
+                mismatch(format!(
+                    "{computed_tokens} computed tokens exceed any id list"
+                ))
+            })?
+        }
+    };
+    let tail = remote.get(skip..).ok_or_else(|| {
+        mismatch(format!(
+            "{skip} computed blocks are more than the remote list holds"
+        ))
+    })?;
+    if tail.len() != local.len() {
+        return Err(mismatch(format!(
+            "after skipping {skip} computed blocks, {} remote ids remain",
+            tail.len()
+        )));
+    }
+    Ok(tail)
+}
+
+fn check_ids(side: Side, ids: &[u64], num_blocks: u64) -> Result<()> {
+    match ids.iter().enumerate().find(|&(_, &id)| id >= num_blocks) {
+        Some((position, &id)) => Err(TopologyError::BlockIdOutOfRange {
+            side,
+            id,
+            position,
+            num_blocks,
+        }),
+        None => Ok(()),
+    }
+}
