@@ -14,9 +14,11 @@
  *   destroying or assigning it is fine, and any other call throws Error with
  *   KVF_STATUS_NULL_POINTER (the C API refuses the NULL handle) instead of
  *   misbehaving.
- * - Lifetimes: a Batch refers to the Engine that made it and must be
- *   destroyed before that Engine. Registered memory must stay valid until it
- *   is unregistered or its Engine is destroyed.
+ * - Lifetimes: a Batch refers to the engine that made it and must be
+ *   destroyed before that engine is (moving the Engine object around is
+ *   fine: the Batch holds the C handle, which moves along). Registered
+ *   memory must stay valid until it is unregistered or its Engine is
+ *   destroyed.
  * - Threads: an Engine may be used from many threads at once (every const
  *   member function is thread-safe); moving, assigning or destroying it must
  *   not race with other calls. Config and Batch objects are not thread-safe:
@@ -104,7 +106,10 @@ inline std::uint64_t timeout_ms(std::chrono::milliseconds timeout) {
 
 /// The address of `p` as the C API takes it.
 inline std::uint64_t addr_of(const void *p) noexcept {
-  return static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(p));
+  // Widened implicitly: an explicit cast is "useless" where uintptr_t is
+  // already 64 bits and would warn with -Wuseless-cast.
+  const std::uintptr_t a = reinterpret_cast<std::uintptr_t>(p);
+  return a;
 }
 
 /// One transfer: `len` bytes between `local` (this engine's memory) and
@@ -204,7 +209,7 @@ class Engine;
 /// The destructor waits for the batch to end (at most the engine's transfer
 /// timeout) and frees it; it never throws, and so cannot report a failed
 /// batch: call wait() (or poll()) first when the outcome matters. Must be
-/// destroyed before the Engine that made it. Not thread-safe.
+/// destroyed before the engine that made it. Not thread-safe.
 class Batch {
  public:
   Batch(Batch &&other) noexcept

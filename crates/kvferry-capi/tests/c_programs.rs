@@ -1,0 +1,279 @@
+//! The C ABI from the outside: builds the C and C++ programs under tests/c
+//! and tests/cpp against include/ and this crate's libkvferry.so, with
+//! warnings as errors and AddressSanitizer + UndefinedBehaviorSanitizer, runs
+//! them and fails with their output when they fail. Also compiles each
+//! header on its own.
+//!
+//! Needs gcc and g++ with libasan / libubsan. Build outputs go under
+//! `CARGO_TARGET_TMPDIR/c_programs`.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn repo() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    dir.canonicalize().unwrap_or(dir)
+}
+
+fn include_dir() -> PathBuf {
+    repo().join("include")
+}
+
+/// target/<profile>: Cargo builds this crate's cdylib there, next to the
+/// deps/ directory that holds this test executable.
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    assert!(
+        dir.join("libkvferry.so").exists(),
+        "{} not built",
+        dir.join("libkvferry.so").display()
+    );
+    dir
+}
+
+fn out_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_programs");
+    std::fs::create_dir_all(&dir).expect("create the build directory");
+    dir
+}
+
+const WARNINGS: &[&str] = &["-Wall", "-Wextra", "-Wpedantic", "-Werror"];
+
+/// `-fno-sanitize-recover=all`: UBSan only reports by default and the
+/// program would still exit 0; this makes every finding fatal.
+const SANITIZERS: &[&str] = &[
+    "-g",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+];
+
+/// The stricter warnings a user of the C++ wrapper may build with; the
+/// wrapper must not be the reason their build fails.
+const CXX_USER_WARNINGS: &[&str] = &[
+    "-Wconversion",
+    "-Wsign-conversion",
+    "-Wshadow",
+    "-Wold-style-cast",
+    "-Wuseless-cast",
+    "-Wnon-virtual-dtor",
+    "-Wcast-qual",
+    "-Wzero-as-null-pointer-constant",
+];
+
+/// Runs a compiler; panics with its output on failure.
+fn compile(compiler: &str, args: &[&OsStr]) {
+    let out = Command::new(compiler)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {compiler} (needed for this test): {e}"));
+    assert!(
+        out.status.success(),
+        "{compiler} {} failed:\n{}{}",
+        args.iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+enum Lang {
+    C,
+    Cxx,
+}
+
+/// Builds `sources` (paths relative to the repository) into `name` under the
+/// build directory, linked to libkvferry.so with an rpath so it runs as is.
+fn build(lang: Lang, name: &str, sources: &[&str], defines: &[&str]) -> PathBuf {
+    let exe = out_dir().join(name);
+    let lib = lib_dir();
+    let (compiler, std) = match lang {
+        Lang::C => ("gcc", "-std=c99"),
+        Lang::Cxx => ("g++", "-std=c++17"),
+    };
+    let include = format!("-I{}", include_dir().display());
+    let libpath = format!("-L{}", lib.display());
+    let rpath = format!("-Wl,-rpath,{}", lib.display());
+    let sources: Vec<PathBuf> = sources.iter().map(|s| repo().join(s)).collect();
+    let mut args: Vec<&OsStr> = vec![OsStr::new(std)];
+    args.extend(WARNINGS.iter().map(OsStr::new));
+    args.extend(SANITIZERS.iter().map(OsStr::new));
+    args.extend(defines.iter().map(OsStr::new));
+    args.push(OsStr::new(&include));
+    args.extend(sources.iter().map(|s| s.as_os_str()));
+    args.extend(
+        [
+            "-o".as_ref(),
+            exe.as_os_str(),
+            OsStr::new(&libpath),
+            OsStr::new("-lkvferry"),
+            OsStr::new(&rpath),
+            OsStr::new("-pthread"),
+        ]
+        .iter()
+        .copied(),
+    );
+    compile(compiler, &args);
+    exe
+}
+
+/// Printed by LeakSanitizer when it cannot run, e.g. under ptrace (a
+/// debugger, strace, some sandboxes) or without the permissions it needs.
+const LSAN_CANNOT_RUN: &[&str] = &[
+    "LeakSanitizer has encountered a fatal error",
+    "LeakSanitizer does not work under ptrace",
+];
+
+struct Run {
+    success: bool,
+    output: String,
+}
+
+/// Runs `exe` with the given ASan leak setting; output goes to files (not
+/// pipes), so a long sanitizer report cannot block the program.
+fn run_once(exe: &Path, detect_leaks: bool) -> Run {
+    let stem = exe.file_name().and_then(OsStr::to_str).unwrap_or("program");
+    let stdout_path = out_dir().join(format!("{stem}.stdout"));
+    let stderr_path = out_dir().join(format!("{stem}.stderr"));
+    let mut cmd = Command::new(exe);
+    // Engines made from a NULL config read the environment; the programs
+    // expect the defaults.
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("KVFERRY_") || k.starts_with("MC_") || k.starts_with("ASCEND_") {
+            cmd.env_remove(&key);
+        }
+    }
+    let asan = format!(
+        "detect_leaks={}:detect_stack_use_after_return=1:strict_string_checks=1:check_initialization_order=1",
+        u8::from(detect_leaks)
+    );
+    cmd.env("ASAN_OPTIONS", asan)
+        .env("UBSAN_OPTIONS", "print_stacktrace=1")
+        .stdin(Stdio::null())
+        .stdout(File::create(&stdout_path).expect("stdout file"))
+        .stderr(File::create(&stderr_path).expect("stderr file"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
+    // The programs take about a second; a hang is a failure, not a stuck CI.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the program") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = format!(
+        "{}{}{}",
+        std::fs::read_to_string(&stdout_path).unwrap_or_default(),
+        std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+        if status.is_none() {
+            "\n(killed after 300 s)\n"
+        } else {
+            ""
+        }
+    );
+    Run {
+        success: status.is_some_and(|s| s.success()),
+        output,
+    }
+}
+
+/// Runs `exe` with leak detection; if LeakSanitizer cannot work in this
+/// environment, runs it again without (saying so), so that the rest of
+/// ASan still checks it. Panics with the program's output on failure.
+fn run(exe: &Path) {
+    let mut r = run_once(exe, true);
+    if !r.success && LSAN_CANNOT_RUN.iter().any(|m| r.output.contains(m)) {
+        eprintln!(
+            "note: LeakSanitizer cannot run here; {} runs with detect_leaks=0",
+            exe.display()
+        );
+        r = run_once(exe, false);
+    }
+    assert!(r.success, "{} failed:\n{}", exe.display(), r.output);
+    print!("{}", r.output);
+}
+
+#[test]
+fn c_header_compiles_alone_as_c() {
+    let header = include_dir().join("kvferry.h");
+    for std in ["-std=c99", "-std=c11", "-std=c17"] {
+        let mut args: Vec<&OsStr> = vec![OsStr::new("-fsyntax-only"), OsStr::new(std)];
+        args.extend(WARNINGS.iter().map(OsStr::new));
+        args.extend(["-x", "c"].iter().map(OsStr::new));
+        args.push(header.as_os_str());
+        compile("gcc", &args);
+    }
+}
+
+#[test]
+fn headers_compile_alone_as_cxx() {
+    for header in ["kvferry.h", "kvferry.hpp"] {
+        let header = include_dir().join(header);
+        let mut args: Vec<&OsStr> = vec![OsStr::new("-fsyntax-only"), OsStr::new("-std=c++17")];
+        args.extend(WARNINGS.iter().map(OsStr::new));
+        args.extend(CXX_USER_WARNINGS.iter().map(OsStr::new));
+        args.extend(["-x", "c++"].iter().map(OsStr::new));
+        args.push(header.as_os_str());
+        compile("g++", &args);
+    }
+}
+
+#[test]
+fn c_api_test() {
+    run(&build(Lang::C, "api_test_c", &["tests/c/api_test.c"], &[]));
+}
+
+#[test]
+fn cpp_api_test() {
+    run(&build(
+        Lang::Cxx,
+        "api_test_cpp",
+        &["tests/cpp/api_test.cpp"],
+        &[],
+    ));
+}
+
+#[test]
+fn cpp_headers_included_twice_and_in_two_units() {
+    run(&build(
+        Lang::Cxx,
+        "include_twice",
+        &[
+            "tests/cpp/include_twice.cpp",
+            "tests/cpp/include_twice_other.cpp",
+        ],
+        &[],
+    ));
+}
+
+/// The checks of tests/c/api_test.c for library bugs not fixed yet (see the
+/// comments there). Run with `cargo test -p kvferry-capi --test c_programs
+/// -- --ignored`; drop the `ignore` once they pass.
+#[test]
+#[ignore = "known library bugs: kvf_status_str use-after-free, refused config setter resets the config, stale sessions, partial moves of refused batches"]
+fn c_api_known_library_bugs() {
+    run(&build(
+        Lang::C,
+        "api_test_c_known_bugs",
+        &["tests/c/api_test.c"],
+        &["-DKVF_TEST_KNOWN_BUGS"],
+    ));
+}
