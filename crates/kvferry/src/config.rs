@@ -30,6 +30,8 @@ pub struct EngineConfig {
     async_workers: Option<usize>,
     max_batches: Option<usize>,
     transport: Option<TransportChoice>,
+    secret: Option<Vec<u8>>,
+    lanes: Option<usize>,
 }
 
 /// The resolved configuration an engine runs with.
@@ -52,6 +54,10 @@ pub struct Settings {
     /// Live (unfreed) batches allowed at once.
     pub max_batches: usize,
     pub transport: TransportChoice,
+    /// Shared secret peers must prove in the hello (`KVFERRY_SECRET`).
+    pub secret: Option<Vec<u8>>,
+    /// tcp connections per peer.
+    pub lanes: usize,
 }
 
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (15000, 17000);
@@ -101,6 +107,17 @@ impl EngineConfig {
     }
     pub fn transport(mut self, t: TransportChoice) -> Self {
         self.transport = Some(t);
+        self
+    }
+    /// A shared secret every peer must prove (and this engine proves to
+    /// them); empty means none.
+    pub fn secret(mut self, s: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(s.into());
+        self
+    }
+    /// tcp connections per peer (default 2).
+    pub fn lanes(mut self, n: usize) -> Self {
+        self.lanes = Some(n);
         self
     }
 
@@ -206,6 +223,18 @@ impl EngineConfig {
                 None => TransportChoice::Auto,
             },
         };
+        let secret = match &self.secret {
+            Some(s) => Some(s.clone()),
+            None => env("KVFERRY_SECRET").map(String::into_bytes),
+        }
+        .filter(|s| !s.is_empty());
+        let lanes = match self.lanes {
+            Some(n) => n,
+            None => num("KVFERRY_LANES")?.map_or(2, |n| n as usize),
+        };
+        if lanes == 0 || lanes > 64 {
+            return Err(Error::invalid("lanes must be in 1..=64"));
+        }
         Ok(Settings {
             hostname,
             port,
@@ -216,6 +245,8 @@ impl EngineConfig {
             async_workers,
             max_batches,
             transport,
+            secret,
+            lanes,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! The engine: one per process (per device rank). Owns the registry, the
-//! listening port, the sessions, the batch table and the async workers.
+//! listening port and its server, the sessions, the batch table and the
+//! async workers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, LazyLock, Weak};
@@ -12,23 +13,40 @@ use crossbeam_channel::{Sender, unbounded};
 use parking_lot::Mutex;
 
 use crate::batch::{Batch, BatchId, BatchState, BatchTable, OpState};
-use crate::config::{EngineConfig, Settings};
+use crate::config::{EngineConfig, Settings, TransportChoice};
 use crate::error::{Error, Result};
 use crate::memory::{Location, LocationHint, RegionDesc, Registry};
 use crate::plan::{Op, Opcode, Plan, plan};
 use crate::segment::{Segment, host_identity, random_instance_id};
+use crate::server::Server;
 use crate::session::{PeerAddr, Session};
+use crate::transport::cma::CmaTransport;
 use crate::transport::local::LocalTransport;
+use crate::transport::tcp::{ClientIdentity, TcpTransport};
 use crate::transport::{Job, Transport};
 
-/// The state peers may reach (through the local transport, and later the
-/// listener): everything an engine serves.
+/// Notifications kept before the oldest are refused (a peer that never
+/// drains must not grow memory without bound).
+const MAX_NOTIFICATIONS: usize = 1 << 16;
+
+/// A message another engine sent to this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notification {
+    /// The sender's session id (`"host:port"`).
+    pub from: String,
+    pub message: Vec<u8>,
+}
+
+/// What this engine serves to peers: its identity, registry and inbox.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) name: String,
     pub(crate) instance_id: u64,
     pub(crate) host_id: String,
     pub(crate) registry: Registry,
+    pub(crate) secret: Option<Vec<u8>>,
+    pub(crate) transfer_timeout: Duration,
+    notifications: Mutex<VecDeque<Notification>>,
 }
 
 impl Shared {
@@ -42,27 +60,46 @@ impl Shared {
             regions: self.registry.descs(),
         }
     }
+
+    pub(crate) fn push_notification(&self, from: String, message: Vec<u8>) -> Result<()> {
+        let mut q = self.notifications.lock();
+        if q.len() >= MAX_NOTIFICATIONS {
+            return Err(Error::Unsupported {
+                what: format!(
+                    "{} undrained notifications at {}; drain them first",
+                    q.len(),
+                    self.name
+                ),
+            });
+        }
+        q.push_back(Notification { from, message });
+        Ok(())
+    }
 }
 
-/// Engines of this process, by port, so that a session naming one of them
-/// is served by memcpy instead of the network.
-static LOCAL_ENGINES: LazyLock<Mutex<HashMap<u16, Weak<Shared>>>> =
+/// Engines of this process by instance id: a session whose handshake
+/// reaches one of them is served by memcpy instead of the network.
+static LOCAL_ENGINES: LazyLock<Mutex<HashMap<u64, Weak<Shared>>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
 
 type Task = Box<dyn FnOnce() + Send>;
+
+/// What batches need from the engine, also from worker threads.
+#[derive(Debug)]
+struct Core {
+    shared: Arc<Shared>,
+    settings: Settings,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+}
 
 /// A kvferry engine.
 ///
 /// Thread-safe: share it (`&Engine` / `Arc<Engine>`) between threads.
 #[derive(Debug)]
 pub struct Engine {
-    shared: Arc<Shared>,
-    settings: Settings,
+    core: Arc<Core>,
     port: u16,
-    /// Held so the port stays ours; served by the listener of the network
-    /// transports.
-    _listener: TcpListener,
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    server: Option<Server>,
     batches: BatchTable,
     tasks: Option<Sender<Task>>,
     workers: Vec<JoinHandle<()>>,
@@ -98,14 +135,225 @@ fn bind(settings: &Settings) -> Result<TcpListener> {
     ))
 }
 
-fn is_this_host(host: &str, own: &str) -> bool {
-    host == own
-        || matches!(host, "localhost" | "::1" | "0.0.0.0" | "::")
-        || host.starts_with("127.")
+impl Core {
+    fn deadline(&self) -> Instant {
+        let now = Instant::now();
+        now.checked_add(self.settings.transfer_timeout)
+            .unwrap_or(now + Duration::from_secs(86400 * 365))
+    }
+
+    fn identity(&self) -> ClientIdentity {
+        ClientIdentity {
+            instance_id: self.shared.instance_id,
+            secret: self.settings.secret.clone(),
+            connect_timeout: self.settings.connect_timeout,
+        }
+    }
+
+    /// The session for `peer`: on first use, a handshake fetches its
+    /// segment, and the transport is chosen by where the peer runs.
+    fn session(&self, peer: &str) -> Result<Arc<Session>> {
+        if let Some(s) = self.sessions.lock().get(peer) {
+            return Ok(Arc::clone(s));
+        }
+        let addr = PeerAddr::parse(peer)?;
+        let tcp = Arc::new(TcpTransport::new(
+            addr,
+            self.identity(),
+            self.settings.lanes,
+        ));
+        let deadline = Instant::now() + self.settings.connect_timeout * 2;
+        let segment = tcp.fetch(deadline)?;
+        let local = LOCAL_ENGINES
+            .lock()
+            .get(&segment.instance_id)
+            .and_then(Weak::upgrade);
+        let transport: Arc<dyn Transport> = match (self.settings.transport, local) {
+            (TransportChoice::Tcp, _) => tcp,
+            (TransportChoice::Auto, Some(shared)) => Arc::new(LocalTransport::new(&shared)),
+            (TransportChoice::Auto, None) if segment.host_id == self.shared.host_id => {
+                Arc::new(CmaTransport::new(tcp, segment.pid))
+            }
+            (TransportChoice::Auto, None) => tcp,
+        };
+        log::debug!(
+            "kvferry: {} reaches {peer} over {}",
+            self.shared.name,
+            transport.name()
+        );
+        let session = Arc::new(Session::new(peer.to_owned(), segment, transport));
+        Ok(Arc::clone(
+            self.sessions
+                .lock()
+                .entry(peer.to_owned())
+                .or_insert(session),
+        ))
+    }
+
+    /// Forgets a session whose peer restarted; the next use handshakes again.
+    fn forget(&self, session: &Arc<Session>) {
+        let mut map = self.sessions.lock();
+        if map
+            .get(&session.name)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
+            map.remove(&session.name);
+        }
+    }
+
+    /// Validates and plans `ops` for `session`. A remote range the cached
+    /// segment does not cover triggers one refresh before it is refused.
+    fn plan_for(&self, session: &Session, opcode: Opcode, ops: &[Op]) -> Result<Plan> {
+        let seg = session.segment();
+        let slice = self.settings.slice_size;
+        match plan(opcode, ops, &self.shared.registry, &seg, slice) {
+            Err(Error::RemoteOutOfRange { .. }) => {
+                let fresh = session.refresh()?;
+                plan(opcode, ops, &self.shared.registry, &fresh, slice)
+            }
+            other => other,
+        }
+    }
+
+    /// Session and plan; a restarted peer gets a fresh session first.
+    fn prepare(&self, peer: &str, opcode: Opcode, ops: &[Op]) -> Result<(Arc<Session>, Plan)> {
+        let session = self.session(peer)?;
+        match self.plan_for(&session, opcode, ops) {
+            Err(Error::PeerRestarted { .. }) => {
+                self.forget(&session);
+                let session = self.session(peer)?;
+                let plan = self.plan_for(&session, opcode, ops)?;
+                Ok((session, plan))
+            }
+            other => Ok((session, other?)),
+        }
+    }
+
+    /// Runs a batch to the end: when the peer turns out to have restarted
+    /// (nothing was sent to the new instance), the batch is planned again
+    /// against the new segment and run once more.
+    fn execute(
+        &self,
+        peer: &str,
+        session: Arc<Session>,
+        plan: Plan,
+        batch: &Batch,
+        notify: Option<&[u8]>,
+    ) {
+        let deadline = self.deadline();
+        let (session, plan) = match run_plan(&session, &plan, deadline) {
+            Err(Error::PeerRestarted { .. }) => {
+                self.forget(&session);
+                match self.prepare(peer, plan.opcode, &plan.ops) {
+                    Ok(again) => again,
+                    Err(e) => return batch.fail_all(e),
+                }
+            }
+            Err(e) => return batch.fail_all(e),
+            Ok(outcomes) => {
+                return finish(
+                    batch,
+                    &plan,
+                    outcomes,
+                    &session,
+                    &self.shared.name,
+                    notify,
+                    deadline,
+                );
+            }
+        };
+        match run_plan(&session, &plan, deadline) {
+            Ok(outcomes) => finish(
+                batch,
+                &plan,
+                outcomes,
+                &session,
+                &self.shared.name,
+                notify,
+                deadline,
+            ),
+            Err(e) => batch.fail_all(e),
+        }
+    }
+}
+
+/// Per-slice outcomes of one run of a plan.
+type Outcomes = Vec<Result<()>>;
+
+/// Runs a plan on the calling thread. `Err(PeerRestarted)` when any slice
+/// found the peer restarted (the caller re-plans); otherwise every slice's
+/// outcome. A panic in the transport fails every slice instead of escaping.
+fn run_plan(session: &Session, plan: &Plan, deadline: Instant) -> Result<Outcomes> {
+    let job = Job {
+        opcode: plan.opcode,
+        slices: &plan.slices,
+        deadline,
+    };
+    let outcomes: Mutex<Vec<Option<Result<()>>>> = Mutex::new(vec![None; plan.slices.len()]);
+    let report = |i: usize, r: Result<()>| {
+        if let Some(slot) = outcomes.lock().get_mut(i) {
+            slot.get_or_insert(r);
+        }
+    };
+    let ran = catch_unwind(AssertUnwindSafe(|| session.transport().run(&job, &report)));
+    if ran.is_err() {
+        return Err(Error::Internal {
+            what: format!("the {} transport panicked", session.transport().name()),
+        });
+    }
+    let outcomes = outcomes.into_inner();
+    if outcomes
+        .iter()
+        .any(|o| matches!(o, Some(Err(Error::PeerRestarted { .. }))))
+    {
+        let detail = outcomes.iter().find_map(|o| match o {
+            Some(Err(e @ Error::PeerRestarted { .. })) => Some(e.clone()),
+            _ => None,
+        });
+        return Err(detail.unwrap_or(Error::Internal {
+            what: "restart".into(),
+        }));
+    }
+    Ok(outcomes
+        .into_iter()
+        .map(|o| {
+            o.unwrap_or_else(|| {
+                Err(Error::Internal {
+                    what: format!(
+                        "the {} transport left a slice unreported",
+                        session.transport().name()
+                    ),
+                })
+            })
+        })
+        .collect())
+}
+
+/// Records outcomes; when all succeeded and a notification is asked for,
+/// sends it first, so the peer sees it only after all data landed.
+fn finish(
+    batch: &Batch,
+    plan: &Plan,
+    outcomes: Outcomes,
+    session: &Session,
+    from: &str,
+    notify: Option<&[u8]>,
+    deadline: Instant,
+) {
+    let all_ok = outcomes.iter().all(|o| o.is_ok());
+    if let (true, Some(message)) = (all_ok, notify)
+        && let Err(e) = session.transport().notify(from, message, deadline)
+    {
+        return batch.fail_all(e);
+    }
+    for (slice, outcome) in plan.slices.iter().zip(outcomes) {
+        batch.complete_slice(slice, outcome);
+    }
 }
 
 impl Engine {
-    /// Creates an engine; unset config fields come from the environment.
+    /// Creates an engine: binds its port, starts its server and workers.
+    /// Unset config fields come from the environment.
     pub fn new(config: EngineConfig) -> Result<Engine> {
         let settings = config.resolve()?;
         let listener = bind(&settings)?;
@@ -123,7 +371,12 @@ impl Engine {
             instance_id: random_instance_id(),
             host_id: host_identity(),
             registry: Registry::new(),
+            secret: settings.secret.clone(),
+            transfer_timeout: settings.transfer_timeout,
+            notifications: Mutex::new(VecDeque::new()),
         });
+        let server = Server::start(listener, Arc::clone(&shared))
+            .map_err(|e| Error::io("cannot start the listener thread", e))?;
         let (tx, rx) = unbounded::<Task>();
         let mut workers = Vec::with_capacity(settings.async_workers);
         for i in 0..settings.async_workers {
@@ -138,14 +391,18 @@ impl Engine {
                 .map_err(|e| Error::io("cannot start an async worker thread", e))?;
             workers.push(w);
         }
-        LOCAL_ENGINES.lock().insert(port, Arc::downgrade(&shared));
+        LOCAL_ENGINES
+            .lock()
+            .insert(shared.instance_id, Arc::downgrade(&shared));
         Ok(Engine {
-            shared,
             batches: BatchTable::new(settings.max_batches),
-            settings,
+            core: Arc::new(Core {
+                shared,
+                settings,
+                sessions: Mutex::new(HashMap::new()),
+            }),
             port,
-            _listener: listener,
-            sessions: Mutex::new(HashMap::new()),
+            server: Some(server),
             tasks: Some(tx),
             workers,
         })
@@ -153,7 +410,7 @@ impl Engine {
 
     /// `"host:port"`: the session id peers use for this engine.
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.core.shared.name
     }
 
     /// The one port this engine listens on.
@@ -162,12 +419,12 @@ impl Engine {
     }
 
     pub fn settings(&self) -> &Settings {
-        &self.settings
+        &self.core.settings
     }
 
     /// What peers see of this engine.
     pub fn segment(&self) -> Segment {
-        self.shared.segment()
+        self.core.shared.segment()
     }
 
     fn location(hint: &str) -> Result<Location> {
@@ -208,78 +465,29 @@ impl Engine {
                 location,
             })
             .collect();
-        self.shared.registry.register(&descs)
+        self.core.shared.registry.register(&descs)
     }
 
     /// Unregisters the region starting at `addr`. Waits (up to the transfer
-    /// timeout) for in-flight transfers using it; fails with `RegionBusy`
-    /// and leaves it registered if they do not end.
+    /// timeout) for in-flight transfers using it, local or from peers;
+    /// fails with `RegionBusy` and leaves it registered if they do not end.
     pub fn unregister_memory(&self, addr: u64) -> Result<()> {
         self.unregister_memory_batch(&[addr])
     }
 
     /// Unregisters several regions, all or none.
     pub fn unregister_memory_batch(&self, addrs: &[u64]) -> Result<()> {
-        self.shared
+        self.core
+            .shared
             .registry
-            .unregister(addrs, self.settings.transfer_timeout)
-    }
-
-    /// The session for `peer`, handshaking on first use.
-    fn session(&self, peer: &str) -> Result<Arc<Session>> {
-        if let Some(s) = self.sessions.lock().get(peer) {
-            return Ok(Arc::clone(s));
-        }
-        let addr = PeerAddr::parse(peer)?;
-        let local = LOCAL_ENGINES
-            .lock()
-            .get(&addr.port)
-            .and_then(Weak::upgrade)
-            .filter(|_| is_this_host(&addr.host, &self.settings.hostname));
-        let transport: Arc<dyn Transport> = match local {
-            Some(shared) => Arc::new(LocalTransport::new(&shared)),
-            None => {
-                return Err(Error::PeerUnreachable {
-                    peer: peer.to_owned(),
-                    reason: "no engine of this process listens there (network transports are not enabled)"
-                        .into(),
-                });
-            }
-        };
-        let session = Arc::new(Session::new(peer.to_owned(), transport)?);
-        Ok(Arc::clone(
-            self.sessions
-                .lock()
-                .entry(peer.to_owned())
-                .or_insert(session),
-        ))
-    }
-
-    /// Validates and plans `ops` for `session`. A remote range the cached
-    /// segment does not cover triggers one refresh before it is refused.
-    fn plan_for(&self, session: &Session, opcode: Opcode, ops: &[Op]) -> Result<Plan> {
-        let seg = session.segment();
-        let slice = self.settings.slice_size;
-        match plan(opcode, ops, &self.shared.registry, &seg, slice) {
-            Err(Error::RemoteOutOfRange { .. }) => {
-                let fresh = session.refresh()?;
-                plan(opcode, ops, &self.shared.registry, &fresh, slice)
-            }
-            other => other,
-        }
-    }
-
-    fn prepare(&self, peer: &str, opcode: Opcode, ops: &[Op]) -> Result<(Arc<Session>, Plan)> {
-        let session = self.session(peer)?;
-        let plan = self.plan_for(&session, opcode, ops)?;
-        Ok((session, plan))
+            .unregister(addrs, self.core.settings.transfer_timeout)
     }
 
     /// Moves `ops` and returns when they are all done, or the first error.
     pub fn transfer_sync(&self, peer: &str, opcode: Opcode, ops: &[Op]) -> Result<()> {
-        let (session, plan) = self.prepare(peer, opcode, ops)?;
+        let (session, plan) = self.core.prepare(peer, opcode, ops)?;
         let batch = Batch::new(plan.num_ops, plan.slices.len());
-        run_plan(&session, &plan, &batch, self.deadline());
+        self.core.execute(peer, session, plan, &batch, None);
         batch.wait(Duration::MAX)
     }
 
@@ -293,20 +501,46 @@ impl Engine {
         self.transfer_sync(peer, Opcode::Write, ops)
     }
 
-    fn deadline(&self) -> Instant {
-        let now = Instant::now();
-        now.checked_add(self.settings.transfer_timeout)
-            .unwrap_or(now + Duration::from_secs(86400 * 365))
-    }
-
     /// Starts moving `ops` in the background; returns the batch id.
     /// Everything is validated first: an error here means nothing moved.
     pub fn submit(&self, peer: &str, opcode: Opcode, ops: &[Op]) -> Result<BatchId> {
-        let (session, plan) = self.prepare(peer, opcode, ops)?;
+        self.submit_inner(peer, opcode, ops, None)
+    }
+
+    /// Writes `ops` in the background, then sends `message` to the peer; the
+    /// peer sees the message only after all of the batch's data landed, and
+    /// not at all if any op failed.
+    pub fn submit_write_with_notify(
+        &self,
+        peer: &str,
+        ops: &[Op],
+        message: &[u8],
+    ) -> Result<BatchId> {
+        self.submit_inner(peer, Opcode::Write, ops, Some(message.to_vec()))
+    }
+
+    fn submit_inner(
+        &self,
+        peer: &str,
+        opcode: Opcode,
+        ops: &[Op],
+        notify: Option<Vec<u8>>,
+    ) -> Result<BatchId> {
+        let (session, plan) = self.core.prepare(peer, opcode, ops)?;
         let batch = Arc::new(Batch::new(plan.num_ops, plan.slices.len()));
         let id = self.batches.insert(Arc::clone(&batch))?;
-        let deadline = self.deadline();
-        let task: Task = Box::new(move || run_plan(&session, &plan, &batch, deadline));
+        let core = Arc::clone(&self.core);
+        let peer = peer.to_owned();
+        let task: Task = Box::new(move || {
+            let ran = catch_unwind(AssertUnwindSafe(|| {
+                core.execute(&peer, session, plan, &batch, notify.as_deref())
+            }));
+            if ran.is_err() {
+                batch.fail_all(Error::Internal {
+                    what: "a batch worker panicked".into(),
+                });
+            }
+        });
         let sent = self.tasks.as_ref().map(|t| t.send(task));
         if !matches!(sent, Some(Ok(()))) {
             // Cannot happen while the engine lives; fail the batch rather
@@ -345,55 +579,56 @@ impl Engine {
     pub fn free_batch(&self, id: BatchId) -> Result<()> {
         self.batches.remove(id)
     }
-}
 
-/// Runs a plan on the calling thread, recording outcomes in `batch`. A panic
-/// in the transport fails the batch instead of escaping.
-fn run_plan(session: &Session, plan: &Plan, batch: &Batch, deadline: Instant) {
-    let job = Job {
-        opcode: plan.opcode,
-        slices: &plan.slices,
-        deadline,
-    };
-    let report = |i: usize, r: Result<()>| {
-        if let Some(s) = plan.slices.get(i) {
-            batch.complete_slice(s, r);
+    /// Sends `message` to `peer`; returns once the peer has queued it.
+    pub fn notify(&self, peer: &str, message: &[u8]) -> Result<()> {
+        let deadline = self.core.deadline();
+        let session = self.core.session(peer)?;
+        match session.transport().notify(self.name(), message, deadline) {
+            Err(Error::PeerRestarted { .. }) => {
+                self.core.forget(&session);
+                self.core
+                    .session(peer)?
+                    .transport()
+                    .notify(self.name(), message, deadline)
+            }
+            other => other,
         }
-    };
-    let ran = catch_unwind(AssertUnwindSafe(|| session.transport().run(&job, &report)));
-    if ran.is_err() {
-        batch.fail_all(Error::Internal {
-            what: format!("the {} transport panicked", session.transport().name()),
-        });
+    }
+
+    /// Takes every notification received so far, oldest first.
+    pub fn drain_notifications(&self) -> Vec<Notification> {
+        self.core.shared.notifications.lock().drain(..).collect()
+    }
+
+    /// The transport that carries ops to `peer` ("local", "cma", "tcp"),
+    /// handshaking if this is the first contact.
+    pub fn transport_to(&self, peer: &str) -> Result<&'static str> {
+        Ok(self.core.session(peer)?.transport().name())
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        {
-            let mut local = LOCAL_ENGINES.lock();
-            if local
-                .get(&self.port)
-                .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(&self.shared)))
-            {
-                local.remove(&self.port);
-            }
-        }
+        LOCAL_ENGINES.lock().remove(&self.core.shared.instance_id);
         // Let queued batches finish, then stop the workers.
         self.tasks = None;
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
+        // Stop serving peers: closes every connection, releasing their pins.
+        self.server = None;
         // Peers in this process may be copying from our regions right now:
         // unregistering waits for their pins, so the owner can free the
         // memory once drop returns.
-        let addrs = self.shared.registry.addrs();
+        let addrs = self.core.shared.registry.addrs();
         if let Err(e) = self
+            .core
             .shared
             .registry
-            .unregister(&addrs, self.settings.transfer_timeout)
+            .unregister(&addrs, self.core.settings.transfer_timeout)
         {
-            eprintln!(
+            log::error!(
                 "kvferry: engine {} shut down with memory still in use: {e}",
                 self.name()
             );

@@ -87,6 +87,15 @@ pub enum Error {
     #[error("transfer with peer {peer} failed: {reason}")]
     TransferFailed { peer: String, reason: String },
 
+    #[error("peer {peer} restarted: {detail}")]
+    PeerRestarted { peer: String, detail: String },
+
+    #[error("protocol error with {peer}: {detail}")]
+    Protocol { peer: String, detail: String },
+
+    #[error("authentication with {peer} failed: {detail}")]
+    AuthFailed { peer: String, detail: String },
+
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -136,6 +145,9 @@ impl Error {
             Error::TooManyBatches { .. } => Status::TooManyBatches,
             Error::Timeout { .. } => Status::Timeout,
             Error::TransferFailed { .. } => Status::TransferFailed,
+            Error::PeerRestarted { .. } => Status::PeerRestarted,
+            Error::Protocol { .. } => Status::Protocol,
+            Error::AuthFailed { .. } => Status::AuthFailed,
             Error::Io { .. } => Status::Io,
             Error::Unsupported { .. } => Status::Unsupported,
             Error::Internal { .. } => Status::Internal,
@@ -180,11 +192,14 @@ pub enum Status {
     PeerUnreachable = -41,
     TransferFailed = -42,
     Io = -43,
+    PeerRestarted = -44,
+    Protocol = -45,
+    AuthFailed = -46,
 }
 
 impl Status {
     /// Every status, for tables and tests.
-    pub fn all() -> [Status; 24] {
+    pub fn all() -> [Status; 27] {
         [
             Status::Ok,
             Status::InProgress,
@@ -210,6 +225,9 @@ impl Status {
             Status::PeerUnreachable,
             Status::TransferFailed,
             Status::Io,
+            Status::PeerRestarted,
+            Status::Protocol,
+            Status::AuthFailed,
         ]
     }
 
@@ -240,6 +258,9 @@ impl Status {
             Status::PeerUnreachable => "peer unreachable",
             Status::TransferFailed => "transfer failed",
             Status::Io => "I/O error",
+            Status::PeerRestarted => "peer restarted",
+            Status::Protocol => "protocol error",
+            Status::AuthFailed => "authentication failed",
         }
     }
 

@@ -30,14 +30,17 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod memory;
+pub mod net;
 pub mod plan;
 pub mod segment;
+pub mod server;
 pub mod session;
 pub mod transport;
+pub mod wire;
 
 pub use batch::{BatchId, BatchState, OpState};
 pub use config::{EngineConfig, Settings, TransportChoice};
-pub use engine::Engine;
+pub use engine::{Engine, Notification};
 pub use error::{Error, Result, Status};
 pub use memory::{Location, LocationHint, RegionDesc};
 pub use plan::{Op, Opcode};

@@ -46,6 +46,8 @@ pub struct Plan {
     pub opcode: Opcode,
     pub slices: Vec<Slice>,
     pub num_ops: usize,
+    /// The ops as submitted (to plan the batch again after a peer restart).
+    pub ops: Vec<Op>,
     /// Local regions the plan touches; held until the plan is finished.
     pub local_pins: Vec<Pin>,
 }
@@ -117,6 +119,7 @@ pub fn plan(
         opcode,
         slices: coalesce_and_slice(ops, &owners, slice_size),
         num_ops: ops.len(),
+        ops: ops.to_vec(),
         local_pins,
     })
 }

@@ -81,13 +81,13 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(name: String, transport: Arc<dyn Transport>) -> Result<Session> {
-        let segment = Arc::new(transport.fetch_segment()?);
-        Ok(Session {
+    /// A session from a segment just fetched through `transport`'s peer.
+    pub fn new(name: String, segment: Segment, transport: Arc<dyn Transport>) -> Session {
+        Session {
             name,
-            segment: RwLock::new(segment),
+            segment: RwLock::new(Arc::new(segment)),
             transport,
-        })
+        }
     }
 
     pub fn segment(&self) -> Arc<Segment> {
@@ -98,9 +98,18 @@ impl Session {
         &self.transport
     }
 
-    /// Fetches the peer's segment again (after a miss or a restart).
+    /// Fetches the peer's segment again after a miss. A different instance
+    /// id means the peer restarted: `PeerRestarted`, and the caller builds
+    /// a new session (the transport itself may be stale, e.g. cma's pid).
     pub fn refresh(&self) -> Result<Arc<Segment>> {
         let fresh = Arc::new(self.transport.fetch_segment()?);
+        let old = self.segment().instance_id;
+        if fresh.instance_id != old {
+            return Err(Error::PeerRestarted {
+                peer: self.name.clone(),
+                detail: format!("instance {old:#x} was replaced by {:#x}", fresh.instance_id),
+            });
+        }
         *self.segment.write() = Arc::clone(&fresh);
         Ok(fresh)
     }

@@ -24,10 +24,12 @@ impl LocalTransport {
         }
     }
 
+    /// The peer, or `PeerRestarted` when it was shut down: the engine then
+    /// resolves the session again and finds whoever listens there now.
     fn peer(&self) -> Result<Arc<Shared>> {
-        self.peer.upgrade().ok_or_else(|| Error::PeerUnreachable {
+        self.peer.upgrade().ok_or_else(|| Error::PeerRestarted {
             peer: self.peer_name.clone(),
-            reason: "the engine was shut down".into(),
+            detail: "the engine was shut down".into(),
         })
     }
 }
@@ -39,6 +41,11 @@ impl Transport for LocalTransport {
 
     fn fetch_segment(&self) -> Result<Segment> {
         Ok(self.peer()?.segment())
+    }
+
+    fn notify(&self, from: &str, message: &[u8], _deadline: std::time::Instant) -> Result<()> {
+        self.peer()?
+            .push_notification(from.to_owned(), message.to_vec())
     }
 
     fn run(&self, job: &Job<'_>, report: Report<'_>) {

@@ -11,7 +11,9 @@ use crate::error::Result;
 use crate::plan::{Opcode, Slice};
 use crate::segment::Segment;
 
+pub mod cma;
 pub mod local;
+pub mod tcp;
 
 /// Work handed to a transport: every slice of one plan, in one direction.
 #[derive(Debug)]
@@ -33,6 +35,10 @@ pub trait Transport: Send + Sync + fmt::Debug {
 
     /// The peer's current segment (what remote addresses are checked against).
     fn fetch_segment(&self) -> Result<Segment>;
+
+    /// Delivers a notification from engine `from` to the peer, returning
+    /// once the peer has queued it.
+    fn notify(&self, from: &str, message: &[u8], deadline: Instant) -> Result<()>;
 
     /// Carries out `job`. Returns when every slice has been reported. The
     /// local side of every slice is validated and pinned by the caller; the

@@ -1,0 +1,210 @@
+//! Socket helpers shared by the server and the network transports: raw
+//! vectored I/O straight between sockets and registered memory, deadlines,
+//! the hello handshake and its shared-secret proofs.
+
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+/// Most iovecs one readv / writev takes (Linux IOV_MAX).
+pub const IOV_MAX: usize = 1024;
+
+/// Fills `buf` from the kernel's random source.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut buf = [0u8; N];
+    let mut got = 0;
+    while got < N {
+        // SAFETY: writes at most N - got bytes into the rest of `buf`.
+        let n = unsafe { libc::getrandom(buf[got..].as_mut_ptr().cast(), N - got, 0) };
+        if n > 0 {
+            got += n as usize;
+        } else if std::io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            // No kernel randomness (very old kernels): fall back to mixing
+            // the clock; nonces then only need to be unique, which this is.
+            let x = crate::segment::random_instance_id().to_le_bytes();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b ^= x[i % 8];
+            }
+            break;
+        }
+    }
+    buf
+}
+
+/// HMAC-SHA256 of `parts` under `secret`.
+pub fn proof(secret: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return [0; 32]; // HMAC takes keys of any length; unreachable
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    mac.finalize().into_bytes().into()
+}
+
+/// Constant-time check of a proof.
+pub fn proof_ok(secret: &[u8], parts: &[&[u8]], got: &[u8; 32]) -> bool {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret) else {
+        return false;
+    };
+    for p in parts {
+        mac.update(p);
+    }
+    mac.verify_slice(got).is_ok()
+}
+
+/// Sets both socket timeouts to what is left before `deadline` (at least
+/// 1 ms), or fails with `TimedOut` if nothing is left.
+pub fn arm(stream: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
+    }
+    let t = Some(left.max(Duration::from_millis(1)));
+    stream.set_read_timeout(t)?;
+    stream.set_write_timeout(t)
+}
+
+/// A raw memory range for vectored I/O.
+#[derive(Debug, Clone, Copy)]
+pub struct RawRange {
+    pub addr: u64,
+    pub len: u64,
+}
+
+fn timeout_error(e: io::Error) -> io::Error {
+    if e.kind() == io::ErrorKind::WouldBlock {
+        io::Error::new(io::ErrorKind::TimedOut, "socket timed out")
+    } else {
+        e
+    }
+}
+
+/// Sends `head` then the bytes of `ranges` with writev, no copies.
+///
+/// # Safety
+/// Every range must be readable for its length for the whole call (pinned
+/// registered memory).
+pub unsafe fn send_ranges(
+    stream: &TcpStream,
+    head: &[&[u8]],
+    ranges: &[RawRange],
+) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    let mut iov: Vec<libc::iovec> = head
+        .iter()
+        .filter(|h| !h.is_empty())
+        .map(|h| libc::iovec {
+            iov_base: h.as_ptr() as *mut libc::c_void,
+            iov_len: h.len(),
+        })
+        .chain(ranges.iter().map(|r| libc::iovec {
+            iov_base: r.addr as *mut libc::c_void,
+            iov_len: r.len as usize,
+        }))
+        .collect();
+    let mut start = 0;
+    while start < iov.len() {
+        let n_iov = (iov.len() - start).min(IOV_MAX);
+        // SAFETY: the iovecs point at `head` (borrowed for the call) and at
+        // ranges the caller guarantees readable; writev only reads them.
+        let n = unsafe { libc::writev(fd, iov[start..].as_ptr(), n_iov as libc::c_int) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(timeout_error(e));
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "peer stopped reading",
+            ));
+        }
+        advance(&mut iov, &mut start, n as usize);
+    }
+    Ok(())
+}
+
+/// Receives exactly the bytes of `ranges` with readv, straight into them.
+///
+/// # Safety
+/// Every range must be writable for its length for the whole call (pinned
+/// registered memory) and not be read by Rust code meanwhile.
+pub unsafe fn recv_ranges(stream: &TcpStream, ranges: &[RawRange]) -> io::Result<()> {
+    let fd = stream.as_raw_fd();
+    let mut iov: Vec<libc::iovec> = ranges
+        .iter()
+        .map(|r| libc::iovec {
+            iov_base: r.addr as *mut libc::c_void,
+            iov_len: r.len as usize,
+        })
+        .collect();
+    let mut start = 0;
+    while start < iov.len() {
+        let n_iov = (iov.len() - start).min(IOV_MAX);
+        // SAFETY: the iovecs point at ranges the caller guarantees writable.
+        let n = unsafe { libc::readv(fd, iov[start..].as_ptr(), n_iov as libc::c_int) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(timeout_error(e));
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection mid-transfer",
+            ));
+        }
+        advance(&mut iov, &mut start, n as usize);
+    }
+    Ok(())
+}
+
+/// Moves past `n` transferred bytes of `iov[start..]`.
+fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
+    while n > 0 && *start < iov.len() {
+        let v = &mut iov[*start];
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            *start += 1;
+        } else {
+            // SAFETY: stays inside the same iovec (n < iov_len).
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+            v.iov_len -= n;
+            n = 0;
+        }
+    }
+    // Skip empty iovecs so the loop ends.
+    while *start < iov.len() && iov[*start].iov_len == 0 {
+        *start += 1;
+    }
+}
+
+/// Reads and discards `n` bytes (a refused WRITE's data), keeping the
+/// stream in step.
+pub fn discard(stream: &mut TcpStream, mut n: u64) -> io::Result<()> {
+    use std::io::Read;
+    let mut buf = vec![0u8; 64 << 10];
+    while n > 0 {
+        let k = (n as usize).min(buf.len());
+        stream.read_exact(&mut buf[..k]).map_err(timeout_error)?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// `read_exact` of a small payload into a fresh buffer.
+pub fn read_payload(stream: &mut TcpStream, len: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut buf = vec![0u8; len as usize];
+    stream.read_exact(&mut buf).map_err(timeout_error)?;
+    Ok(buf)
+}

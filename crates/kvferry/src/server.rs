@@ -1,0 +1,459 @@
+//! The engine's listener: one port serves the hello, segments, tcp data,
+//! notifications and cma leases of every peer.
+//!
+//! One thread accepts; each connection gets a handler thread (connections
+//! are persistent lanes, a few per peer). Every request is bounds-checked
+//! against this engine's own registry before a byte moves. A frame that
+//! breaks the protocol gets an ERROR frame and the connection is closed;
+//! other connections are unaffected.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::engine::Shared;
+use crate::error::Status;
+use crate::memory::Pin;
+use crate::net::{self, RawRange};
+use crate::wire::{self, FrameHeader, Kind};
+
+/// How often idle handlers and the acceptor look at the shutdown flag.
+const TICK: Duration = Duration::from_millis(200);
+
+#[derive(Debug)]
+pub(crate) struct Server {
+    stop: Arc<AtomicBool>,
+    acceptor: Option<JoinHandle<()>>,
+    port: u16,
+    conns: Arc<Mutex<Vec<(TcpStream, Option<JoinHandle<()>>)>>>,
+}
+
+impl Server {
+    pub(crate) fn start(listener: TcpListener, shared: Arc<Shared>) -> io::Result<Server> {
+        let port = listener.local_addr()?.port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<(TcpStream, Option<JoinHandle<()>>)>>> = Arc::default();
+        let acceptor = {
+            let (stop, conns) = (Arc::clone(&stop), Arc::clone(&conns));
+            std::thread::Builder::new()
+                .name(format!("kvferry-accept-{port}"))
+                .spawn(move || accept_loop(listener, shared, stop, conns))?
+        };
+        Ok(Server {
+            stop,
+            acceptor: Some(acceptor),
+            port,
+            conns,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the acceptor out of accept().
+        let _ = TcpStream::connect_timeout(
+            &([127, 0, 0, 1], self.port).into(),
+            Duration::from_millis(200),
+        );
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
+        }
+        let conns = std::mem::take(&mut *self.conns.lock());
+        for (s, _) in &conns {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        for (_, h) in conns {
+            if let Some(h) = h {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<(TcpStream, Option<JoinHandle<()>>)>>>,
+) {
+    for stream in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(stream) = stream else { continue };
+        let Ok(clone) = stream.try_clone() else {
+            continue;
+        };
+        let (shared, stop2) = (Arc::clone(&shared), Arc::clone(&stop));
+        let handle = std::thread::Builder::new()
+            .name("kvferry-conn".into())
+            .spawn(move || {
+                let peer = stream
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Handler::new(stream, shared, stop2).serve()
+                }));
+                match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => log::debug!("kvferry: connection from {peer} closed: {e}"),
+                    Err(_) => {
+                        log::error!("kvferry: handler for {peer} panicked; connection closed")
+                    }
+                }
+            });
+        let mut list = conns.lock();
+        // Forget finished connections so the list does not grow forever.
+        list.retain(|(_, h)| h.as_ref().is_some_and(|h| !h.is_finished()));
+        list.push((clone, handle.ok()));
+    }
+}
+
+struct Handler {
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    /// cma leases of this connection: pins held until UNPIN or disconnect.
+    leases: HashMap<u64, Vec<Pin>>,
+    next_lease: u64,
+}
+
+/// Why a connection ends.
+type Close = String;
+
+impl Handler {
+    fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Self {
+        let _ = stream.set_nodelay(true);
+        Handler {
+            stream,
+            shared,
+            stop,
+            leases: HashMap::new(),
+            next_lease: 1,
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        self.shared.transfer_timeout
+    }
+
+    /// Waits for the next frame's first byte, looking at the stop flag
+    /// every tick. `false` when the peer closed or the engine stops.
+    fn wait_for_frame(&self) -> io::Result<bool> {
+        self.stream.set_read_timeout(Some(TICK))?;
+        let mut b = [0u8; 1];
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(false);
+            }
+            match self.stream.peek(&mut b) {
+                Ok(0) => return Ok(false),
+                Ok(_) => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // A frame has started: the rest must follow within the deadline.
+        self.stream.set_read_timeout(Some(self.timeout()))?;
+        self.stream.set_write_timeout(Some(self.timeout()))?;
+        Ok(true)
+    }
+
+    fn send(&mut self, h: &FrameHeader, payload: &[&[u8]]) -> io::Result<()> {
+        wire::write_frame(&mut self.stream, h, payload)
+    }
+
+    fn send_error(&mut self, request_id: u64, status: Status, message: &str) -> io::Result<()> {
+        let (h, msg) = wire::error_frame(request_id, status, message);
+        self.send(&h, &[&msg])
+    }
+
+    /// Sends an ERROR frame and ends the connection.
+    fn reject(&mut self, request_id: u64, message: String) -> Result<(), Close> {
+        let _ = self.send_error(request_id, Status::Protocol, &message);
+        let _ = self.stream.flush();
+        Err(message)
+    }
+
+    fn serve(mut self) -> Result<(), Close> {
+        let io = |e: io::Error| e.to_string();
+        let mut hello_done = false;
+        let mut awaiting_auth: Option<([u8; 16], [u8; 16])> = None;
+        while self.wait_for_frame().map_err(io)? {
+            let h = match wire::read_header(&mut self.stream).map_err(io)? {
+                Some(h) => h,
+                None => return Ok(()),
+            };
+            let kind = match h.validate() {
+                Ok(k) => k,
+                Err(m) => return self.reject(h.request_id, m),
+            };
+            let rid = h.request_id;
+            let len = h.payload_len;
+            if let Some((client_nonce, server_nonce)) = awaiting_auth {
+                if kind != Kind::Auth {
+                    return self.reject(
+                        rid,
+                        "this engine requires the shared secret: AUTH expected".into(),
+                    );
+                }
+                let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                let auth: wire::Auth = match wire::pod_from(&p) {
+                    Ok(a) => a,
+                    Err(m) => return self.reject(rid, m),
+                };
+                let secret = self.shared.secret.clone().unwrap_or_default();
+                if !net::proof_ok(
+                    &secret,
+                    &[b"kvferry client", &server_nonce, &client_nonce],
+                    &auth.proof,
+                ) {
+                    let _ = self.send_error(rid, Status::AuthFailed, "wrong shared secret");
+                    return Err("wrong shared secret".into());
+                }
+                awaiting_auth = None;
+                hello_done = true;
+                self.send(&FrameHeader::new(Kind::AuthOk, rid, 0), &[])
+                    .map_err(io)?;
+                continue;
+            }
+            if !hello_done && kind != Kind::Hello {
+                return self.reject(rid, format!("{kind:?} before HELLO"));
+            }
+            match kind {
+                Kind::Hello => {
+                    if hello_done {
+                        return self.reject(rid, "second HELLO".into());
+                    }
+                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let hello: wire::Hello = match wire::pod_from(&p) {
+                        Ok(x) => x,
+                        Err(m) => return self.reject(rid, m),
+                    };
+                    if hello.min_version > wire::VERSION || hello.max_version < wire::VERSION {
+                        return self.reject(
+                            rid,
+                            format!(
+                                "client speaks versions {}..={}, this engine {}",
+                                hello.min_version,
+                                hello.max_version,
+                                wire::VERSION
+                            ),
+                        );
+                    }
+                    let nonce: [u8; 16] = net::random_bytes();
+                    let (auth_required, proof) = match &self.shared.secret {
+                        Some(s) => (1, net::proof(s, &[b"kvferry server", &hello.nonce, &nonce])),
+                        None => (0, [0; 32]),
+                    };
+                    let reply = wire::HelloReply {
+                        version: wire::VERSION,
+                        auth_required,
+                        reserved: 0,
+                        nonce,
+                        instance_id: self.shared.instance_id,
+                        proof,
+                    };
+                    let h = FrameHeader::new(
+                        Kind::HelloReply,
+                        rid,
+                        std::mem::size_of::<wire::HelloReply>() as u64,
+                    );
+                    self.send(&h, &[bytemuck::bytes_of(&reply)]).map_err(io)?;
+                    if auth_required == 1 {
+                        awaiting_auth = Some((hello.nonce, nonce));
+                    } else {
+                        hello_done = true;
+                    }
+                }
+                Kind::GetSegment => {
+                    let seg = wire::encode_segment(&self.shared.segment());
+                    let h = FrameHeader::new(Kind::SegmentReply, rid, seg.len() as u64);
+                    self.send(&h, &[&seg]).map_err(io)?;
+                }
+                Kind::Read | Kind::Write | Kind::Pin => self.serve_table(kind, h)?,
+                Kind::Unpin => {
+                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let Ok(id) = <[u8; 8]>::try_from(p.as_slice()) else {
+                        return self.reject(rid, "UNPIN payload is not 8 bytes".into());
+                    };
+                    self.leases.remove(&u64::from_le_bytes(id));
+                }
+                Kind::Notify => {
+                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let (name, message) = match wire::decode_notify(&p) {
+                        Ok(x) => x,
+                        Err(m) => return self.reject(rid, m),
+                    };
+                    match self.shared.push_notification(name, message) {
+                        Ok(()) => self
+                            .send(&FrameHeader::new(Kind::NotifyAck, rid, 0), &[])
+                            .map_err(io)?,
+                        Err(e) => self
+                            .send_error(rid, e.status(), &e.to_string())
+                            .map_err(io)?,
+                    }
+                }
+                Kind::Ping => {
+                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    self.send(&FrameHeader::new(Kind::Pong, rid, p.len() as u64), &[&p])
+                        .map_err(io)?;
+                }
+                Kind::Auth
+                | Kind::HelloReply
+                | Kind::AuthOk
+                | Kind::SegmentReply
+                | Kind::ReadData
+                | Kind::WriteAck
+                | Kind::NotifyAck
+                | Kind::PinOk
+                | Kind::Pong
+                | Kind::ErrorReply => {
+                    return self.reject(
+                        rid,
+                        format!("{kind:?} is a reply; a server does not take it"),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// READ, WRITE and PIN: a table of this engine's ranges, checked and
+    /// pinned before anything moves.
+    fn serve_table(&mut self, kind: Kind, h: FrameHeader) -> Result<(), Close> {
+        let io = |e: io::Error| e.to_string();
+        let rid = h.request_id;
+        if h.payload_len < wire::TABLE_HEAD_LEN as u64 {
+            return self.reject(rid, format!("{kind:?} payload shorter than its table head"));
+        }
+        let head_bytes =
+            net::read_payload(&mut self.stream, wire::TABLE_HEAD_LEN as u64).map_err(io)?;
+        let head = match wire::decode_table_head(&head_bytes, h.payload_len) {
+            Ok(x) => x,
+            Err(m) => return self.reject(rid, m),
+        };
+        let table_len = 16 * u64::from(head.count);
+        let table = net::read_payload(&mut self.stream, table_len).map_err(io)?;
+        let (ranges, total) = match wire::decode_ranges(&table) {
+            Ok(x) => x,
+            Err(m) => return self.reject(rid, m),
+        };
+        let rest = h.payload_len - wire::TABLE_HEAD_LEN as u64 - table_len;
+        match kind {
+            Kind::Write if rest != total => {
+                return self.reject(
+                    rid,
+                    format!("WRITE carries {rest} data bytes for ranges of {total}"),
+                );
+            }
+            Kind::Read | Kind::Pin if rest != 0 => {
+                return self.reject(rid, format!("{kind:?} carries {rest} unexpected bytes"));
+            }
+            Kind::Read if total > wire::MAX_DATA => {
+                return self.reject(
+                    rid,
+                    format!("READ of {total} bytes exceeds {}", wire::MAX_DATA),
+                );
+            }
+            _ => {}
+        }
+        // Check and pin. A refusal keeps the connection: the request was
+        // well formed, only its addresses are wrong.
+        let pins = match self.check(head.target_instance, &ranges) {
+            Ok(p) => p,
+            Err((status, msg)) => {
+                if kind == Kind::Write {
+                    net::discard(&mut self.stream, rest).map_err(io)?;
+                }
+                return self.send_error(rid, status, &msg).map_err(io);
+            }
+        };
+        let raw: Vec<RawRange> = ranges
+            .iter()
+            .map(|r| RawRange {
+                addr: r.addr,
+                len: r.len,
+            })
+            .collect();
+        match kind {
+            Kind::Read => {
+                let hdr = FrameHeader::new(Kind::ReadData, rid, total);
+                // SAFETY: every range lies inside a region pinned in `pins`
+                // for the whole call; registered memory is valid until
+                // unregistered, which waits for pins.
+                unsafe { net::send_ranges(&self.stream, &[bytemuck::bytes_of(&hdr)], &raw) }
+                    .map_err(io)?;
+            }
+            Kind::Write => {
+                // SAFETY: as above; the data lands straight in the
+                // registered ranges, and is acknowledged only once all of
+                // it is in place.
+                unsafe { net::recv_ranges(&self.stream, &raw) }.map_err(io)?;
+                self.send(&FrameHeader::new(Kind::WriteAck, rid, 0), &[])
+                    .map_err(io)?;
+            }
+            _ => {
+                let id = self.next_lease;
+                self.next_lease += 1;
+                self.leases.insert(id, pins.clone());
+                self.send(&FrameHeader::new(Kind::PinOk, rid, 8), &[&id.to_le_bytes()])
+                    .map_err(io)?;
+            }
+        }
+        drop(pins);
+        Ok(())
+    }
+
+    fn check(
+        &self,
+        target_instance: u64,
+        ranges: &[wire::Range],
+    ) -> Result<Vec<Pin>, (Status, String)> {
+        if target_instance != self.shared.instance_id {
+            return Err((
+                Status::PeerRestarted,
+                format!(
+                    "request for instance {target_instance:#x}, this engine is instance {:#x}",
+                    self.shared.instance_id
+                ),
+            ));
+        }
+        let mut pins: Vec<Pin> = Vec::new();
+        for (i, r) in ranges.iter().enumerate() {
+            if pins
+                .last()
+                .is_some_and(|p| p.desc().contains(r.addr, r.len))
+            {
+                continue;
+            }
+            match self.shared.registry.pin(r.addr, r.len) {
+                Some(p) => pins.push(p),
+                None => {
+                    return Err((
+                        Status::RemoteOutOfRange,
+                        format!(
+                            "range {i} [{:#x}, +{}) is not inside one region registered with {}",
+                            r.addr, r.len, self.shared.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(pins)
+    }
+}

@@ -1,0 +1,518 @@
+//! The `tcp` transport: persistent connections ("lanes") to one peer,
+//! reused across batches. READ data arrives straight into local memory and
+//! WRITE data leaves straight from it (readv / writev, no staging buffer).
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::net::{self, RawRange};
+use crate::plan::{Opcode, Slice};
+use crate::segment::Segment;
+use crate::session::PeerAddr;
+use crate::transport::{Job, Report, Transport};
+use crate::wire::{self, FrameHeader, Kind};
+
+/// Data bytes per request: large enough to amortise a round trip, small
+/// enough to spread a batch over lanes.
+const REQUEST_BYTES: u64 = 8 << 20;
+/// Requests in flight per lane before the first reply is read.
+const WINDOW: usize = 4;
+/// Batches smaller than this run on one lane on the caller's thread.
+const PARALLEL_MIN_BYTES: u64 = 4 << 20;
+
+/// What a connection needs to know about this engine.
+#[derive(Debug, Clone)]
+pub struct ClientIdentity {
+    pub instance_id: u64,
+    pub secret: Option<Vec<u8>>,
+    pub connect_timeout: std::time::Duration,
+}
+
+/// One open, greeted connection.
+#[derive(Debug)]
+pub struct Conn {
+    stream: TcpStream,
+    next_id: u64,
+}
+
+impl Conn {
+    /// Connects and says hello (and proves the secret when either side has one).
+    /// Returns the connection and the peer's instance id.
+    pub fn open(peer: &PeerAddr, me: &ClientIdentity) -> Result<(Conn, u64)> {
+        let name = peer.to_string();
+        let unreachable = |reason: String| Error::PeerUnreachable {
+            peer: name.clone(),
+            reason,
+        };
+        let addrs: Vec<_> = (peer.host.as_str(), peer.port)
+            .to_socket_addrs()
+            .map_err(|e| unreachable(format!("cannot resolve {}: {e}", peer.host)))?
+            .collect();
+        let mut last = None;
+        let mut stream = None;
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, me.connect_timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            unreachable(match last {
+                Some(e) => format!("connect failed: {e}"),
+                None => "the name resolves to no address".into(),
+            })
+        })?;
+        let _ = stream.set_nodelay(true);
+        let deadline = Instant::now() + me.connect_timeout;
+        let mut conn = Conn { stream, next_id: 1 };
+        let instance = conn.hello(&name, me, deadline)?;
+        Ok((conn, instance))
+    }
+
+    fn io(&self, peer: &str, what: &str, e: std::io::Error) -> Error {
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            Error::Timeout {
+                what: format!("{what} with {peer}"),
+                ms: 0,
+            }
+        } else {
+            Error::TransferFailed {
+                peer: peer.to_owned(),
+                reason: format!("{what}: {e}"),
+            }
+        }
+    }
+
+    fn send(&mut self, h: &FrameHeader, payload: &[&[u8]]) -> std::io::Result<()> {
+        wire::write_frame(&mut self.stream, h, payload)
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Reads a reply header, with its payload if it is small (control) or
+    /// an error; checks it is `expect` for request `rid`.
+    fn reply(&mut self, peer: &str, expect: Kind, rid: u64) -> Result<(FrameHeader, Vec<u8>)> {
+        let h = wire::read_header(&mut self.stream)
+            .map_err(|e| self.io(peer, "reading a reply", e))?
+            .ok_or_else(|| Error::TransferFailed {
+                peer: peer.to_owned(),
+                reason: "the peer closed the connection".into(),
+            })?;
+        let kind = h.validate().map_err(|d| Error::Protocol {
+            peer: peer.to_owned(),
+            detail: d,
+        })?;
+        if h.request_id != rid {
+            return Err(Error::Protocol {
+                peer: peer.to_owned(),
+                detail: format!("reply to request {} while waiting for {rid}", h.request_id),
+            });
+        }
+        if kind == Kind::ErrorReply {
+            let msg = net::read_payload(&mut self.stream, h.payload_len)
+                .map_err(|e| self.io(peer, "reading an error", e))?;
+            return Err(wire::remote_error(peer, &h, &msg));
+        }
+        if kind != expect {
+            return Err(Error::Protocol {
+                peer: peer.to_owned(),
+                detail: format!("{kind:?} while waiting for {expect:?}"),
+            });
+        }
+        if kind == Kind::ReadData {
+            return Ok((h, Vec::new())); // the caller reads the data in place
+        }
+        let p = net::read_payload(&mut self.stream, h.payload_len)
+            .map_err(|e| self.io(peer, "reading a reply", e))?;
+        Ok((h, p))
+    }
+
+    fn hello(&mut self, peer: &str, me: &ClientIdentity, deadline: Instant) -> Result<u64> {
+        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "hello", e))?;
+        let nonce: [u8; 16] = net::random_bytes();
+        let hello = wire::Hello {
+            min_version: wire::VERSION,
+            max_version: wire::VERSION,
+            reserved: 0,
+            nonce,
+            instance_id: me.instance_id,
+        };
+        let rid = self.id();
+        let h = FrameHeader::new(Kind::Hello, rid, std::mem::size_of::<wire::Hello>() as u64);
+        self.send(&h, &[bytemuck::bytes_of(&hello)])
+            .map_err(|e| self.io(peer, "hello", e))?;
+        let (_, p) = self.reply(peer, Kind::HelloReply, rid)?;
+        let reply: wire::HelloReply = wire::pod_from(&p).map_err(|d| Error::Protocol {
+            peer: peer.to_owned(),
+            detail: d,
+        })?;
+        let auth = |detail: &str| Error::AuthFailed {
+            peer: peer.to_owned(),
+            detail: detail.to_owned(),
+        };
+        match (&me.secret, reply.auth_required) {
+            (None, 0) => {}
+            (None, _) => {
+                return Err(auth(
+                    "the peer requires a shared secret (KVFERRY_SECRET) and none is configured",
+                ));
+            }
+            (Some(_), 0) => {
+                return Err(auth(
+                    "a shared secret is configured but the peer does not prove it",
+                ));
+            }
+            (Some(secret), _) => {
+                if !net::proof_ok(
+                    secret,
+                    &[b"kvferry server", &nonce, &reply.nonce],
+                    &reply.proof,
+                ) {
+                    return Err(auth("the peer's proof of the shared secret is wrong"));
+                }
+                let a = wire::Auth {
+                    proof: net::proof(secret, &[b"kvferry client", &reply.nonce, &nonce]),
+                };
+                let rid = self.id();
+                let h = FrameHeader::new(Kind::Auth, rid, std::mem::size_of::<wire::Auth>() as u64);
+                self.send(&h, &[bytemuck::bytes_of(&a)])
+                    .map_err(|e| self.io(peer, "auth", e))?;
+                self.reply(peer, Kind::AuthOk, rid)?;
+            }
+        }
+        Ok(reply.instance_id)
+    }
+
+    pub fn get_segment(&mut self, peer: &str, deadline: Instant) -> Result<Segment> {
+        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "get segment", e))?;
+        let rid = self.id();
+        self.send(&FrameHeader::new(Kind::GetSegment, rid, 0), &[])
+            .map_err(|e| self.io(peer, "get segment", e))?;
+        let (_, p) = self.reply(peer, Kind::SegmentReply, rid)?;
+        wire::decode_segment(&p).map_err(|d| Error::Protocol {
+            peer: peer.to_owned(),
+            detail: format!("bad segment: {d}"),
+        })
+    }
+
+    pub fn notify(
+        &mut self,
+        peer: &str,
+        from: &str,
+        message: &[u8],
+        deadline: Instant,
+    ) -> Result<()> {
+        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "notify", e))?;
+        let p = wire::encode_notify(from, message);
+        let rid = self.id();
+        self.send(&FrameHeader::new(Kind::Notify, rid, p.len() as u64), &[&p])
+            .map_err(|e| self.io(peer, "notify", e))?;
+        self.reply(peer, Kind::NotifyAck, rid)?;
+        Ok(())
+    }
+
+    /// Pins ranges of the peer for a cma transfer; returns the lease id.
+    pub fn pin(
+        &mut self,
+        peer: &str,
+        instance: u64,
+        ranges: &[wire::Range],
+        deadline: Instant,
+    ) -> Result<u64> {
+        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "pin", e))?;
+        let t = wire::encode_table(instance, ranges);
+        let rid = self.id();
+        self.send(&FrameHeader::new(Kind::Pin, rid, t.len() as u64), &[&t])
+            .map_err(|e| self.io(peer, "pin", e))?;
+        let (_, p) = self.reply(peer, Kind::PinOk, rid)?;
+        let id: [u8; 8] = p.as_slice().try_into().map_err(|_| Error::Protocol {
+            peer: peer.to_owned(),
+            detail: "PIN_OK payload is not 8 bytes".into(),
+        })?;
+        Ok(u64::from_le_bytes(id))
+    }
+
+    /// Releases a lease; no reply (the next request on this lane follows it).
+    pub fn unpin(&mut self, peer: &str, lease: u64) -> Result<()> {
+        let rid = self.id();
+        self.send(
+            &FrameHeader::new(Kind::Unpin, rid, 8),
+            &[&lease.to_le_bytes()],
+        )
+        .map_err(|e| self.io(peer, "unpin", e))
+    }
+
+    /// Sends request `r` (READ table, or WRITE table + data).
+    fn send_request(
+        &mut self,
+        peer: &str,
+        opcode: Opcode,
+        instance: u64,
+        slices: &[Slice],
+        rid: u64,
+    ) -> Result<()> {
+        let ranges: Vec<wire::Range> = slices
+            .iter()
+            .map(|s| wire::Range {
+                addr: s.remote,
+                len: s.len,
+            })
+            .collect();
+        let table = wire::encode_table(instance, &ranges);
+        let data: u64 = slices.iter().map(|s| s.len).sum();
+        let r = match opcode {
+            Opcode::Read => self.send(
+                &FrameHeader::new(Kind::Read, rid, table.len() as u64),
+                &[&table],
+            ),
+            Opcode::Write => {
+                let h = FrameHeader::new(Kind::Write, rid, table.len() as u64 + data);
+                let local: Vec<RawRange> = slices
+                    .iter()
+                    .map(|s| RawRange {
+                        addr: s.local,
+                        len: s.len,
+                    })
+                    .collect();
+                // SAFETY: the local side of every slice is inside a region
+                // the plan pinned for the whole job.
+                unsafe { net::send_ranges(&self.stream, &[bytemuck::bytes_of(&h), &table], &local) }
+            }
+        };
+        r.map_err(|e| self.io(peer, "sending a request", e))
+    }
+
+    /// Receives the reply to a request sent by `send_request`.
+    fn finish_request(
+        &mut self,
+        peer: &str,
+        opcode: Opcode,
+        slices: &[Slice],
+        rid: u64,
+    ) -> Result<()> {
+        match opcode {
+            Opcode::Read => {
+                let (h, _) = self.reply(peer, Kind::ReadData, rid)?;
+                let total: u64 = slices.iter().map(|s| s.len).sum();
+                if h.payload_len != total {
+                    return Err(Error::Protocol {
+                        peer: peer.to_owned(),
+                        detail: format!(
+                            "READ_DATA of {} bytes for a request of {total}",
+                            h.payload_len
+                        ),
+                    });
+                }
+                let local: Vec<RawRange> = slices
+                    .iter()
+                    .map(|s| RawRange {
+                        addr: s.local,
+                        len: s.len,
+                    })
+                    .collect();
+                // SAFETY: the local side of every slice is inside a region
+                // the plan pinned for the whole job; only the kernel writes it.
+                unsafe { net::recv_ranges(&self.stream, &local) }
+                    .map_err(|e| self.io(peer, "receiving data", e))
+            }
+            Opcode::Write => self.reply(peer, Kind::WriteAck, rid).map(|_| ()),
+        }
+    }
+}
+
+/// Whether an error leaves the connection in step (a refused request) or
+/// not (I/O, protocol, timeout).
+fn conn_survives(e: &Error) -> bool {
+    matches!(e, Error::TransferFailed { reason, .. } if reason.starts_with("the target refused"))
+        || matches!(e, Error::PeerRestarted { .. })
+}
+
+/// Connections to one peer.
+#[derive(Debug)]
+pub struct TcpTransport {
+    peer: PeerAddr,
+    name: String,
+    me: ClientIdentity,
+    /// The peer instance our plans were made against.
+    instance: AtomicU64,
+    lanes: Vec<Mutex<Option<Conn>>>,
+}
+
+impl TcpTransport {
+    pub fn new(peer: PeerAddr, me: ClientIdentity, lanes: usize) -> TcpTransport {
+        TcpTransport {
+            name: peer.to_string(),
+            peer,
+            me,
+            instance: AtomicU64::new(0),
+            lanes: (0..lanes.max(1)).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    pub fn peer_name(&self) -> &str {
+        &self.name
+    }
+
+    /// The peer instance the current plans are made against.
+    pub fn instance(&self) -> u64 {
+        self.instance.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` on lane `i`'s connection, opening it if needed. A new
+    /// connection to a different instance than the plans were made for
+    /// fails with `PeerRestarted` (the caller refreshes the segment).
+    /// Errors that leave the stream out of step drop the connection.
+    pub fn with_lane<T>(&self, i: usize, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
+        let mut guard = self.lanes[i % self.lanes.len()].lock();
+        if guard.is_none() {
+            let (conn, instance) = Conn::open(&self.peer, &self.me)?;
+            let expected = self.instance();
+            if expected != 0 && instance != expected {
+                return Err(Error::PeerRestarted {
+                    peer: self.name.clone(),
+                    detail: format!("instance {expected:#x} is gone; {instance:#x} answers now"),
+                });
+            }
+            *guard = Some(conn);
+        }
+        let Some(conn) = guard.as_mut() else {
+            return Err(Error::Internal {
+                what: "lane vanished".into(),
+            });
+        };
+        let r = f(conn);
+        if let Err(e) = &r
+            && !conn_survives(e)
+        {
+            *guard = None;
+        }
+        r
+    }
+
+    /// Fetches the segment on a fresh view: forgets the expected instance,
+    /// so connections to a restarted peer are accepted again.
+    pub fn fetch(&self, deadline: Instant) -> Result<Segment> {
+        let seg = self.with_lane(0, |c| c.get_segment(&self.name, deadline));
+        let seg = match seg {
+            Err(Error::PeerRestarted { .. }) => {
+                // Reconnect to whoever answers now; its segment is the truth.
+                self.instance.store(0, Ordering::Release);
+                for lane in &self.lanes {
+                    *lane.lock() = None;
+                }
+                self.with_lane(0, |c| c.get_segment(&self.name, deadline))?
+            }
+            other => other?,
+        };
+        let old = self.instance.swap(seg.instance_id, Ordering::AcqRel);
+        if old != 0 && old != seg.instance_id {
+            // Lanes still open to the old instance are dead anyway; drop them.
+            for lane in self.lanes.iter().skip(1) {
+                *lane.lock() = None;
+            }
+        }
+        Ok(seg)
+    }
+
+    /// Runs requests on one lane, pipelined `WINDOW` deep. Every slice of
+    /// `requests` is reported once.
+    fn run_lane(
+        &self,
+        lane: usize,
+        job: &Job<'_>,
+        requests: &[(usize, usize)],
+        report: Report<'_>,
+    ) {
+        let instance = self.instance();
+        let mut finished = 0usize;
+        let r = self.with_lane(lane, |conn| {
+            net::arm(&conn.stream, job.deadline).map_err(|e| conn.io(&self.name, "transfer", e))?;
+            let first_rid = conn.next_id + 1;
+            let mut sent = 0;
+            while finished < requests.len() {
+                while sent < requests.len() && sent - finished < WINDOW {
+                    let (a, b) = requests[sent];
+                    let rid = conn.id();
+                    conn.send_request(&self.name, job.opcode, instance, &job.slices[a..b], rid)?;
+                    sent += 1;
+                }
+                let (a, b) = requests[finished];
+                let rid = first_rid + finished as u64;
+                match conn.finish_request(&self.name, job.opcode, &job.slices[a..b], rid) {
+                    Ok(()) => (a..b).for_each(|i| report(i, Ok(()))),
+                    // A refused request: the stream is still in step.
+                    Err(e) if conn_survives(&e) => (a..b).for_each(|i| report(i, Err(e.clone()))),
+                    Err(e) => return Err(e),
+                }
+                finished += 1;
+            }
+            Ok(())
+        });
+        if let Err(e) = r {
+            for &(a, b) in &requests[finished..] {
+                (a..b).for_each(|i| report(i, Err(e.clone())));
+            }
+        }
+    }
+}
+
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn fetch_segment(&self) -> Result<Segment> {
+        self.fetch(Instant::now() + self.me.connect_timeout * 2)
+    }
+
+    fn notify(&self, from: &str, message: &[u8], deadline: Instant) -> Result<()> {
+        self.with_lane(0, |c| c.notify(&self.name, from, message, deadline))
+    }
+
+    fn run(&self, job: &Job<'_>, report: Report<'_>) {
+        // Cut the slices into requests of up to REQUEST_BYTES.
+        let mut requests: Vec<(usize, usize)> = Vec::new();
+        let (mut start, mut bytes) = (0usize, 0u64);
+        for (i, s) in job.slices.iter().enumerate() {
+            if i > start && (bytes + s.len > REQUEST_BYTES || i - start >= wire::MAX_ENTRIES) {
+                requests.push((start, i));
+                start = i;
+                bytes = 0;
+            }
+            bytes += s.len;
+        }
+        if start < job.slices.len() {
+            requests.push((start, job.slices.len()));
+        }
+        let total: u64 = job.slices.iter().map(|s| s.len).sum();
+        let lanes = if total < PARALLEL_MIN_BYTES {
+            1
+        } else {
+            self.lanes.len().min(requests.len())
+        };
+        if lanes <= 1 {
+            self.run_lane(0, job, &requests, report);
+            return;
+        }
+        // Deal requests round-robin to lanes; the caller's thread runs lane 0.
+        let per_lane: Vec<Vec<(usize, usize)>> = (0..lanes)
+            .map(|l| requests.iter().copied().skip(l).step_by(lanes).collect())
+            .collect();
+        std::thread::scope(|scope| {
+            for (l, reqs) in per_lane.iter().enumerate().skip(1) {
+                scope.spawn(move || self.run_lane(l, job, reqs, report));
+            }
+            self.run_lane(0, job, &per_lane[0], report);
+        });
+    }
+}
