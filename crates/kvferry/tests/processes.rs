@@ -1,0 +1,226 @@
+//! Engines in different processes: the same-host (cma) and tcp paths, data
+//! checked byte for byte; notifications; a peer killed mid-batch; a peer
+//! restarted on the same port with different memory.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Target, pattern};
+use kvferry::{Engine, EngineConfig, Error, Op, Opcode, TransportChoice};
+
+/// Not a test of its own: the body of every child process.
+#[test]
+fn child_target() {
+    common::child_main();
+}
+
+fn engine(transport: TransportChoice, timeout: Duration) -> Engine {
+    Engine::new(
+        EngineConfig::new()
+            .port(0)
+            .transport(transport)
+            .transfer_timeout(timeout),
+    )
+    .unwrap()
+}
+
+fn ops_for(local: u64, remote: u64, total: u64, block: u64) -> Vec<Op> {
+    (0..total / block)
+        .map(|i| Op {
+            local: local + i * block,
+            remote: remote + i * block,
+            len: block,
+        })
+        .collect()
+}
+
+fn read_write_roundtrip(transport: TransportChoice, expect: &str) {
+    const LEN: usize = 8 << 20;
+    let mut t = Target::spawn("child_target", 0, LEN, 11, &[]);
+    let e = engine(transport, Duration::from_secs(20));
+    let mut buf = vec![0u8; LEN];
+    // SAFETY: `buf` outlives `e` (dropped at the end of this function first).
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    assert_eq!(e.transport_to(&t.name).unwrap(), expect);
+
+    // Sync read in 64 KiB blocks, reversed so nothing coalesces.
+    let mut ops = ops_for(buf.as_ptr() as u64, t.addr, LEN as u64, 64 << 10);
+    ops.reverse();
+    e.read(&t.name, &ops).unwrap();
+    assert!(buf == pattern(11, LEN), "{expect}: data read differs");
+
+    // Async write of a new pattern, with a notification that must arrive
+    // only after the data: the child checks its buffer when it sees it.
+    buf.copy_from_slice(&pattern(42, LEN));
+    let ops = ops_for(buf.as_ptr() as u64, t.addr, LEN as u64, 1 << 20);
+    let id = e
+        .submit_write_with_notify(&t.name, &ops, b"check:42")
+        .unwrap();
+    e.wait(id, Duration::from_secs(20)).unwrap();
+    e.free_batch(id).unwrap();
+    assert_eq!(
+        t.expect_line("CHECK", Duration::from_secs(10)),
+        "CHECK ok",
+        "{expect}"
+    );
+
+    // Plain notification.
+    e.notify(&t.name, b"hello there").unwrap();
+    let note = t.expect_line("NOTE", Duration::from_secs(10));
+    assert_eq!(note, format!("NOTE {} hello there", e.name()));
+
+    // Out of range for the peer: refused before anything moves.
+    let bad = Op {
+        local: buf.as_ptr() as u64,
+        remote: t.addr + LEN as u64 - 10,
+        len: 20,
+    };
+    let err = e.read(&t.name, &[bad]).unwrap_err();
+    assert!(matches!(err, Error::RemoteOutOfRange { .. }), "{err}");
+    drop(e);
+}
+
+#[test]
+fn same_host_peer_uses_cma() {
+    read_write_roundtrip(TransportChoice::Auto, "cma");
+}
+
+#[test]
+fn forced_tcp_between_processes() {
+    read_write_roundtrip(TransportChoice::Tcp, "tcp");
+}
+
+fn killed_mid_batch(transport: TransportChoice) {
+    const LEN: usize = 256 << 20;
+    let mut victim = Target::spawn("child_target", 0, LEN, 3, &[]);
+    let bystander = Target::spawn("child_target", 0, 1 << 20, 4, &[]);
+    let timeout = Duration::from_secs(5);
+    let e = engine(transport, timeout);
+    let mut buf = vec![0u8; LEN];
+    // SAFETY: `buf` outlives `e`.
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    let ops = ops_for(buf.as_ptr() as u64, victim.addr, LEN as u64, 1 << 20);
+    // Keep batches in flight, then kill the peer under them.
+    let ids: Vec<_> = (0..6)
+        .map(|_| e.submit(&victim.name, Opcode::Read, &ops).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(30));
+    let killed_at = Instant::now();
+    victim.kill();
+    let mut failed = 0;
+    for id in ids {
+        match e.wait(id, timeout + Duration::from_secs(5)) {
+            Ok(()) => {}
+            Err(err) => {
+                failed += 1;
+                assert!(
+                    !matches!(err, Error::Timeout { .. } | Error::Internal { .. }),
+                    "unclear error: {err}"
+                );
+            }
+        }
+    }
+    assert!(failed > 0, "no batch saw the peer die");
+    assert!(
+        killed_at.elapsed() < timeout + Duration::from_secs(5),
+        "failing took {:?}",
+        killed_at.elapsed()
+    );
+    // The engine still serves others.
+    let op = Op {
+        local: buf.as_ptr() as u64,
+        remote: bystander.addr,
+        len: 1 << 20,
+    };
+    e.read(&bystander.name, &[op]).unwrap();
+    assert!(buf[..1 << 20] == pattern(4, 1 << 20)[..]);
+    // And the dead peer is a clear error, fast.
+    let t = Instant::now();
+    let err = e.read(&victim.name, &[op]).unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(4), "{:?}", t.elapsed());
+    assert!(
+        matches!(
+            err,
+            Error::PeerUnreachable { .. } | Error::TransferFailed { .. }
+        ),
+        "{err}"
+    );
+    drop(e);
+}
+
+#[test]
+fn peer_killed_mid_batch_tcp() {
+    killed_mid_batch(TransportChoice::Tcp);
+}
+
+#[test]
+fn peer_killed_mid_batch_cma() {
+    killed_mid_batch(TransportChoice::Auto);
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("0.0.0.0", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn restarted(transport: TransportChoice) {
+    const LEN: usize = 1 << 20;
+    let port = free_port();
+    let mut first = Target::spawn("child_target", port, LEN, 1, &[]);
+    let e = engine(transport, Duration::from_secs(10));
+    let mut buf = vec![0u8; LEN];
+    // SAFETY: `buf` outlives `e`.
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    let old = Op {
+        local: buf.as_ptr() as u64,
+        remote: first.addr,
+        len: LEN as u64,
+    };
+    e.read(&first.name, &[old]).unwrap();
+    first.kill();
+    let second = Target::spawn("child_target", port, LEN, 5, &[]);
+    assert_eq!(second.name, first.name);
+    assert_ne!(
+        second.addr, first.addr,
+        "the test needs different addresses"
+    );
+    // Old addresses are never used against the new instance.
+    buf.fill(0);
+    match e.read(&second.name, &[old]) {
+        Ok(()) => panic!("a read at the old instance's address succeeded"),
+        Err(err) => assert!(
+            matches!(
+                err,
+                Error::RemoteOutOfRange { .. } | Error::TransferFailed { .. }
+            ),
+            "{err}"
+        ),
+    }
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "bytes moved from a stale address"
+    );
+    // The new segment works.
+    let new = Op {
+        local: buf.as_ptr() as u64,
+        remote: second.addr,
+        len: LEN as u64,
+    };
+    e.read(&second.name, &[new]).unwrap();
+    assert!(buf == pattern(5, LEN));
+    drop(e);
+}
+
+#[test]
+fn peer_restarted_on_same_port_tcp() {
+    restarted(TransportChoice::Tcp);
+}
+
+#[test]
+fn peer_restarted_on_same_port_cma() {
+    restarted(TransportChoice::Auto);
+}
