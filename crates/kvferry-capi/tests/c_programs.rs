@@ -11,6 +11,7 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 fn repo() -> PathBuf {
@@ -22,27 +23,76 @@ fn include_dir() -> PathBuf {
     repo().join("include")
 }
 
-/// target/<profile>: Cargo builds this crate's cdylib there, next to the
-/// deps/ directory that holds this test executable.
-fn lib_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
-    assert!(
-        dir.join("libkvferry.so").exists(),
-        "{} not built",
-        dir.join("libkvferry.so").display()
-    );
-    dir
-}
-
 fn out_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c_programs");
     std::fs::create_dir_all(&dir).expect("create the build directory");
     dir
+}
+
+/// The directory holding a libkvferry.so built from the current sources:
+/// target/<profile>, found from this test executable's path.
+///
+/// `cargo test` does not build the .so: a cdylib-only library is no
+/// dependency of integration tests, so target/<profile>/libkvferry.so is
+/// missing on a clean tree and stale after any source change. The first test
+/// to ask therefore runs `cargo build -p kvferry-capi` for this test's own
+/// profile, target and target directory (Cargo has released its lock on that
+/// directory by the time tests run). It is incremental: next to nothing
+/// when nothing changed.
+fn lib_dir() -> &'static Path {
+    static LIB_DIR: OnceLock<PathBuf> = OnceLock::new();
+    LIB_DIR.get_or_init(build_library)
+}
+
+fn build_library() -> PathBuf {
+    // target/<profile>/deps/c_programs-<hash>, or with --target
+    // target/<triple>/<profile>/deps/c_programs-<hash>.
+    let exe = std::env::current_exe().expect("test path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    let target_root = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .expect("CARGO_TARGET_TMPDIR is <target>/tmp")
+        .to_path_buf();
+    let profile = profile_dir
+        .file_name()
+        .and_then(OsStr::to_str)
+        .expect("profile directory name");
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args(["build", "--quiet", "-p", "kvferry-capi", "--manifest-path"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target_root);
+    match profile {
+        // `cargo test` builds with the test profile, whose directory is debug.
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    let above_profile = profile_dir.parent().expect("profile directory's parent");
+    if !same_dir(above_profile, &target_root) {
+        cmd.arg("--target")
+            .arg(above_profile.file_name().expect("target triple"));
+    }
+    let (ok, output) = run_with_deadline(&mut cmd, "cargo-build", Duration::from_secs(1800));
+    assert!(ok, "building libkvferry.so failed:\n{output}");
+    let lib = profile_dir.join("libkvferry.so");
+    assert!(lib.exists(), "{} not built", lib.display());
+    profile_dir
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 const WARNINGS: &[&str] = &["-Wall", "-Wextra", "-Wpedantic", "-Werror"];
@@ -111,40 +161,53 @@ fn build(lang: Lang, name: &str, sources: &[&str], defines: &[&str]) -> PathBuf 
     args.extend(defines.iter().map(OsStr::new));
     args.push(OsStr::new(&include));
     args.extend(sources.iter().map(|s| s.as_os_str()));
-    args.extend(
-        [
-            "-o".as_ref(),
-            exe.as_os_str(),
-            OsStr::new(&libpath),
-            OsStr::new("-lkvferry"),
-            OsStr::new(&rpath),
-            OsStr::new("-pthread"),
-        ]
-        .iter()
-        .copied(),
-    );
+    args.extend([
+        OsStr::new("-o"),
+        exe.as_os_str(),
+        OsStr::new(&libpath),
+        OsStr::new("-lkvferry"),
+        OsStr::new(&rpath),
+        OsStr::new("-pthread"),
+    ]);
     compile(compiler, &args);
     exe
 }
 
-/// Printed by LeakSanitizer when it cannot run, e.g. under ptrace (a
-/// debugger, strace, some sandboxes) or without the permissions it needs.
-const LSAN_CANNOT_RUN: &[&str] = &[
-    "LeakSanitizer has encountered a fatal error",
-    "LeakSanitizer does not work under ptrace",
-];
-
-struct Run {
-    success: bool,
-    output: String,
-}
-
-/// Runs `exe` with the given ASan leak setting; output goes to files (not
-/// pipes), so a long sanitizer report cannot block the program.
-fn run_once(exe: &Path, detect_leaks: bool) -> Run {
-    let stem = exe.file_name().and_then(OsStr::to_str).unwrap_or("program");
+/// Runs `cmd` with its output going to files (not pipes, so a long
+/// sanitizer report cannot block it), killing it after `limit`: a hang is a
+/// failure, not a stuck CI. Returns whether it succeeded, and its output.
+fn run_with_deadline(cmd: &mut Command, stem: &str, limit: Duration) -> (bool, String) {
     let stdout_path = out_dir().join(format!("{stem}.stdout"));
     let stderr_path = out_dir().join(format!("{stem}.stderr"));
+    cmd.stdin(Stdio::null())
+        .stdout(File::create(&stdout_path).expect("stdout file"))
+        .stderr(File::create(&stderr_path).expect("stderr file"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the child") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut output = std::fs::read_to_string(&stdout_path).unwrap_or_default();
+    output += &std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    if status.is_none() {
+        output += &format!("\n(killed after {} s)\n", limit.as_secs());
+    }
+    (status.is_some_and(|s| s.success()), output)
+}
+
+/// Runs a test program with the given ASan leak setting.
+fn run_once(exe: &Path, detect_leaks: bool) -> (bool, String) {
+    let stem = exe.file_name().and_then(OsStr::to_str).unwrap_or("program");
     let mut cmd = Command::new(exe);
     // Engines made from a NULL config read the environment; the programs
     // expect the defaults.
@@ -159,56 +222,32 @@ fn run_once(exe: &Path, detect_leaks: bool) -> Run {
         u8::from(detect_leaks)
     );
     cmd.env("ASAN_OPTIONS", asan)
-        .env("UBSAN_OPTIONS", "print_stacktrace=1")
-        .stdin(Stdio::null())
-        .stdout(File::create(&stdout_path).expect("stdout file"))
-        .stderr(File::create(&stderr_path).expect("stderr file"));
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}", exe.display()));
-    // The programs take about a second; a hang is a failure, not a stuck CI.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for the program") {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let output = format!(
-        "{}{}{}",
-        std::fs::read_to_string(&stdout_path).unwrap_or_default(),
-        std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-        if status.is_none() {
-            "\n(killed after 300 s)\n"
-        } else {
-            ""
-        }
-    );
-    Run {
-        success: status.is_some_and(|s| s.success()),
-        output,
-    }
+        .env("UBSAN_OPTIONS", "print_stacktrace=1");
+    // The programs take a few seconds.
+    run_with_deadline(&mut cmd, stem, Duration::from_secs(300))
 }
 
-/// Runs `exe` with leak detection; if LeakSanitizer cannot work in this
-/// environment, runs it again without (saying so), so that the rest of
-/// ASan still checks it. Panics with the program's output on failure.
+/// Printed by LeakSanitizer when it cannot run, e.g. under ptrace (a
+/// debugger, strace, some sandboxes) or without the permissions it needs.
+const LSAN_CANNOT_RUN: &[&str] = &[
+    "LeakSanitizer has encountered a fatal error",
+    "LeakSanitizer does not work under ptrace",
+];
+
+/// Runs `exe` with leak detection. Where LeakSanitizer cannot work, runs it
+/// again with detect_leaks=0 (saying so), so the rest of ASan still checks
+/// it. Panics with the program's output on failure.
 fn run(exe: &Path) {
-    let mut r = run_once(exe, true);
-    if !r.success && LSAN_CANNOT_RUN.iter().any(|m| r.output.contains(m)) {
+    let (mut ok, mut output) = run_once(exe, true);
+    if !ok && LSAN_CANNOT_RUN.iter().any(|m| output.contains(m)) {
         eprintln!(
             "note: LeakSanitizer cannot run here; {} runs with detect_leaks=0",
             exe.display()
         );
-        r = run_once(exe, false);
+        (ok, output) = run_once(exe, false);
     }
-    assert!(r.success, "{} failed:\n{}", exe.display(), r.output);
-    print!("{}", r.output);
+    assert!(ok, "{} failed:\n{output}", exe.display());
+    print!("{output}");
 }
 
 #[test]
