@@ -31,14 +31,22 @@ pub(crate) struct Server {
     stop: Arc<AtomicBool>,
     acceptor: Option<JoinHandle<()>>,
     port: u16,
-    conns: Arc<Mutex<Vec<(TcpStream, Option<JoinHandle<()>>)>>>,
+    conns: Arc<Conns>,
+}
+
+/// Open connections (a clone of each socket, to shut them down when the
+/// engine stops) and the handler threads.
+#[derive(Debug, Default)]
+struct Conns {
+    open: Mutex<HashMap<u64, TcpStream>>,
+    handlers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Server {
     pub(crate) fn start(listener: TcpListener, shared: Arc<Shared>) -> io::Result<Server> {
         let port = listener.local_addr()?.port();
         let stop = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<(TcpStream, Option<JoinHandle<()>>)>>> = Arc::default();
+        let conns: Arc<Conns> = Arc::default();
         let acceptor = {
             let (stop, conns) = (Arc::clone(&stop), Arc::clone(&conns));
             std::thread::Builder::new()
@@ -65,14 +73,12 @@ impl Drop for Server {
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }
-        let conns = std::mem::take(&mut *self.conns.lock());
-        for (s, _) in &conns {
+        for s in self.conns.open.lock().values() {
             let _ = s.shutdown(Shutdown::Both);
         }
-        for (_, h) in conns {
-            if let Some(h) = h {
-                let _ = h.join();
-            }
+        let handlers = std::mem::take(&mut *self.conns.handlers.lock());
+        for h in handlers {
+            let _ = h.join();
         }
     }
 }
@@ -81,8 +87,9 @@ fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
-    conns: Arc<Mutex<Vec<(TcpStream, Option<JoinHandle<()>>)>>>,
+    conns: Arc<Conns>,
 ) {
+    let mut next_id = 0u64;
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {
             break;
@@ -91,7 +98,10 @@ fn accept_loop(
         let Ok(clone) = stream.try_clone() else {
             continue;
         };
-        let (shared, stop2) = (Arc::clone(&shared), Arc::clone(&stop));
+        next_id += 1;
+        let id = next_id;
+        conns.open.lock().insert(id, clone);
+        let (shared, stop2, conns2) = (Arc::clone(&shared), Arc::clone(&stop), Arc::clone(&conns));
         let handle = std::thread::Builder::new()
             .name("kvferry-conn".into())
             .spawn(move || {
@@ -109,11 +119,24 @@ fn accept_loop(
                         log::error!("kvferry: handler for {peer} panicked; connection closed")
                     }
                 }
+                // Close for real: the clone kept for shutdown would
+                // otherwise hold the connection open.
+                if let Some(s) = conns2.open.lock().remove(&id) {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
             });
-        let mut list = conns.lock();
-        // Forget finished connections so the list does not grow forever.
-        list.retain(|(_, h)| h.as_ref().is_some_and(|h| !h.is_finished()));
-        list.push((clone, handle.ok()));
+        let mut handlers = conns.handlers.lock();
+        // Forget finished handlers so the list does not grow forever.
+        handlers.retain(|h| !h.is_finished());
+        match handle {
+            Ok(h) => handlers.push(h),
+            Err(e) => {
+                log::error!("kvferry: cannot start a connection handler: {e}");
+                if let Some(s) = conns.open.lock().remove(&id) {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+        }
     }
 }
 

@@ -1,0 +1,296 @@
+//! What arrives on an engine's port from a client that does not play by
+//! the rules: garbage, truncated, oversized and wrong-version frames, reads
+//! outside registered memory, a wrong shared secret. Each gets an ERROR
+//! frame or a clean refusal, and the engine keeps serving everyone else.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use kvferry::wire::{self, FrameHeader, Kind};
+use kvferry::{Engine, EngineConfig, Error, Op, Status, TransportChoice};
+
+fn engine(cfg: EngineConfig) -> Engine {
+    Engine::new(cfg.port(0).transfer_timeout(Duration::from_secs(2))).unwrap()
+}
+
+fn connect(e: &Engine) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", e.rpc_port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Reads one frame; `None` when the connection is closed.
+fn read_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
+    let h = wire::read_header(s).ok()??;
+    let mut p = vec![0u8; h.payload_len.min(1 << 20) as usize];
+    s.read_exact(&mut p).ok()?;
+    Some((h, p))
+}
+
+fn hello(s: &mut TcpStream) -> wire::HelloReply {
+    let hello = wire::Hello {
+        min_version: 1,
+        max_version: 1,
+        reserved: 0,
+        nonce: [7; 16],
+        instance_id: 0,
+    };
+    let h = FrameHeader::new(Kind::Hello, 1, std::mem::size_of::<wire::Hello>() as u64);
+    wire::write_frame(s, &h, &[bytemuck::bytes_of(&hello)]).unwrap();
+    let (h, p) = read_frame(s).expect("hello reply");
+    assert_eq!(h.kind, Kind::HelloReply as u16);
+    wire::pod_from(&p).unwrap()
+}
+
+/// Sends `bytes`, expects an ERROR frame with `status`, then a closed connection.
+fn expect_error_then_close(e: &Engine, greet: bool, bytes: &[u8], status: Status) {
+    let mut s = connect(e);
+    if greet {
+        hello(&mut s);
+    }
+    s.write_all(bytes).unwrap();
+    let (h, msg) = read_frame(&mut s).expect("an ERROR frame");
+    assert_eq!(
+        h.kind,
+        Kind::ErrorReply as u16,
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
+    assert_eq!(h.status, status as i32, "{}", String::from_utf8_lossy(&msg));
+    assert!(!msg.is_empty());
+    assert!(
+        read_frame(&mut s).is_none(),
+        "connection still open after a protocol error"
+    );
+}
+
+fn still_serves(e: &Engine) {
+    let peer = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+    let mut src = vec![9u8; 4096];
+    let mut dst = vec![0u8; 4096];
+    // SAFETY: both buffers outlive the engines (dropped at the end).
+    unsafe {
+        e.register_memory(src.as_mut_ptr() as u64, 4096, "cpu:0")
+            .unwrap();
+        peer.register_memory(dst.as_mut_ptr() as u64, 4096, "cpu:0")
+            .unwrap();
+    }
+    peer.read(
+        e.name(),
+        &[Op {
+            local: dst.as_ptr() as u64,
+            remote: src.as_ptr() as u64,
+            len: 4096,
+        }],
+    )
+    .unwrap();
+    assert_eq!(dst, src);
+    e.unregister_memory(src.as_ptr() as u64).unwrap();
+    drop(peer);
+}
+
+#[test]
+fn bad_frames_close_only_their_connection() {
+    let e = engine(EngineConfig::new());
+    // An idle, well-behaved connection stays open throughout.
+    let mut bystander = connect(&e);
+    hello(&mut bystander);
+
+    let garbage: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(77)).collect();
+    expect_error_then_close(&e, false, &garbage, Status::Protocol);
+    expect_error_then_close(&e, true, &garbage, Status::Protocol);
+
+    let mut wrong_version = FrameHeader::new(Kind::Ping, 5, 0);
+    wrong_version.version = 9;
+    expect_error_then_close(
+        &e,
+        true,
+        bytemuck::bytes_of(&wrong_version),
+        Status::Protocol,
+    );
+
+    let oversized = FrameHeader::new(Kind::Notify, 5, wire::MAX_CONTROL + 1);
+    expect_error_then_close(&e, true, bytemuck::bytes_of(&oversized), Status::Protocol);
+
+    let unknown_kind = FrameHeader {
+        kind: 999,
+        ..FrameHeader::new(Kind::Ping, 5, 0)
+    };
+    expect_error_then_close(
+        &e,
+        true,
+        bytemuck::bytes_of(&unknown_kind),
+        Status::Protocol,
+    );
+
+    // Anything but HELLO first.
+    expect_error_then_close(
+        &e,
+        false,
+        bytemuck::bytes_of(&FrameHeader::new(Kind::GetSegment, 1, 0)),
+        Status::Protocol,
+    );
+
+    // A reply kind sent to a server.
+    expect_error_then_close(
+        &e,
+        true,
+        bytemuck::bytes_of(&FrameHeader::new(Kind::WriteAck, 1, 0)),
+        Status::Protocol,
+    );
+
+    // A WRITE whose data does not match its table.
+    let table = wire::encode_table(
+        0,
+        &[wire::Range {
+            addr: 0x1000,
+            len: 100,
+        }],
+    );
+    let h = FrameHeader::new(Kind::Write, 2, table.len() as u64 + 10);
+    let mut bytes = bytemuck::bytes_of(&h).to_vec();
+    bytes.extend_from_slice(&table);
+    expect_error_then_close(&e, true, &bytes, Status::Protocol);
+
+    // A truncated header, then the client goes away: the server just closes.
+    {
+        let mut s = connect(&e);
+        s.write_all(&bytemuck::bytes_of(&FrameHeader::new(Kind::Hello, 1, 32))[..10])
+            .unwrap();
+    }
+
+    // The bystander's connection still works.
+    let ping = FrameHeader::new(Kind::Ping, 77, 4);
+    wire::write_frame(&mut bystander, &ping, &[b"abcd"]).unwrap();
+    let (h, p) = read_frame(&mut bystander).unwrap();
+    assert_eq!(
+        (h.kind, h.request_id, p.as_slice()),
+        (Kind::Pong as u16, 77, &b"abcd"[..])
+    );
+
+    still_serves(&e);
+}
+
+#[test]
+fn target_refuses_ranges_outside_its_registry() {
+    let e = engine(EngineConfig::new());
+    let mut mem = vec![3u8; 8192];
+    // SAFETY: `mem` outlives `e`.
+    unsafe { e.register_memory(mem.as_mut_ptr() as u64, 8192, "cpu:0") }.unwrap();
+    let base = mem.as_ptr() as u64;
+    let mut s = connect(&e);
+    let reply = hello(&mut s);
+    let inst = reply.instance_id;
+
+    let read = |s: &mut TcpStream, inst: u64, addr: u64, len: u64| {
+        let t = wire::encode_table(inst, &[wire::Range { addr, len }]);
+        wire::write_frame(s, &FrameHeader::new(Kind::Read, 3, t.len() as u64), &[&t]).unwrap();
+        read_frame(s).unwrap()
+    };
+    // Past the end, before the start, and a wild address: ERROR, connection kept.
+    for (addr, len) in [(base + 8000, 200), (base - 1, 2), (0x10, 16)] {
+        let (h, msg) = read(&mut s, inst, addr, len);
+        assert_eq!(h.kind, Kind::ErrorReply as u16);
+        assert_eq!(
+            h.status,
+            Status::RemoteOutOfRange as i32,
+            "{}",
+            String::from_utf8_lossy(&msg)
+        );
+    }
+    // A stale instance id: refused as a restart.
+    let (h, _) = read(&mut s, inst ^ 1, base, 16);
+    assert_eq!(h.status, Status::PeerRestarted as i32);
+
+    // A WRITE outside: refused, its data drained, memory untouched, stream in step.
+    let t = wire::encode_table(
+        inst,
+        &[wire::Range {
+            addr: base + 8190,
+            len: 4,
+        }],
+    );
+    let h = FrameHeader::new(Kind::Write, 4, t.len() as u64 + 4);
+    wire::write_frame(&mut s, &h, &[&t, b"XXXX"]).unwrap();
+    let (h, _) = read_frame(&mut s).unwrap();
+    assert_eq!(h.status, Status::RemoteOutOfRange as i32);
+    assert!(mem.iter().all(|&b| b == 3));
+
+    // A good read on the same connection still works.
+    let (h, p) = read(&mut s, inst, base + 100, 16);
+    assert_eq!(h.kind, Kind::ReadData as u16);
+    assert_eq!(p, vec![3u8; 16]);
+    drop(e);
+}
+
+#[test]
+fn shared_secret_is_required_and_checked() {
+    let secured = engine(EngineConfig::new().secret("s3cret"));
+    let mut mem = vec![1u8; 4096];
+    // SAFETY: `mem` outlives the engines.
+    unsafe { secured.register_memory(mem.as_mut_ptr() as u64, 4096, "cpu:0") }.unwrap();
+    let op = |dst: &mut Vec<u8>| Op {
+        local: dst.as_ptr() as u64,
+        remote: mem.as_ptr() as u64,
+        len: 4096,
+    };
+
+    for (client_cfg, ok) in [
+        (EngineConfig::new(), false),
+        (EngineConfig::new().secret("wrong"), false),
+        (EngineConfig::new().secret("s3cret"), true),
+    ] {
+        let c = engine(client_cfg.transport(TransportChoice::Tcp));
+        let mut dst = vec![0u8; 4096];
+        // SAFETY: `dst` outlives `c`.
+        unsafe { c.register_memory(dst.as_mut_ptr() as u64, 4096, "cpu:0") }.unwrap();
+        let r = c.read(secured.name(), &[op(&mut dst)]);
+        if ok {
+            r.unwrap();
+            assert_eq!(dst, mem);
+        } else {
+            let err = r.unwrap_err();
+            assert!(matches!(err, Error::AuthFailed { .. }), "{err}");
+            assert!(dst.iter().all(|&b| b == 0));
+        }
+        drop(c);
+    }
+    // A client with a secret refuses a server without one.
+    let open = engine(EngineConfig::new());
+    let c = engine(EngineConfig::new().secret("s3cret"));
+    let err = c.notify(open.name(), b"x").unwrap_err();
+    assert!(matches!(err, Error::AuthFailed { .. }), "{err}");
+    drop((c, open, secured));
+}
+
+#[test]
+fn ipv6_and_host_name_sessions() {
+    let e = engine(EngineConfig::new());
+    let c = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+    c.notify(&format!("localhost:{}", e.rpc_port()), b"by name")
+        .unwrap();
+    if TcpStream::connect(("::1", e.rpc_port())).is_ok() {
+        let v6 = engine(EngineConfig::new().hostname("::1"));
+        assert!(v6.name().starts_with("[::1]:"), "{}", v6.name());
+        c.notify(v6.name(), b"over v6").unwrap();
+        assert_eq!(v6.drain_notifications()[0].message, b"over v6");
+    }
+    let got = e.drain_notifications();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].from, c.name());
+}
+
+#[test]
+fn nobody_listening_is_a_fast_clear_error() {
+    let c = engine(EngineConfig::new().connect_timeout(Duration::from_millis(500)));
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let t = std::time::Instant::now();
+    let err = c.notify(&format!("127.0.0.1:{port}"), b"x").unwrap_err();
+    assert!(matches!(err, Error::PeerUnreachable { .. }), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
