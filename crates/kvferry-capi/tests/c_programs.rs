@@ -307,7 +307,7 @@ fn cpp_headers_included_twice_and_in_two_units() {
 /// comments there). Run with `cargo test -p kvferry-capi --test c_programs
 /// -- --ignored`; drop the `ignore` once they pass.
 #[test]
-#[ignore = "known library bugs: kvf_status_str use-after-free, refused config setter resets the config, stale sessions, partial moves of refused batches"]
+#[ignore = "known library bugs: kvf_status_str use-after-free, refused config setter resets the config, refused batches partly moved, error messages without context"]
 fn c_api_known_library_bugs() {
     run(&build(
         Lang::C,
