@@ -74,6 +74,9 @@ enum kvf_status
   KVF_STATUS_PEER_UNREACHABLE = -41,
   KVF_STATUS_TRANSFER_FAILED = -42,
   KVF_STATUS_IO = -43,
+  KVF_STATUS_PEER_RESTARTED = -44,
+  KVF_STATUS_PROTOCOL = -45,
+  KVF_STATUS_AUTH_FAILED = -46,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -172,6 +175,19 @@ kvf_status kvf_config_set_async_workers(struct kvf_config *config, uint32_t work
 // `config` is NULL or from `kvf_config_new`; `transport` is NULL or a NUL-terminated string.
 kvf_status kvf_config_set_transport(struct kvf_config *config, const char *transport);
 
+// A shared secret every peer must prove in the hello, and that this engine
+// proves to them (default `KVFERRY_SECRET`; empty: none).
+//
+// # Safety
+// `config` is NULL or from `kvf_config_new`; `secret` is NULL or a NUL-terminated string.
+kvf_status kvf_config_set_secret(struct kvf_config *config, const char *secret);
+
+// tcp connections per peer (1..=64; default 2).
+//
+// # Safety
+// `config` is NULL or from `kvf_config_new`.
+kvf_status kvf_config_set_lanes(struct kvf_config *config, uint32_t lanes);
+
 // Creates an engine in `*out`: binds its port and starts its threads.
 // `config` may be NULL (everything from the environment and defaults); it
 // is not consumed: free it with `kvf_config_free`.
@@ -248,6 +264,49 @@ kvf_status kvf_unregister_memory_batch(const struct kvf_engine *engine,
                                        const uint64_t *addrs,
                                        size_t n);
 
+// Sends `len` bytes of `message` to `session`; returns once the peer has
+// queued it (Mooncake's notify). The peer reads it with `kvf_notify_recv`.
+//
+// # Safety
+// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated;
+// `message` NULL or readable for `len` bytes.
+kvf_status kvf_notify(const struct kvf_engine *engine,
+                      const char *session,
+                      const uint8_t *message,
+                      size_t len);
+
+// Takes the oldest received notification: the sender's session id into
+// `from_buf` and the message into `message_buf`, each NUL-terminated.
+// `*out_received` is 1 when one was taken, 0 when none is queued. When a
+// buffer is too small: `KVF_STATUS_BUFFER_TOO_SMALL`, `*out_from_len` and
+// `*out_message_len` say the lengths (without the NUL), and the
+// notification stays queued.
+//
+// # Safety
+// `engine` from `kvf_engine_new`; each buffer NULL or writable for its
+// capacity; each out-pointer NULL or writable.
+kvf_status kvf_notify_recv(const struct kvf_engine *engine,
+                           char *from_buf,
+                           size_t from_capacity,
+                           size_t *out_from_len,
+                           uint8_t *message_buf,
+                           size_t message_capacity,
+                           size_t *out_message_len,
+                           int32_t *out_received);
+
+// The transport that carries ops to `session` ("local", "cma" or "tcp"),
+// NUL-terminated into `buf`; handshakes on first contact. `*out_len` as in
+// `kvf_engine_name`.
+//
+// # Safety
+// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated; `buf`
+// NULL or writable for `capacity` bytes; `out_len` NULL or writable.
+kvf_status kvf_engine_transport_to(const struct kvf_engine *engine,
+                                   const char *session,
+                                   char *buf,
+                                   size_t capacity,
+                                   size_t *out_len);
+
 // Moves `n` ops to or from `session` (`"host:port"`) and returns when all
 // are done (`KVF_STATUS_OK`) or one failed (its status; see
 // `kvf_last_error`). `local_addrs[i]` is this engine's side of op `i`,
@@ -279,6 +338,23 @@ kvf_status kvf_batch_submit(const struct kvf_engine *engine,
                             const uint64_t *lens,
                             size_t n,
                             uint64_t *out_batch);
+
+// Like `kvf_batch_submit` with `KVF_OP_WRITE`, and once every op has
+// landed, sends `message` (`message_len` bytes) to the peer: it sees the
+// notification only after all of the batch's data is in place, and not at
+// all if an op failed.
+//
+// # Safety
+// As `kvf_batch_submit`; `message` NULL or readable for `message_len` bytes.
+kvf_status kvf_batch_submit_write_notify(const struct kvf_engine *engine,
+                                         const char *session,
+                                         const uint64_t *local_addrs,
+                                         const uint64_t *remote_addrs,
+                                         const uint64_t *lens,
+                                         size_t n,
+                                         const uint8_t *message,
+                                         size_t message_len,
+                                         uint64_t *out_batch);
 
 // Where batch `batch` stands: `KVF_STATUS_OK` (all done),
 // `KVF_STATUS_IN_PROGRESS`, or the status of its first error. An unknown

@@ -46,18 +46,6 @@ pub(crate) fn run(body: impl FnOnce() -> Result<Status, Error>) -> Status {
     }
 }
 
-/// For functions returning a static string: a panic gives "".
-pub(crate) fn static_str(body: impl FnOnce() -> &'static str) -> *const c_char {
-    thread_local! {
-        static BUF: RefCell<CString> = RefCell::new(CString::default());
-    }
-    let s = catch_unwind(AssertUnwindSafe(body)).unwrap_or("");
-    BUF.with(|b| {
-        *b.borrow_mut() = CString::new(s).unwrap_or_default();
-        b.borrow().as_ptr()
-    })
-}
-
 /// The body of an exported fallible function: `ffi!({ ...; Ok(Status::Ok) })`.
 macro_rules! ffi {
     ($body:block) => {

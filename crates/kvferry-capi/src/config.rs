@@ -55,7 +55,8 @@ unsafe fn update(
     ffi!({
         // SAFETY: forwarded to the caller.
         let c = unsafe { handle::config_mut(config) }?;
-        *c = f(std::mem::take(c))?;
+        // On a refusal the config stays as it was.
+        *c = f(c.clone())?;
         Ok(Status::Ok)
     })
 }
@@ -201,6 +202,41 @@ pub unsafe extern "C" fn kvf_config_set_transport(
             other => Err(Error::InvalidArgument {
                 what: format!("transport {other:?}: expected \"auto\" or \"tcp\""),
             }),
+        })
+    }
+}
+
+/// A shared secret every peer must prove in the hello, and that this engine
+/// proves to them (default `KVFERRY_SECRET`; empty: none).
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`; `secret` is NULL or a NUL-terminated string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_secret(
+    config: *mut kvf_config,
+    secret: *const c_char,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    let s = unsafe { handle::str_arg(secret, "secret") }.map(str::to_owned);
+    // SAFETY: forwarded to the caller.
+    unsafe { update(config, |c| Ok(c.secret(s?))) }
+}
+
+/// tcp connections per peer (1..=64; default 2).
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_lanes(config: *mut kvf_config, lanes: u32) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        update(config, |c| {
+            if lanes == 0 || lanes > 64 {
+                return Err(Error::InvalidArgument {
+                    what: format!("lanes {lanes}: expected 1..=64"),
+                });
+            }
+            Ok(c.lanes(lanes as usize))
         })
     }
 }

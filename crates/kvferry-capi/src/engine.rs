@@ -78,21 +78,10 @@ pub unsafe extern "C" fn kvf_engine_name(
             // SAFETY: non-NULL and writable (caller's promise).
             unsafe { out_len.write(name.len()) };
         }
-        if buf.is_null() {
-            return Err(Error::NullPointer { argument: "buf" });
-        }
-        if capacity < name.len() + 1 {
-            return Err(Error::BufferTooSmall {
-                needed: name.len() + 1,
-                capacity,
-            });
-        }
-        // SAFETY: `buf` is writable for `capacity` >= len + 1 bytes (caller's
-        // promise, checked size); the source is a Rust string, no overlap.
-        unsafe {
-            std::ptr::copy_nonoverlapping(name.as_ptr(), buf.cast::<u8>(), name.len());
-            buf.add(name.len()).write(0);
-        }
+        // `buf` NULL with capacity 0 is the size query: BUFFER_TOO_SMALL
+        // with the length in `*out_len`.
+        // SAFETY: forwarded to the caller.
+        unsafe { handle::copy_out(name, buf.cast(), capacity, "buf") }?;
         Ok(Status::Ok)
     })
 }

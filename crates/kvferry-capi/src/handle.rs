@@ -123,3 +123,31 @@ pub(crate) fn need_out<T>(p: *mut T, argument: &'static str) -> Result<()> {
         Ok(())
     }
 }
+
+/// Copies `bytes` into `buf` (`capacity` bytes) with a NUL after them.
+///
+/// # Safety
+/// `buf` is NULL or writable for `capacity` bytes.
+pub(crate) unsafe fn copy_out(
+    bytes: &[u8],
+    buf: *mut u8,
+    capacity: usize,
+    argument: &'static str,
+) -> Result<()> {
+    if capacity < bytes.len() + 1 {
+        return Err(Error::BufferTooSmall {
+            needed: bytes.len() + 1,
+            capacity,
+        });
+    }
+    if buf.is_null() {
+        return Err(Error::NullPointer { argument });
+    }
+    // SAFETY: `buf` is writable for `capacity` >= len + 1 bytes (caller's
+    // promise, checked size); the source is Rust memory, no overlap.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len());
+        buf.add(bytes.len()).write(0);
+    }
+    Ok(())
+}

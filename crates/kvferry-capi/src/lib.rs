@@ -17,10 +17,12 @@ mod boundary;
 mod config;
 mod engine;
 mod handle;
+mod notify;
 mod transfer;
 
 pub use config::*;
 pub use engine::*;
+pub use notify::*;
 pub use transfer::*;
 
 use std::ffi::c_char;
@@ -45,7 +47,9 @@ pub extern "C" fn kvf_version() -> *const c_char {
 /// version does not know). Never free it.
 #[unsafe(no_mangle)]
 pub extern "C" fn kvf_status_str(code: i32) -> *const c_char {
-    boundary::static_str(|| Status::from_code(code).map_or("unknown status", Status::describe))
+    Status::from_code(code)
+        .map_or(c"unknown status", Status::describe_c)
+        .as_ptr()
 }
 
 /// The message of the last error on this thread: what failed and why, with

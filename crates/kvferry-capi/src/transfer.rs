@@ -123,6 +123,48 @@ pub unsafe extern "C" fn kvf_batch_submit(
     })
 }
 
+/// Like `kvf_batch_submit` with `KVF_OP_WRITE`, and once every op has
+/// landed, sends `message` (`message_len` bytes) to the peer: it sees the
+/// notification only after all of the batch's data is in place, and not at
+/// all if an op failed.
+///
+/// # Safety
+/// As `kvf_batch_submit`; `message` NULL or readable for `message_len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_batch_submit_write_notify(
+    engine: *const kvf_engine,
+    session: *const c_char,
+    local_addrs: *const u64,
+    remote_addrs: *const u64,
+    lens: *const u64,
+    n: usize,
+    message: *const u8,
+    message_len: usize,
+    out_batch: *mut u64,
+) -> Status {
+    ffi!({
+        handle::need_out(out_batch, "out_batch")?;
+        // SAFETY: forwarded to the caller.
+        let (e, session, _, ops) = unsafe {
+            transfer_args(
+                engine,
+                session,
+                KVF_OP_WRITE,
+                local_addrs,
+                remote_addrs,
+                lens,
+                n,
+            )
+        }?;
+        // SAFETY: forwarded to the caller.
+        let message = unsafe { handle::slice_arg(message, message_len, "message") }?;
+        let id = e.submit_write_with_notify(session, &ops, message)?;
+        // SAFETY: checked non-NULL above; writable (caller's promise).
+        unsafe { handle::out(out_batch, "out_batch", id.0) }?;
+        Ok(Status::Ok)
+    })
+}
+
 /// Where batch `batch` stands: `KVF_STATUS_OK` (all done),
 /// `KVF_STATUS_IN_PROGRESS`, or the status of its first error. An unknown
 /// or freed id gives `KVF_STATUS_BAD_BATCH_ID`.

@@ -7,6 +7,7 @@
 //! Needs gcc and g++ with libasan / libubsan. Build outputs go under
 //! `CARGO_TARGET_TMPDIR/c_programs`.
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -303,16 +304,66 @@ fn cpp_headers_included_twice_and_in_two_units() {
     ));
 }
 
-/// The checks of tests/c/api_test.c for library bugs not fixed yet (see the
-/// comments there). Run with `cargo test -p kvferry-capi --test c_programs
-/// -- --ignored`; drop the `ignore` once they pass.
+/// Function names declared in the header.
+fn declared() -> BTreeSet<String> {
+    let header = std::fs::read_to_string(include_dir().join("kvferry.h")).expect("header");
+    let mut names = BTreeSet::new();
+    for line in header.lines() {
+        let l = line.trim_start();
+        if l.starts_with("//") || l.starts_with('#') || l.starts_with('*') {
+            continue;
+        }
+        let Some(open) = l.find('(') else { continue };
+        let name = l[..open]
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .next_back()
+            .unwrap_or_default();
+        if name.starts_with("kvf_") {
+            names.insert(name.to_owned());
+        }
+    }
+    names
+}
+
+/// Defined dynamic function symbols of the shared library.
+fn exported(lib: &Path) -> BTreeSet<String> {
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(lib)
+        .output()
+        .expect("nm (binutils) is needed for this test");
+    assert!(
+        out.status.success(),
+        "nm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split_whitespace();
+            let (_addr, kind, name) = (parts.next()?, parts.next()?, parts.next()?);
+            (kind == "T").then(|| name.to_owned())
+        })
+        .collect()
+}
+
 #[test]
-#[ignore = "known library bugs: kvf_status_str use-after-free, refused config setter resets the config, refused batches partly moved, error messages without context"]
-fn c_api_known_library_bugs() {
-    run(&build(
-        Lang::C,
-        "api_test_c_known_bugs",
-        &["tests/c/api_test.c"],
-        &["-DKVF_TEST_KNOWN_BUGS"],
-    ));
+fn shared_library_exports_exactly_the_header() {
+    // Cargo builds this crate's cdylib next to the test's deps directory.
+    let exe = std::env::current_exe().expect("test path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
+    let lib = profile_dir.join("libkvferry.so");
+    assert!(lib.exists(), "{} not built", lib.display());
+    let exported = exported(&lib);
+    let declared = declared();
+    assert!(declared.len() > 20, "header parse found only {declared:?}");
+    let extra: Vec<_> = exported.difference(&declared).collect();
+    let missing: Vec<_> = declared.difference(&exported).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "exported but not declared: {extra:?}; declared but not exported: {missing:?}"
+    );
 }

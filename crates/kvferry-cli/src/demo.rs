@@ -4,7 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use kvferry::{Engine, EngineConfig, Op};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+
+use kvferry::{Engine, EngineConfig, Op, TransportChoice};
 
 use crate::kv::{KvCache, KvShape};
 
@@ -138,32 +141,153 @@ pub fn print_stats(label: &str, s: &Stats, args: &DemoArgs) {
     );
 }
 
-/// Both sides in this process, over the local transport.
-pub fn run_in_process(args: &DemoArgs) -> Result<(), String> {
-    let mut prefill_cache = KvCache::empty(args.shape);
-    prefill_cache.fill_pattern();
-    let mut decode_cache = KvCache::empty(args.shape);
-    let prefill = Engine::new(EngineConfig::new().port(0)).map_err(|e| e.to_string())?;
-    let decode_engine = Engine::new(EngineConfig::new().port(0)).map_err(|e| e.to_string())?;
-    register(&prefill, &mut prefill_cache)?;
-    register(&decode_engine, &mut decode_cache)?;
+/// Which transports the demo's decode side uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DemoTransport {
+    /// The best path: cma between two processes of one host.
+    Auto,
+    /// tcp, forced.
+    Tcp,
+    /// Auto, then tcp.
+    Both,
+}
+
+impl DemoTransport {
+    fn choices(self) -> Vec<TransportChoice> {
+        match self {
+            DemoTransport::Auto => vec![TransportChoice::Auto],
+            DemoTransport::Tcp => vec![TransportChoice::Tcp],
+            DemoTransport::Both => vec![TransportChoice::Auto, TransportChoice::Tcp],
+        }
+    }
+}
+
+/// The prefill process: fill and register a KV cache, announce it on
+/// stdout, serve until stdin closes.
+pub fn run_prefill(shape: KvShape) -> Result<(), String> {
+    let mut cache = KvCache::empty(shape);
+    cache.fill_pattern();
+    let engine = Engine::new(EngineConfig::new()).map_err(|e| e.to_string())?;
+    register(&engine, &mut cache)?;
+    let bases: Vec<String> = cache.bases().iter().map(u64::to_string).collect();
+    println!("PREFILL {} {}", engine.name(), bases.join(" "));
+    std::io::stdout().flush().map_err(|e| e.to_string())?;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut sink);
+        let _ = tx.send(());
+    });
+    loop {
+        for n in engine.drain_notifications() {
+            eprintln!(
+                "prefill: {} says {}",
+                n.from,
+                String::from_utf8_lossy(&n.message)
+            );
+        }
+        if rx.recv_timeout(Duration::from_millis(20)).is_ok() {
+            break;
+        }
+    }
+    drop(engine);
+    drop(cache);
+    Ok(())
+}
+
+/// The prefill child process, killed if the demo ends early.
+struct PrefillChild(Child);
+
+impl Drop for PrefillChild {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        if !matches!(self.0.wait_timeout(Duration::from_secs(5)), Ok(true)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+trait WaitTimeout {
+    fn wait_timeout(&mut self, d: Duration) -> std::io::Result<bool>;
+}
+
+impl WaitTimeout for Child {
+    fn wait_timeout(&mut self, d: Duration) -> std::io::Result<bool> {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            if self.try_wait()?.is_some() {
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(false)
+    }
+}
+
+/// The demo: this process decodes, a child process prefills.
+pub fn run(args: &DemoArgs, transport: DemoTransport) -> Result<(), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let s = args.shape;
+    let mut child = Command::new(exe)
+        .args([
+            "demo-prefill",
+            "--layers",
+            &s.layers.to_string(),
+            "--blocks",
+            &s.blocks.to_string(),
+            "--block-bytes",
+            &s.block_bytes.to_string(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the prefill process: {e}"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or("no stdout from the prefill process")?;
+    let child = PrefillChild(child);
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading from the prefill process: {e}"))?;
+    let mut words = line.split_whitespace();
+    if words.next() != Some("PREFILL") {
+        return Err(format!("the prefill process said {line:?}"));
+    }
+    let peer = words
+        .next()
+        .ok_or("the prefill process gave no name")?
+        .to_owned();
+    let bases: Vec<u64> = words
+        .map(|w| w.parse().map_err(|_| format!("bad base {w}")))
+        .collect::<Result<_, _>>()?;
     println!(
-        "prefill {} holds a KV cache of {} layers x K/V x {} blocks x {} KiB = {:.1} MiB",
-        prefill.name(),
-        args.shape.layers,
-        args.shape.blocks,
-        args.shape.block_bytes >> 10,
-        args.shape.total_bytes() as f64 / (1 << 20) as f64
+        "prefill (pid {}) at {peer}: KV cache of {} layers x K/V x {} blocks x {} KiB = {:.1} MiB",
+        child.0.id(),
+        s.layers,
+        s.blocks,
+        s.block_bytes >> 10,
+        s.total_bytes() as f64 / (1 << 20) as f64
     );
-    let stats = decode(
-        &decode_engine,
-        prefill.name(),
-        &prefill_cache.bases(),
-        &decode_cache,
-        args,
-    )?;
-    print_stats("local", &stats, args);
-    drop((prefill, decode_engine));
+    for choice in transport.choices() {
+        let mut cache = KvCache::empty(s);
+        let engine =
+            Engine::new(EngineConfig::new().transport(choice)).map_err(|e| e.to_string())?;
+        register(&engine, &mut cache)?;
+        let used = engine.transport_to(&peer).map_err(|e| e.to_string())?;
+        let stats = decode(&engine, &peer, &bases, &cache, args)?;
+        print_stats(used, &stats, args);
+        engine
+            .notify(
+                &peer,
+                format!("pulled {} bytes over {used}, all verified", stats.bytes).as_bytes(),
+            )
+            .map_err(|e| e.to_string())?;
+        drop(engine);
+    }
+    drop(child);
     Ok(())
 }
 
@@ -179,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn small_demo_verifies() {
+    fn decode_verifies_what_it_pulls_and_catches_corruption() {
         let args = DemoArgs {
             shape: KvShape {
                 layers: 2,
@@ -189,6 +313,26 @@ mod tests {
             requests: 5,
             blocks_per_request: 6,
         };
-        run_in_process(&args).unwrap();
+        let mut prefill_cache = KvCache::empty(args.shape);
+        prefill_cache.fill_pattern();
+        let mut decode_cache = KvCache::empty(args.shape);
+        let prefill = Engine::new(EngineConfig::new().port(0)).unwrap();
+        let decoder = Engine::new(EngineConfig::new().port(0)).unwrap();
+        register(&prefill, &mut prefill_cache).unwrap();
+        register(&decoder, &mut decode_cache).unwrap();
+        let stats = decode(
+            &decoder,
+            prefill.name(),
+            &prefill_cache.bases(),
+            &decode_cache,
+            &args,
+        )
+        .unwrap();
+        assert_eq!(stats.bytes, 5 * 6 * 4 * 4096);
+        // Pulling from the wrong tensors must fail verification.
+        let mut shifted = prefill_cache.bases();
+        shifted.rotate_left(1);
+        assert!(decode(&decoder, prefill.name(), &shifted, &decode_cache, &args).is_err());
+        drop((prefill, decoder));
     }
 }

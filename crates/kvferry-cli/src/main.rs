@@ -40,6 +40,19 @@ enum Command {
         /// Blocks of each request.
         #[arg(long, default_value_t = 16)]
         blocks_per_request: usize,
+        /// auto (cma between processes of one host), tcp (forced), or both.
+        #[arg(long, default_value = "both", value_parser = ["auto", "tcp", "both"])]
+        transport: String,
+    },
+    /// The demo's prefill process (started by `kvferry demo`).
+    #[command(hide = true)]
+    DemoPrefill {
+        #[arg(long)]
+        layers: usize,
+        #[arg(long)]
+        blocks: usize,
+        #[arg(long)]
+        block_bytes: usize,
     },
 }
 
@@ -55,6 +68,7 @@ fn main() {
             dtype_bytes,
             requests,
             blocks_per_request,
+            transport,
         } => {
             let block_bytes = block_tokens * kv_heads * head_dim * dtype_bytes;
             if block_bytes == 0
@@ -65,7 +79,12 @@ fn main() {
             {
                 Err("the KV shape must be non-empty, blocks a multiple of 8 bytes, and requests no larger than the cache".to_string())
             } else {
-                demo::run_in_process(&demo::DemoArgs {
+                let transport = match transport.as_str() {
+                    "auto" => demo::DemoTransport::Auto,
+                    "tcp" => demo::DemoTransport::Tcp,
+                    _ => demo::DemoTransport::Both,
+                };
+                let args = demo::DemoArgs {
                     shape: kv::KvShape {
                         layers,
                         blocks,
@@ -73,9 +92,19 @@ fn main() {
                     },
                     requests,
                     blocks_per_request,
-                })
+                };
+                demo::run(&args, transport)
             }
         }
+        Command::DemoPrefill {
+            layers,
+            blocks,
+            block_bytes,
+        } => demo::run_prefill(kv::KvShape {
+            layers,
+            blocks,
+            block_bytes,
+        }),
     };
     if let Err(e) = result {
         eprintln!("kvferry: {e}");

@@ -159,6 +159,9 @@ struct Table {
 pub struct BatchTable {
     table: Mutex<Table>,
     limit: usize,
+    /// Random first generation, so ids of different engines differ and an
+    /// id handed to the wrong engine is refused, not mistaken for its own.
+    salt: u32,
 }
 
 impl BatchTable {
@@ -166,6 +169,7 @@ impl BatchTable {
         BatchTable {
             table: Mutex::new(Table::default()),
             limit: limit.min(u32::MAX as usize - 1),
+            salt: crate::segment::random_instance_id() as u32,
         }
     }
 
@@ -178,7 +182,7 @@ impl BatchTable {
             Some(i) => i,
             None => {
                 t.slots.push(Slot {
-                    generation: 0,
+                    generation: self.salt,
                     batch: None,
                 });
                 (t.slots.len() - 1) as u32

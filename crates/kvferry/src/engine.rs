@@ -562,7 +562,13 @@ impl Engine {
     /// Waits up to `timeout` for batch `id`: `Ok` when done, its first
     /// error when it failed, `Timeout` when it is still running.
     pub fn wait(&self, id: BatchId, timeout: Duration) -> Result<()> {
-        self.batches.get(id)?.wait(timeout)
+        self.batches.get(id)?.wait(timeout).map_err(|e| match e {
+            Error::Timeout { ms, .. } => Error::Timeout {
+                what: format!("waiting for batch {:#x}", id.0),
+                ms,
+            },
+            other => other,
+        })
     }
 
     /// The state of op `index` of batch `id`.
@@ -593,6 +599,24 @@ impl Engine {
                     .notify(self.name(), message, deadline)
             }
             other => other,
+        }
+    }
+
+    /// Takes the oldest notification if its sender name and message fit in
+    /// `max_from` and `max_message` bytes. When it does not fit it stays
+    /// queued and `Err((from_len, message_len))` says what it needs.
+    pub fn next_notification_within(
+        &self,
+        max_from: usize,
+        max_message: usize,
+    ) -> std::result::Result<Option<Notification>, (usize, usize)> {
+        let mut q = self.core.shared.notifications.lock();
+        match q.front() {
+            None => Ok(None),
+            Some(n) if n.from.len() <= max_from && n.message.len() <= max_message => {
+                Ok(q.pop_front())
+            }
+            Some(n) => Err((n.from.len(), n.message.len())),
         }
     }
 

@@ -19,6 +19,9 @@ pub enum Error {
     #[error("buffer of {capacity} bytes is too small: {needed} needed")]
     BufferTooSmall { needed: usize, capacity: usize },
 
+    #[error("region {addr:#x} + length {len} overflows 64 bits")]
+    RegionOverflow { addr: u64, len: u64 },
+
     #[error("cannot register a zero-length region at {addr:#x}")]
     ZeroLengthRegion { addr: u64 },
 
@@ -130,6 +133,7 @@ impl Error {
             Error::NullPointer { .. } => Status::NullPointer,
             Error::BufferTooSmall { .. } => Status::BufferTooSmall,
             Error::ZeroLengthRegion { .. } => Status::ZeroLengthRegion,
+            Error::RegionOverflow { .. } => Status::AddressOverflow,
             Error::RegionOverlap { .. } => Status::RegionOverlap,
             Error::NotRegistered { .. } => Status::NotRegistered,
             Error::RegionBusy { .. } => Status::RegionBusy,
@@ -231,37 +235,42 @@ impl Status {
         ]
     }
 
+    /// A short, static description of the code, NUL-terminated for C.
+    pub fn describe_c(self) -> &'static std::ffi::CStr {
+        match self {
+            Status::Ok => c"ok",
+            Status::InProgress => c"in progress",
+            Status::InvalidArgument => c"invalid argument",
+            Status::NullPointer => c"null pointer",
+            Status::Internal => c"internal error",
+            Status::Unsupported => c"not supported",
+            Status::BufferTooSmall => c"buffer too small",
+            Status::ZeroLengthRegion => c"zero-length region",
+            Status::RegionOverlap => c"region overlaps a registered region",
+            Status::NotRegistered => c"address not registered",
+            Status::RegionBusy => c"region in use by an in-flight transfer",
+            Status::BadLocation => c"bad location string",
+            Status::ZeroLengthOp => c"zero-length op",
+            Status::AddressOverflow => c"address + length overflows",
+            Status::LocalOutOfRange => c"local range outside registered memory",
+            Status::RemoteOutOfRange => c"remote range outside the peer's registered memory",
+            Status::BadBatchId => c"unknown or freed batch id",
+            Status::BatchInProgress => c"batch still in progress",
+            Status::TooManyBatches => c"too many live batches",
+            Status::Timeout => c"timed out",
+            Status::BadSession => c"bad session id",
+            Status::PeerUnreachable => c"peer unreachable",
+            Status::TransferFailed => c"transfer failed",
+            Status::Io => c"I/O error",
+            Status::PeerRestarted => c"peer restarted",
+            Status::Protocol => c"protocol error",
+            Status::AuthFailed => c"authentication failed",
+        }
+    }
+
     /// A short, static description of the code.
     pub fn describe(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::InProgress => "in progress",
-            Status::InvalidArgument => "invalid argument",
-            Status::NullPointer => "null pointer",
-            Status::Internal => "internal error",
-            Status::Unsupported => "not supported",
-            Status::BufferTooSmall => "buffer too small",
-            Status::ZeroLengthRegion => "zero-length region",
-            Status::RegionOverlap => "region overlaps a registered region",
-            Status::NotRegistered => "address not registered",
-            Status::RegionBusy => "region in use by an in-flight transfer",
-            Status::BadLocation => "bad location string",
-            Status::ZeroLengthOp => "zero-length op",
-            Status::AddressOverflow => "address + length overflows",
-            Status::LocalOutOfRange => "local range outside registered memory",
-            Status::RemoteOutOfRange => "remote range outside the peer's registered memory",
-            Status::BadBatchId => "unknown or freed batch id",
-            Status::BatchInProgress => "batch still in progress",
-            Status::TooManyBatches => "too many live batches",
-            Status::Timeout => "timed out",
-            Status::BadSession => "bad session id",
-            Status::PeerUnreachable => "peer unreachable",
-            Status::TransferFailed => "transfer failed",
-            Status::Io => "I/O error",
-            Status::PeerRestarted => "peer restarted",
-            Status::Protocol => "protocol error",
-            Status::AuthFailed => "authentication failed",
-        }
+        self.describe_c().to_str().unwrap_or("")
     }
 
     /// The status with this numeric code, if there is one.

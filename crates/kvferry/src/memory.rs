@@ -125,8 +125,7 @@ fn check_new(map: &BTreeMap<u64, Arc<Region>>, desc: &RegionDesc) -> Result<()> 
     let end = desc
         .addr
         .checked_add(desc.len)
-        .ok_or(Error::AddressOverflow {
-            index: 0,
+        .ok_or(Error::RegionOverflow {
             addr: desc.addr,
             len: desc.len,
         })?;
@@ -313,7 +312,7 @@ mod tests {
         assert!(r.pin(0x9000, 1).is_none());
         assert!(matches!(
             r.register(&[host(u64::MAX - 1, 4)]),
-            Err(Error::AddressOverflow { .. })
+            Err(Error::RegionOverflow { .. })
         ));
         assert_eq!(r.epoch(), e0);
         // Adjacent is fine.

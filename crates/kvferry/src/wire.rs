@@ -297,12 +297,12 @@ pub fn decode_table_head(bytes: &[u8], payload_len: u64) -> std::result::Result<
 /// Decodes the ranges following a table head; sums their lengths with
 /// overflow checks.
 pub fn decode_ranges(bytes: &[u8]) -> std::result::Result<(Vec<Range>, u64), String> {
-    if bytes.len() % 16 != 0 {
+    if !bytes.len().is_multiple_of(16) {
         return Err("range table is not a whole number of ranges".into());
     }
     let ranges: Vec<Range> = bytes
         .chunks_exact(16)
-        .map(|c| bytemuck::pod_read_unaligned::<Range>(c))
+        .map(bytemuck::pod_read_unaligned::<Range>)
         .collect();
     let mut total = 0u64;
     for r in &ranges {

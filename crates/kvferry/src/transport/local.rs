@@ -58,27 +58,38 @@ impl Transport for LocalTransport {
                 return;
             }
         };
-        for (i, s) in job.slices.iter().enumerate() {
-            // Pin the peer's region for the copy: the peer may be
-            // unregistering concurrently, and its registry is the truth.
-            let Some(_pin) = peer.registry.pin(s.remote, s.len) else {
-                report(
-                    i,
-                    Err(Error::RemoteOutOfRange {
+        // Pin every remote range before copying anything: the peer's
+        // registry is the truth (it may have unregistered since our segment
+        // was cached), and a refused batch must not have moved any byte.
+        let mut pins = Vec::with_capacity(job.slices.len().min(64));
+        for s in job.slices {
+            if pins
+                .last()
+                .is_some_and(|p: &crate::memory::Pin| p.desc().contains(s.remote, s.len))
+            {
+                continue;
+            }
+            match peer.registry.pin(s.remote, s.len) {
+                Some(p) => pins.push(p),
+                None => {
+                    let e = Error::RemoteOutOfRange {
                         index: s.first_op as usize,
                         peer: self.peer_name.clone(),
                         addr: s.remote,
                         len: s.len,
-                    }),
-                );
-                continue;
-            };
+                    };
+                    (0..job.slices.len()).for_each(|i| report(i, Err(e.clone())));
+                    return;
+                }
+            }
+        }
+        for (i, s) in job.slices.iter().enumerate() {
             let (src, dst) = match job.opcode {
                 Opcode::Read => (s.remote, s.local),
                 Opcode::Write => (s.local, s.remote),
             };
             // SAFETY: both ranges lie inside registered regions pinned for
-            // the duration of the copy (local by the plan, remote just
+            // the duration of the copy (local by the plan, remote in `pins`
             // above); their owners promised at registration that the memory
             // is valid until unregistered, and unregistering waits for pins.
             // The ranges may overlap when both engines registered the same
