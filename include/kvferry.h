@@ -182,7 +182,7 @@ kvf_status kvf_config_set_transport(struct kvf_config *config, const char *trans
 // `config` is NULL or from `kvf_config_new`; `secret` is NULL or a NUL-terminated string.
 kvf_status kvf_config_set_secret(struct kvf_config *config, const char *secret);
 
-// tcp connections per peer (1..=64; default 2).
+// tcp connections per peer (1..=64; default 4).
 //
 // # Safety
 // `config` is NULL or from `kvf_config_new`.

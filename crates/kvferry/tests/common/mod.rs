@@ -72,7 +72,7 @@ impl Target {
             addr: 0,
             len: 0,
         };
-        let ready = t.expect_line("READY", Duration::from_secs(20));
+        let ready = t.expect_line("READY", Duration::from_secs(120));
         let mut it = ready.split_whitespace().skip(1);
         t.name = it.next().expect("name").to_owned();
         t.addr = it.next().and_then(|a| a.parse().ok()).expect("addr");
