@@ -218,6 +218,9 @@ def u64_array(values, what: str):
     `array('Q', ...)` checks every element in C (type and range), which keeps
     a 32-op batch at a few microseconds; the ctypes view keeps it alive.
     """
+    if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
+        # array() would read bytes as raw machine words: refuse them here.
+        raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
     try:
         arr = array.array("Q", values)
     except TypeError:
@@ -226,9 +229,16 @@ def u64_array(values, what: str):
     except OverflowError:
         bad = next((v for v in values if isinstance(v, int) and not 0 <= v < 1 << 64), None)
         raise ValueError(f"{what}: {bad!r} is not an unsigned 64-bit value") from None
-    if len(arr) == 0:
-        return (ctypes.c_uint64 * 0)()
-    return (ctypes.c_uint64 * len(arr)).from_buffer(arr)
+    n = len(arr)
+    t = _U64_ARRAYS.get(n)
+    if t is None:
+        t = _U64_ARRAYS[n] = ctypes.c_uint64 * n
+    return t.from_buffer(arr) if n else t()
+
+
+# ctypes array types by length: building `c_uint64 * n` on every call costs
+# as much as filling it.
+_U64_ARRAYS: dict[int, type] = {}
 
 
 if sys.byteorder != "little":  # pragma: no cover - every supported host is

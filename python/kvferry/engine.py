@@ -32,6 +32,19 @@ def _c_str(value: Any, what: str) -> bytes:
     return value.encode()
 
 
+_SESSIONS: dict[str, bytes] = {}
+
+
+def _session(session: Any) -> bytes:
+    """A session id as C wants it; the few ids a process uses are cached."""
+    cached = _SESSIONS.get(session) if type(session) is str else None
+    if cached is None:
+        cached = _c_str(session, "session")
+        if len(_SESSIONS) < 4096:
+            _SESSIONS[session] = cached
+    return cached
+
+
 def _message_bytes(message: Any) -> bytes:
     if isinstance(message, str):
         return message.encode()
@@ -75,52 +88,56 @@ class Region(NamedTuple):
 class _Handle:
     """The engine pointer, the count of calls using it, and what must be
     released with it. Shared by the Engine and its finalizer (which must
-    not hold the Engine)."""
+    not hold the Engine). On the hot path: one C-level lock, twice."""
 
     def __init__(self, lib, ptr: int):
         self.lib = lib
         self.ptr: int | None = ptr
         self.inflight = 0
-        self.cv = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.idle = threading.Event()
         self.allocator: ManagedAllocator | None = None
 
     def acquire(self) -> int:
-        with self.cv:
-            if self.ptr is None:
+        with self.lock:
+            ptr = self.ptr
+            if ptr is None:
                 raise Error(Status.INVALID_ARGUMENT, "the engine is closed")
             self.inflight += 1
-            return self.ptr
+        return ptr
 
     def release(self) -> None:
-        with self.cv:
+        with self.lock:
             self.inflight -= 1
-            if self.inflight == 0:
-                self.cv.notify_all()
+            if self.inflight == 0 and self.ptr is None:
+                self.idle.set()
 
     def run(self, fn, *args) -> None:
         """`fn(engine, *args)`, raising its error; no lock held during it."""
         ptr = self.acquire()
         try:
             status = fn(ptr, *args)
-            if status != Status.OK:
-                raise _lib_error(self.lib, status)
         finally:
             self.release()
+        if status:
+            raise _lib_error(self.lib, status)
 
     def close(self, wait_s: float | None = None) -> None:
-        with self.cv:
+        with self.lock:
             if self.ptr is None:
                 return
             ptr = self.ptr
             self.ptr = None  # no new call starts
-            if not self.cv.wait_for(lambda: self.inflight == 0, timeout=wait_s):
-                # Only at interpreter exit with daemon threads still inside a
-                # call: freeing would pull the engine from under them.
-                _errors.logger.warning(
-                    "kvferry: %d call(s) still running at exit; the engine is left to the OS",
-                    self.inflight,
-                )
-                return
+            if self.inflight == 0:
+                self.idle.set()
+        if not self.idle.wait(wait_s):
+            # Only at interpreter exit with daemon threads still inside a
+            # call: freeing would pull the engine from under them.
+            _errors.logger.warning(
+                "kvferry: %d call(s) still running at exit; the engine is left to the OS",
+                self.inflight,
+            )
+            return
         self.lib.kvf_engine_free(ptr)  # waits for batches, unregisters memory
         if self.allocator is not None:
             self.allocator.release_all()
@@ -371,16 +388,15 @@ class Engine:
     # -- transfers --------------------------------------------------------------
 
     def _ops(self, locals_, remotes, lengths, what: str):
-        """Three ctypes arrays and the op count; ints go straight to C."""
-        if isinstance(locals_, (str, bytes)) or not hasattr(locals_, "__len__"):
-            raise TypeError(f"local addresses: expected a list, got {type(locals_).__name__}")
-        if isinstance(remotes, (str, bytes)) or not hasattr(remotes, "__len__"):
-            raise TypeError(f"remote addresses: expected a list, got {type(remotes).__name__}")
-        n = len(locals_)
+        """Three ctypes arrays, the op count, and what must stay alive while
+        they are used. Lists of ints (the Mooncake API) take the fast path:
+        one C-level conversion per list."""
         try:
             local_arr = _ffi.u64_array(locals_, "local addresses")
             keep = None
         except TypeError:
+            if isinstance(locals_, (str, bytes)) or not hasattr(locals_, "__len__"):
+                raise TypeError(f"local addresses: expected a list, got {type(locals_).__name__}") from None
             ss = spans(locals_, "local addresses")
             local_arr = _ffi.u64_array([s.addr for s in ss], "local addresses")
             keep = ss
@@ -390,15 +406,14 @@ class Engine:
                 lengths = [s.nbytes for s in ss]
         if lengths is None:
             raise TypeError("lengths: required for int addresses")
-        if isinstance(lengths, (str, bytes)) or not hasattr(lengths, "__len__"):
-            raise TypeError(f"lengths: expected a list, got {type(lengths).__name__}")
-        if not (len(remotes) == n == len(lengths)):
-            raise ValueError(
-                f"{what}: {n} local addresses, {len(remotes)} remote addresses and "
-                f"{len(lengths)} lengths; they must match"
-            )
         remote_arr = _ffi.u64_array(remotes, "remote addresses")
         len_arr = _ffi.u64_array(lengths, "lengths")
+        n = len(local_arr)
+        if not (len(remote_arr) == n == len(len_arr)):
+            raise ValueError(
+                f"{what}: {n} local addresses, {len(remote_arr)} remote addresses and "
+                f"{len(len_arr)} lengths; they must match"
+            )
         return local_arr, remote_arr, len_arr, n, keep
 
     @staticmethod
@@ -414,12 +429,19 @@ class Engine:
         """Moves a batch of ops and returns when all are done; raises the
         first error (nothing moved if the batch was refused up front).
         `opcode` is `kvferry.READ` (remote -> local) or `kvferry.WRITE`."""
-        sess = _c_str(session, "session")
-        op = self._opcode(opcode)
+        sess = _session(session)
+        op = opcode if (opcode == 0 or opcode == 1) and type(opcode) is int else self._opcode(opcode)
         la, ra, na, n, keep = self._ops(local_addrs, remote_addrs, lengths, "transfer")
         if n == 0:
             return
-        self._run(self._lib.kvf_transfer_sync, sess, op, la, ra, na, n)
+        h = self._h
+        ptr = h.acquire()
+        try:
+            status = self._lib.kvf_transfer_sync(ptr, sess, op, la, ra, na, n)
+        finally:
+            h.release()
+        if status:
+            raise _lib_error(self._lib, status)
         del keep
 
     def read(self, session: str, local, remote: int, length: int | None = None) -> None:
@@ -450,7 +472,7 @@ class Engine:
         """Starts a batch in the background and returns it (validated first:
         an error here means nothing moved). With `notify` (WRITE only), the
         peer receives that message once all the batch's data has landed."""
-        sess = _c_str(session, "session")
+        sess = _session(session)
         op = self._opcode(opcode)
         la, ra, na, n, keep = self._ops(local_addrs, remote_addrs, lengths, "submit")
         if n == 0:
