@@ -239,17 +239,18 @@ def test_silent_peer_times_out_without_holding_the_gil(te, local):
 
     try:
         t = threading.Thread(target=call)
+        # Python keeps running while the call waits. Were the GIL held, this
+        # thread would stall for the whole wait (~1 s), in start() or in the
+        # loop; allow for a loaded host.
+        gaps, last, end = [], time.perf_counter(), time.perf_counter() + 10
         t.start()
-        time.sleep(0.05)
-        gaps, last, end = [], time.perf_counter(), time.perf_counter() + 0.5
-        while (now := time.perf_counter()) < end:
+        while t.is_alive() and (now := time.perf_counter()) < end:
             gaps.append(now - last)
             last = now
-        assert t.is_alive(), "the call returned before the connect timeout"
-        assert max(gaps) < 0.1, f"Python stalled {max(gaps):.3f} s while the call waited"
         t.join(15)
         assert not t.is_alive()
         assert result["rc"] == -1 and result["error"], result
-        assert result["took"] < 8
+        assert 0.8 < result["took"] < 8, result
+        assert max(gaps) < 0.5, f"Python stalled {max(gaps):.3f} s while the call waited"
     finally:
         silent.close()
