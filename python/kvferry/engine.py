@@ -11,6 +11,7 @@ instead of freeing the engine under them.
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 import weakref
 from typing import Any, NamedTuple, Sequence
@@ -93,6 +94,7 @@ class _Handle:
     def __init__(self, lib, ptr: int):
         self.lib = lib
         self.ptr: int | None = ptr
+        self.pid = os.getpid()
         self.inflight = 0
         self.lock = threading.Lock()
         self.idle = threading.Event()
@@ -144,7 +146,10 @@ class _Handle:
 
 
 def _finalize(handle: _Handle) -> None:
-    handle.close(wait_s=5.0)
+    # A forked child has a copy of the engine but none of its threads:
+    # freeing it there would wait for threads that do not exist.
+    if os.getpid() == handle.pid:
+        handle.close(wait_s=5.0)
 
 
 class Engine:

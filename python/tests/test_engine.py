@@ -247,3 +247,23 @@ def test_tensor_protocol(peer):
             e.register(FakeTensor(backing, "npu", 3))  # no device runtime in this build
         with pytest.raises(ValueError, match="contiguous"):
             e.register(FakeTensor(backing, contiguous=False))
+
+
+def test_forked_child_does_not_free_the_parents_engine():
+    import os
+    import sys
+
+    e = kvferry.Engine()
+    pid = os.fork()
+    if pid == 0:  # the child exits normally, running atexit handlers
+        try:
+            sys.stdout.flush()
+        finally:
+            import atexit
+
+            atexit._run_exitfuncs()
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert e.transport_to(e.name) == "local"  # the parent's engine still works
+    e.close()
