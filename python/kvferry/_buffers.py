@@ -59,7 +59,7 @@ def span(obj: Any, what: str) -> Span:
         flags = getattr(obj, "flags", None)
         if flags is not None and not flags["C_CONTIGUOUS"]:
             raise ValueError(f"{what}: the array is not C-contiguous; pass numpy.ascontiguousarray(a)")
-        nbytes = int(getattr(obj, "nbytes"))
+        nbytes = int(obj.nbytes)
         return Span(int(addr), nbytes, "cpu:0", obj)
     if isinstance(obj, (ctypes._SimpleCData, ctypes.Array, ctypes.Structure, ctypes.Union)):
         return Span(ctypes.addressof(obj), ctypes.sizeof(obj), "cpu:0", obj)
@@ -73,8 +73,7 @@ def span(obj: Any, what: str) -> Span:
         view = memoryview(obj)
     except TypeError:
         raise TypeError(
-            f"{what}: expected an int address, a tensor, a numpy array or a writable "
-            f"buffer, got {type(obj).__name__}"
+            f"{what}: expected an int address, a tensor, a numpy array or a writable buffer, got {type(obj).__name__}"
         ) from None
     with view:
         if not view.contiguous:

@@ -291,8 +291,7 @@ class TransferEngine:
         if not engine.registered(addr, length):
             raise Error(
                 Status.NOT_REGISTERED,
-                f"[{addr:#x}, +{length}) is not inside memory registered by this engine "
-                "or one of its managed buffers",
+                f"[{addr:#x}, +{length}) is not inside memory registered by this engine or one of its managed buffers",
             )
         return addr, length
 
@@ -329,22 +328,30 @@ class TransferEngine:
         return 0
 
     @_mooncake(-1)
-    def batch_transfer_sync_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint="") -> int:
+    def batch_transfer_sync_read(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
         self._e().transfer(target_hostname, READ, buffers, peer_buffer_addresses, lengths)
         return 0
 
     @_mooncake(-1)
-    def batch_transfer_sync_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint="") -> int:
+    def batch_transfer_sync_write(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
         self._e().transfer(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths)
         return 0
 
     @_mooncake(-1)
-    def transfer_sync(self, target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint="") -> int:
+    def transfer_sync(
+        self, target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint=""
+    ) -> int:
         self._sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode, notify)
         return 0
 
     @_mooncake(-1)
-    def batch_transfer_sync(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint="") -> int:
+    def batch_transfer_sync(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""
+    ) -> int:
         self._sync(target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify)
         return 0
 
@@ -367,15 +374,21 @@ class TransferEngine:
             engine.notify(session, message)
 
     @_mooncake(0)
-    def batch_transfer_async_read(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint="") -> int:
+    def batch_transfer_async_read(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
         return self._e().submit(target_hostname, READ, buffers, peer_buffer_addresses, lengths).id
 
     @_mooncake(0)
-    def batch_transfer_async_write(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint="") -> int:
+    def batch_transfer_async_write(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
         return self._e().submit(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths).id
 
     @_mooncake(0)
-    def batch_transfer_async(self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint="") -> int:
+    def batch_transfer_async(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=""
+    ) -> int:
         return self._e().submit(target_hostname, opcode, buffers, peer_buffer_addresses, lengths).id
 
     @_mooncake(0)

@@ -17,7 +17,7 @@ import weakref
 from typing import Any, NamedTuple, Sequence
 
 from . import _errors, _ffi
-from ._buffers import Span, span, spans
+from ._buffers import span, spans
 from ._errors import Error, Status
 from ._managed import ManagedAllocator
 
@@ -183,6 +183,7 @@ class Engine:
         self._lib = lib
         self._check(lib.kvf_config_new(ctypes.byref(cfg)))
         try:
+
             def setting(fn, *args):
                 self._check(fn(cfg, *args))
 
@@ -316,7 +317,9 @@ class Engine:
             self._regions[s.addr] = region
         return region
 
-    def register_many(self, buffers: Sequence[Any], lengths: Sequence[int] | None = None, location: str = "*") -> list[Region]:
+    def register_many(
+        self, buffers: Sequence[Any], lengths: Sequence[int] | None = None, location: str = "*"
+    ) -> list[Region]:
         """Registers several regions, all or none."""
         ss = spans(buffers, "buffers")
         if lengths is None:
@@ -489,9 +492,7 @@ class Engine:
             if op != WRITE:
                 raise ValueError("notify: only WRITE batches carry a notification")
             msg = _message_bytes(notify)
-            self._run(
-                self._lib.kvf_batch_submit_write_notify, sess, la, ra, na, n, msg, len(msg), ctypes.byref(out)
-            )
+            self._run(self._lib.kvf_batch_submit_write_notify, sess, la, ra, na, n, msg, len(msg), ctypes.byref(out))
         return Batch(self, out.value, n, keep)
 
     def submit_read(self, session: str, local_addrs, remote_addrs, lengths=None) -> "Batch":
@@ -620,4 +621,3 @@ class Batch:
 
     def __repr__(self) -> str:
         return f"<kvferry.Batch {self.id:#x}>"
-

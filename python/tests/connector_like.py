@@ -47,14 +47,23 @@ def main():
     dst = ctypes.create_string_buffer(8192)
     assert te.register_memory(ctypes.addressof(dst), 8192) == 0
     remote = f"127.0.0.1:{prefill.get_rpc_port()}"
-    rc = te.batch_transfer_sync_read(remote, [ctypes.addressof(dst), ctypes.addressof(dst) + 4096], [ctypes.addressof(kv) + 4096, ctypes.addressof(kv)], [4096, 4096])
-    print(json.dumps({
-        "module": mooncake.engine.__name__,
-        "class_module": type(te).__module__,
-        "kvferry": bool(getattr(mooncake.engine, "__kvferry__", False)),
-        "rc": rc,
-        "swapped": dst.raw == b"V" * 4096 + b"K" * 4096,
-    }))
+    rc = te.batch_transfer_sync_read(
+        remote,
+        [ctypes.addressof(dst), ctypes.addressof(dst) + 4096],
+        [ctypes.addressof(kv) + 4096, ctypes.addressof(kv)],
+        [4096, 4096],
+    )
+    print(
+        json.dumps(
+            {
+                "module": mooncake.engine.__name__,
+                "class_module": type(te).__module__,
+                "kvferry": bool(getattr(mooncake.engine, "__kvferry__", False)),
+                "rc": rc,
+                "swapped": dst.raw == b"V" * 4096 + b"K" * 4096,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import MiB, Buffer
+from conftest import MiB
 from peer import Peer
 
 import kvferry
@@ -58,7 +58,9 @@ def test_unregistered_local_address(te, peer):
 
 
 def test_remote_address_outside_the_peer(te, peer, local):
-    fails(te.transfer_sync_read(peer.session, local.addr, peer.addr + peer.size - 8, 64), -1, "remote range", peer.session)
+    fails(
+        te.transfer_sync_read(peer.session, local.addr, peer.addr + peer.size - 8, 64), -1, "remote range", peer.session
+    )
     fails(te.transfer_sync_write(peer.session, local.addr, 0x1000, 64), -1, "remote range")
     fails(te.batch_transfer_sync_read(peer.session, [local.addr], [2**64 - 8], [64]), -1)
 
@@ -104,13 +106,13 @@ def test_addresses_of_wrong_type_or_range(te, peer, local, addr):
 
 
 def test_list_arguments_of_wrong_shape(te, peer, local):
-    s, l, r = peer.session, local.addr, peer.addr
-    fails(te.batch_transfer_sync_read(s, [l, l], [r], [8, 8]), -1, "must match")
-    fails(te.batch_transfer_sync_read(s, [l], [r], [8, 8]), -1, "must match")
-    fails(te.batch_transfer_sync_read(s, l, [r], [8]), -1, "list")
-    fails(te.batch_transfer_sync_read(s, [l], r, [8]), -1, "list")
-    fails(te.batch_transfer_sync_read(s, [l], [r], 8), -1, "list")
-    fails(te.batch_transfer_sync_read(s, [l], [r], ["8"]), -1, "lengths")
+    s, lo, r = peer.session, local.addr, peer.addr
+    fails(te.batch_transfer_sync_read(s, [lo, lo], [r], [8, 8]), -1, "must match")
+    fails(te.batch_transfer_sync_read(s, [lo], [r], [8, 8]), -1, "must match")
+    fails(te.batch_transfer_sync_read(s, lo, [r], [8]), -1, "list")
+    fails(te.batch_transfer_sync_read(s, [lo], r, [8]), -1, "list")
+    fails(te.batch_transfer_sync_read(s, [lo], [r], 8), -1, "list")
+    fails(te.batch_transfer_sync_read(s, [lo], [r], ["8"]), -1, "lengths")
     fails(te.batch_transfer_async_read(s, [], [], []), 0, "at least one op")
     assert te.batch_transfer_sync_read(s, [], [], []) == 0  # nothing to move: done
 

@@ -4,7 +4,6 @@ forced to tcp and one choosing the path itself (same host: cma)."""
 
 import time
 
-import pytest
 from conftest import MiB, pattern
 
 import kvferry
@@ -49,7 +48,12 @@ def test_batch_sync_read_and_write_keep_op_order(te, peer, local):
         j = n - 1 - i
         assert got[i * block : (i + 1) * block] == data[j * block : (j + 1) * block], i
     # Write them back in order into a fresh remote area.
-    assert te.batch_transfer_sync_write(peer.session, locals_, [peer.addr + 4 * MiB + i * block for i in range(n)], [block] * n) == 0
+    assert (
+        te.batch_transfer_sync_write(
+            peer.session, locals_, [peer.addr + 4 * MiB + i * block for i in range(n)], [block] * n
+        )
+        == 0
+    )
     assert peer.get(4 * MiB, block * n) == got
 
 
@@ -104,7 +108,12 @@ def test_write_with_notify_arrives_after_the_data(te, peer, local):
 
 def test_notify_name_defaults_to_sender_session(te, peer, local):
     own = te.get_session_id()
-    assert te.batch_transfer_sync(peer.session, [local.addr], [peer.addr], [16], kvferry.TransferOpcode.Write, (own, "plain")) == 0
+    assert (
+        te.batch_transfer_sync(
+            peer.session, [local.addr], [peer.addr], [16], kvferry.TransferOpcode.Write, (own, "plain")
+        )
+        == 0
+    )
     assert peer.notifies(1) == [(own, "plain")]
 
 

@@ -78,7 +78,16 @@ def test_unknown_protocol_warns_and_works(caplog):
 
 @pytest.mark.parametrize(
     "text, n",
-    [(4096, 4096), ("4096", 4096), ("1GB", 1 << 30), ("512MB", 512 << 20), ("512 mb", 512 << 20), ("3.5GiB", int(3.5 * (1 << 30))), ("64KB", 64 << 10), ("2T", 2 << 40)],
+    [
+        (4096, 4096),
+        ("4096", 4096),
+        ("1GB", 1 << 30),
+        ("512MB", 512 << 20),
+        ("512 mb", 512 << 20),
+        ("3.5GiB", int(3.5 * (1 << 30))),
+        ("64KB", 64 << 10),
+        ("2T", 2 << 40),
+    ],
 )
 def test_sizes(text, n):
     assert parse_size(text) == n
@@ -118,7 +127,9 @@ def test_config_file_fields(tmp_path):
 
 def test_config_fills_empty_initialize_arguments(tmp_path, monkeypatch, peer):
     port = free_port()
-    path = write_config(tmp_path, {"local_hostname": f"127.0.0.1:{port}", "metadata_server": "P2PHANDSHAKE", "protocol": "tcp"})
+    path = write_config(
+        tmp_path, {"local_hostname": f"127.0.0.1:{port}", "metadata_server": "P2PHANDSHAKE", "protocol": "tcp"}
+    )
     monkeypatch.setenv("MOONCAKE_CONFIG_PATH", path)
     with kvferry.TransferEngine() as te:
         assert te.initialize("", "", "", "") == 0, kvferry.last_error()

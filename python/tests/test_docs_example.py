@@ -21,7 +21,9 @@ def test_two_process_example(tmp_path):
     script.write_text(code)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same kvferry as this test
-    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "prefill: notification 'block 0 written' from decode-0" in out.stdout
     assert re.search(r"decode: pulled 16 blocks of 65536 bytes from 127\.0\.0\.1:\d+: ok", out.stdout)

@@ -44,7 +44,12 @@ def run(code_or_script, env_extra, tmp_path):
         if code_or_script[0] == "-c":
             cmd = [sys.executable, "-c", boot + code_or_script[1]]
         else:
-            cmd = [sys.executable, "-c", boot + f"sys.argv = [{code_or_script[0]!r}]; runpy.run_path({code_or_script[0]!r}, run_name='__main__')"]
+            cmd = [
+                sys.executable,
+                "-c",
+                boot
+                + f"sys.argv = [{code_or_script[0]!r}]; runpy.run_path({code_or_script[0]!r}, run_name='__main__')",
+            ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
 
 
@@ -82,7 +87,10 @@ def test_alias_exports_mooncake_names(tmp_path):
 
 
 def test_install_from_code(tmp_path):
-    code = "import kvferry; kvferry.install_mooncake_alias(); from mooncake.engine import TransferEngine; print(TransferEngine.__module__)"
+    code = (
+        "import kvferry; kvferry.install_mooncake_alias()\n"
+        "from mooncake.engine import TransferEngine; print(TransferEngine.__module__)"
+    )
     out = run(["-c", code], {}, tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "kvferry.compat", out.stderr
 
@@ -100,7 +108,10 @@ def test_real_mooncake_package_is_kept(tmp_path):
         "from mooncake.engine import TransferEngine\n"
         "print(mooncake.REAL, mooncake.store.STORE, TransferEngine.__module__)\n"
     )
-    env = {"KVFERRY_AS_MOONCAKE": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path / "real"), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        "KVFERRY_AS_MOONCAKE": "1",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "real"), os.environ.get("PYTHONPATH", "")]),
+    }
     out = run(["-c", code], env, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "True real store kvferry.compat"

@@ -44,7 +44,12 @@ def test_many_threads_sync_and_async(te, peer):
                     rc = te.transfer_sync_read(peer.session, mine, peer.addr + off, CHUNK)
                     assert rc == 0, kvferry.last_error()
                 else:
-                    bid = te.batch_transfer_async_read(peer.session, [mine, mine + CHUNK // 2], [peer.addr + off, peer.addr + off + CHUNK // 2], [CHUNK // 2] * 2)
+                    bid = te.batch_transfer_async_read(
+                        peer.session,
+                        [mine, mine + CHUNK // 2],
+                        [peer.addr + off, peer.addr + off + CHUNK // 2],
+                        [CHUNK // 2] * 2,
+                    )
                     assert bid != 0, kvferry.last_error()
                     assert te.get_batch_transfer_status([bid]) == 0, kvferry.last_error()
                 got = buf.bytes(i * 2 * CHUNK, CHUNK)
@@ -72,7 +77,10 @@ def test_threads_register_allocate_and_notify_concurrently(te, peer):
         assert te.write_bytes_to_buffer(addr, bytes([i]) * 10, 10) == 0
         assert te.transfer_sync_write(peer.session, addr, peer.addr + 6 * MiB + i * 16, 10) == 0
         assert te.free_managed_buffer(addr, 1000 + i) == 0
-        assert te.transfer_sync(peer.session, b.addr, peer.addr + 7 * MiB, 8, kvferry.TransferOpcode.Write, (own, f"t{i}")) == 0
+        assert (
+            te.transfer_sync(peer.session, b.addr, peer.addr + 7 * MiB, 8, kvferry.TransferOpcode.Write, (own, f"t{i}"))
+            == 0
+        )
         b.close()
 
     run_threads(work)
