@@ -4,9 +4,11 @@
 use std::ffi::{CStr, c_char};
 
 use kvferry_core::{Engine, EngineConfig, Error};
+use kvferry_topology::SideLayout;
 
 use crate::config::kvf_config;
 use crate::engine::kvf_engine;
+use crate::topology::kvf_layout;
 
 type Result<T> = std::result::Result<T, Error>;
 
@@ -150,4 +152,107 @@ pub(crate) unsafe fn copy_out(
         buf.add(bytes.len()).write(0);
     }
     Ok(())
+}
+
+/// A `#[repr(C)]` struct argument passed by pointer.
+///
+/// # Safety
+/// `p` is NULL or points to a readable `T` whose fields may hold any bit
+/// pattern (plain integers and pointers; enum-like fields are integers
+/// validated by the caller).
+pub(crate) unsafe fn struct_arg<'a, T>(p: *const T, argument: &'static str) -> Result<&'a T> {
+    // SAFETY: forwarded to the caller.
+    unsafe { opt_struct_arg(p, argument) }?.ok_or(Error::NullPointer { argument })
+}
+
+/// Like `struct_arg`, where NULL means "the defaults" (`None`).
+///
+/// # Safety
+/// As `struct_arg`.
+pub(crate) unsafe fn opt_struct_arg<'a, T>(
+    p: *const T,
+    argument: &'static str,
+) -> Result<Option<&'a T>> {
+    if !p.is_aligned() {
+        return Err(Error::InvalidArgument {
+            what: format!("{argument} is not aligned"),
+        });
+    }
+    // SAFETY: NULL or a readable, aligned `T` (caller's promise, alignment
+    // checked); any bit pattern is a valid `T` (caller's promise).
+    Ok(unsafe { p.as_ref() })
+}
+
+/// Checks, before anything is written, that an output array of `capacity`
+/// elements at `p` can take `len` of them: NULL is only allowed when nothing
+/// is to be written. A short buffer is the caller's to report (with its
+/// own wording), so here it is an invalid argument.
+pub(crate) fn check_out_array<T>(
+    p: *mut T,
+    capacity: usize,
+    len: usize,
+    argument: &'static str,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if capacity < len {
+        return Err(Error::InvalidArgument {
+            what: format!("{argument} holds {capacity} entries; {len} are needed"),
+        });
+    }
+    if p.is_null() {
+        return Err(Error::NullPointer { argument });
+    }
+    if !p.is_aligned() {
+        return Err(Error::InvalidArgument {
+            what: format!("{argument} is not aligned"),
+        });
+    }
+    Ok(())
+}
+
+/// Copies `values` into the output array `p` of `capacity` elements.
+///
+/// # Safety
+/// `p` is NULL or writable for `capacity` elements of `T`.
+pub(crate) unsafe fn write_array<T: Copy>(
+    p: *mut T,
+    capacity: usize,
+    values: &[T],
+    argument: &'static str,
+) -> Result<()> {
+    check_out_array(p, capacity, values.len(), argument)?;
+    if !values.is_empty() {
+        // SAFETY: `p` is non-NULL, aligned and writable for `capacity` >=
+        // `values.len()` elements (checked above; writability is the caller's
+        // promise); the source is Rust memory, so the two cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), p, values.len()) };
+    }
+    Ok(())
+}
+
+/// # Safety
+/// `p` is NULL or a live handle from `kvf_layout_new`.
+pub(crate) unsafe fn layout<'a>(
+    p: *const kvf_layout,
+    argument: &'static str,
+) -> Result<&'a SideLayout> {
+    // SAFETY: non-NULL layout handles are `Box<SideLayout>` pointers made by
+    // `kvf_layout_new` and not yet freed (the caller's promise); layouts are
+    // immutable, so shared references from many threads are fine.
+    unsafe { p.cast::<SideLayout>().as_ref() }.ok_or(Error::NullPointer { argument })
+}
+
+pub(crate) fn layout_into_raw(l: SideLayout) -> *mut kvf_layout {
+    Box::into_raw(Box::new(l)).cast()
+}
+
+/// # Safety
+/// `p` is NULL or a live handle from `kvf_layout_new`, not used afterwards.
+pub(crate) unsafe fn layout_free(p: *mut kvf_layout) {
+    if !p.is_null() {
+        // SAFETY: made by `layout_into_raw`, freed once (caller's promise).
+        drop(unsafe { Box::from_raw(p.cast::<SideLayout>()) });
+    }
 }

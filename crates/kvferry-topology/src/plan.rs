@@ -263,6 +263,50 @@ pub fn plan_blocks_into(
     request: &PlanRequest<'_>,
     ops: &mut Vec<PlannedOp>,
 ) -> Result<()> {
+    let prepared = prepare(local, remote, request)?;
+    let start_len = ops.len();
+    let result = emit(&prepared.caches, &prepared.runs, ops);
+    if result.is_err() {
+        ops.truncate(start_len);
+    }
+    result
+}
+
+/// How many ops [`plan_blocks_into`] would append for `request`, computed
+/// without building them, with the same validation (an `Err` here is the
+/// error planning would give).
+///
+/// Lets a caller size its buffers exactly, or refuse a plan too large to
+/// hold, before any op is allocated: a layout with a huge `scale` and
+/// padded blocks can ask for far more ops than it has block ids.
+pub fn plan_op_count(
+    local: &SideLayout,
+    remote: &SideLayout,
+    request: &PlanRequest<'_>,
+) -> Result<usize> {
+    let prepared = prepare(local, remote, request)?;
+    let overflow = || TopologyError::Overflow { what: "op count" };
+    let ids = u64::try_from(request.local_ids.len()).map_err(|_| overflow())?;
+    let mut count: u64 = 0;
+    for c in &prepared.caches {
+        let per_cache = if c.coalesce {
+            u64::try_from(prepared.runs.len()).map_err(|_| overflow())?
+        } else {
+            ids.checked_mul(c.local.scale).ok_or_else(overflow)?
+        };
+        count = count.checked_add(per_cache).ok_or_else(overflow)?;
+    }
+    usize::try_from(count).map_err(|_| overflow())
+}
+
+/// A validated request: the per-cache constants and the runs of ids.
+struct Prepared {
+    caches: Vec<CachePlan>,
+    /// `(local start, remote start, logical blocks)`.
+    runs: Vec<(u64, u64, u64)>,
+}
+
+fn prepare(local: &SideLayout, remote: &SideLayout, request: &PlanRequest<'_>) -> Result<Prepared> {
     let (pulls, offset_index) = (request.pulls, request.offset_index);
     if pulls == 0 || offset_index >= pulls {
         return Err(TopologyError::OffsetOutOfRange {
@@ -312,13 +356,7 @@ pub fn plan_blocks_into(
             _ => runs.push((l, r, 1)),
         }
     }
-
-    let start_len = ops.len();
-    let result = emit(&caches, &runs, ops);
-    if result.is_err() {
-        ops.truncate(start_len);
-    }
-    result
+    Ok(Prepared { caches, runs })
 }
 
 fn emit(caches: &[CachePlan], runs: &[(u64, u64, u64)], ops: &mut Vec<PlannedOp>) -> Result<()> {
