@@ -77,6 +77,7 @@ def _make_ffi() -> types.ModuleType:
     ffi.KVF_OP_WRITE = 1
     ffi.KVF_WAIT_FOREVER = (1 << 64) - 1
     state: dict = {}
+    array_types: dict = {}
 
     def load():
         if "lib" not in state:
@@ -117,7 +118,11 @@ def _make_ffi() -> types.ModuleType:
             raise TypeError(f"{what}: expected a list of ints") from None
         except OverflowError:
             raise ValueError(f"{what}: a value is not an unsigned 64-bit value") from None
-        t = ctypes.c_uint64 * len(arr)
+        # Array types cached by length, as the package does: making one
+        # costs more than filling it.
+        t = array_types.get(len(arr))
+        if t is None:
+            t = array_types[len(arr)] = ctypes.c_uint64 * len(arr)
         return t.from_buffer(arr) if len(arr) else t()
 
     ffi.load, ffi.library_path, ffi.u64, ffi.u64_array = load, library_path, u64, u64_array

@@ -577,6 +577,12 @@ static void test_layout_and_plan_errors(void) {
   EXPECT(kvf_plan_blocks(local, remote, one, 1, one, 1, NULL, la, ra, NULL, 4, &n),
          KVF_STATUS_NULL_POINTER, "lens");
   CHECK(n == 77 && la[0] == 0 && ln[0] == 0);
+  /* The library fills the three arrays in place: they may not overlap. */
+  EXPECT(kvf_plan_blocks(local, remote, one, 1, one, 1, NULL, la, la, ln, 4, &n),
+         KVF_STATUS_INVALID_ARGUMENT, "local_addrs and remote_addrs overlap");
+  EXPECT(kvf_plan_blocks(local, remote, one, 1, one, 1, NULL, la, ra, la + 0, 1, &n),
+         KVF_STATUS_INVALID_ARGUMENT, "local_addrs and lens overlap");
+  CHECK(n == 77);
 
   /* Options out of range. */
   o = options(1, 0, 2);

@@ -2,6 +2,7 @@
 //! slices. Every function checks NULL and names the argument in the error.
 
 use std::ffi::{CStr, c_char};
+use std::mem::MaybeUninit;
 
 use kvferry_core::{Engine, EngineConfig, Error};
 use kvferry_topology::SideLayout;
@@ -255,4 +256,42 @@ pub(crate) unsafe fn layout_free(p: *mut kvf_layout) {
         // SAFETY: made by `layout_into_raw`, freed once (caller's promise).
         drop(unsafe { Box::from_raw(p.cast::<SideLayout>()) });
     }
+}
+
+/// Output arrays of `len` elements each (capacity `capacity` each), as
+/// mutable slices to fill in place. Checked like `check_out_array`, and
+/// pairwise disjoint, since two mutable slices may not alias.
+///
+/// # Safety
+/// Each pointer is NULL or writable for `capacity` elements of `T`, and
+/// nothing else accesses that memory while the slices live.
+pub(crate) unsafe fn out_arrays<'a, T, const N: usize>(
+    arrays: [(*mut T, &'static str); N],
+    capacity: usize,
+    len: usize,
+) -> Result<[&'a mut [MaybeUninit<T>]; N]> {
+    for &(p, argument) in &arrays {
+        check_out_array(p, capacity, len, argument)?;
+    }
+    let bytes = len.saturating_mul(size_of::<T>());
+    for (i, &(a, a_name)) in arrays.iter().enumerate() {
+        for &(b, b_name) in &arrays[i + 1..] {
+            let (a, b) = (a as usize, b as usize);
+            if len > 0 && a < b.saturating_add(bytes) && b < a.saturating_add(bytes) {
+                return Err(Error::InvalidArgument {
+                    what: format!("{a_name} and {b_name} overlap"),
+                });
+            }
+        }
+    }
+    Ok(arrays.map(|(p, _)| {
+        if len == 0 {
+            return <&mut [MaybeUninit<T>]>::default();
+        }
+        // SAFETY: non-NULL and aligned (checked above), writable for
+        // `capacity` >= `len` elements and not accessed elsewhere (the
+        // caller's promise), disjoint from the other slices (checked above);
+        // `MaybeUninit` makes no claim about the current contents.
+        unsafe { std::slice::from_raw_parts_mut(p.cast::<MaybeUninit<T>>(), len) }
+    }))
 }

@@ -19,7 +19,7 @@ use std::ffi::c_char;
 use kvferry_core::{Engine, Error, Op, Status};
 use kvferry_topology::{
     Attention, CacheLayout, PdShape, PlanRequest, PlannedOp, PrefixHit, PullMapping, PushMapping,
-    SideLayout, SplitSide, TopologyError, plan_blocks_into, plan_op_count, seed_for_request,
+    SideLayout, SplitSide, TopologyError, plan_blocks_each, plan_op_count, seed_for_request,
 };
 
 use crate::boundary::{ffi, refuse};
@@ -485,21 +485,9 @@ impl BlockArgs<'_> {
         plan_op_count(self.local, self.remote, &self.request).map_err(topology_error)
     }
 
-    /// The plan, in memory reserved up front: a refused allocation is an
-    /// error, not an abort of the host process.
-    fn plan(&self, count: usize) -> Result<Vec<PlannedOp>, Error> {
-        let mut ops = Vec::new();
-        ops.try_reserve_exact(count)
-            .map_err(|e| no_memory(count, &e))?;
-        plan_blocks_into(self.local, self.remote, &self.request, &mut ops)
-            .map_err(topology_error)?;
-        Ok(ops)
-    }
-}
-
-fn no_memory(count: usize, e: &std::collections::TryReserveError) -> Error {
-    Error::InvalidArgument {
-        what: format!("cannot hold a plan of {count} ops: {e}"),
+    /// Hands every op of the plan to `sink` (see `plan_blocks_each`).
+    fn each(&self, sink: impl FnMut(PlannedOp)) -> Result<(), Error> {
+        plan_blocks_each(self.local, self.remote, &self.request, sink).map_err(topology_error)
     }
 }
 
@@ -621,26 +609,31 @@ pub unsafe extern "C" fn kvf_plan_blocks(
                 capacity,
             ));
         }
-        handle::check_out_array(local_addrs, capacity, count, "local_addrs")?;
-        handle::check_out_array(remote_addrs, capacity, count, "remote_addrs")?;
-        handle::check_out_array(lens, capacity, count, "lens")?;
-        let ops = args.plan(count)?;
-        let column = |f: fn(&PlannedOp) -> u64| ops.iter().map(f).collect::<Vec<u64>>();
+        // The plan goes straight into the caller's arrays: no copy of it
+        // is ever held here.
         // SAFETY: forwarded to the caller (the three arrays).
-        unsafe { handle::write_array(local_addrs, capacity, &column(|o| o.local), "local_addrs") }?;
-        // SAFETY: as above.
-        unsafe {
-            handle::write_array(
-                remote_addrs,
+        let [la, ra, ln] = unsafe {
+            handle::out_arrays(
+                [
+                    (local_addrs, "local_addrs"),
+                    (remote_addrs, "remote_addrs"),
+                    (lens, "lens"),
+                ],
                 capacity,
-                &column(|o| o.remote),
-                "remote_addrs",
+                count,
             )
         }?;
-        // SAFETY: as above.
-        unsafe { handle::write_array(lens, capacity, &column(|o| o.len), "lens") }?;
+        let mut written = 0;
+        args.each(|op| {
+            // `count` is exactly the number of ops (plan_op_count): an index
+            // past it would be a bug, and its panic the boundary reports.
+            la[written].write(op.local);
+            ra[written].write(op.remote);
+            ln[written].write(op.len);
+            written += 1;
+        })?;
         // SAFETY: checked non-NULL above; writable (caller's promise).
-        unsafe { handle::out(out_num_ops, "out_num_ops", ops.len()) }?;
+        unsafe { handle::out(out_num_ops, "out_num_ops", written) }?;
         Ok(Status::Ok)
     })
 }
@@ -651,15 +644,20 @@ fn engine_ops(args: &BlockArgs<'_>) -> Result<Option<Vec<Op>>, Error> {
     if count == 0 {
         return Ok(None);
     }
-    let planned = args.plan(count)?;
+    // Reserved up front: a refused allocation is an error, not an abort of
+    // the host process.
     let mut ops = Vec::new();
     ops.try_reserve_exact(count)
-        .map_err(|e| no_memory(count, &e))?;
-    ops.extend(planned.iter().map(|o| Op {
-        local: o.local,
-        remote: o.remote,
-        len: o.len,
-    }));
+        .map_err(|e| Error::InvalidArgument {
+            what: format!("cannot hold a plan of {count} ops: {e}"),
+        })?;
+    args.each(|o| {
+        ops.push(Op {
+            local: o.local,
+            remote: o.remote,
+            len: o.len,
+        })
+    })?;
     Ok(Some(ops))
 }
 

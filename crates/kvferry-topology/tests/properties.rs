@@ -15,7 +15,8 @@ use std::collections::BTreeSet;
 use common::SplitMix;
 use kvferry_topology::{
     Attention, CacheLayout, PdShape, PlanRequest, PlannedOp, PrefixHit, PullMapping, PushMapping,
-    SideLayout, SplitSide, plan_blocks, plan_op_count, rank_heads, seed_for_request,
+    SideLayout, SplitSide, plan_blocks, plan_blocks_each, plan_op_count, rank_heads,
+    seed_for_request,
 };
 use proptest::prelude::*;
 
@@ -230,6 +231,9 @@ fn check_plan(seed: u64) -> Result<(), TestCaseError> {
         plan_op_count(&c.local, &c.remote, &request).expect("valid request"),
         ops.len()
     );
+    let mut streamed = Vec::new();
+    plan_blocks_each(&c.local, &c.remote, &request, |op| streamed.push(op)).expect("valid");
+    prop_assert_eq!(&streamed, &ops);
     let paired_remote = &c.remote_ids[c.remote_ids.len() - c.local_ids.len()..];
 
     // Expected: one (local, remote) slice pair per layer, cache, id pair and
