@@ -18,11 +18,13 @@ mod config;
 mod engine;
 mod handle;
 mod notify;
+mod topology;
 mod transfer;
 
 pub use config::*;
 pub use engine::*;
 pub use notify::*;
+pub use topology::*;
 pub use transfer::*;
 
 use std::ffi::c_char;
