@@ -117,6 +117,11 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "kvf_batch_free": (c_status, [c_engine_p, ctypes.c_uint64]),
 }
 
+# kvf_topology_*, kvf_layout_*, kvf_plan_blocks, kvf_*_blocks (and their structs).
+from ._topology_ffi import SIGNATURES as _TOPOLOGY_SIGNATURES  # noqa: E402
+
+SIGNATURES.update(_TOPOLOGY_SIGNATURES)
+
 # Constants of the header (checked against it by tests/test_header.py).
 KVF_OP_READ = 0
 KVF_OP_WRITE = 1

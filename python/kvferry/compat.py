@@ -398,6 +398,34 @@ class TransferEngine:
         return self._e().submit(target_hostname, WRITE, [buffer], [peer_buffer_address], [length]).id
 
     @_mooncake(-1)
+    def transfer_blocks(
+        self, target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=TransferOpcode.Read, **options
+    ) -> int:
+        """kvferry extension: plans a request's blocks over two
+        `kvferry.topology.Layout`s and moves them in one call; 0 or -1.
+        Options as `kvferry.topology.transfer_blocks` (pulls, offset_index,
+        split, computed_tokens, tokens_per_block, trim_remote_head)."""
+        from . import topology
+
+        topology.transfer_blocks(
+            self._e(), target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=opcode, **options
+        )
+        return 0
+
+    @_mooncake(0)
+    def transfer_blocks_async(
+        self, target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=TransferOpcode.Read, **options
+    ) -> int:
+        """`transfer_blocks` in the background: its batch id (0 on failure),
+        for `transfer_check_status`."""
+        from . import topology
+
+        options["wait"] = False
+        return topology.transfer_blocks(
+            self._e(), target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=opcode, **options
+        )
+
+    @_mooncake(-1)
     def transfer_check_status(self, batch_id) -> int:
         """1 done, 0 in progress, -1 failed, -2 timed out. A batch that ended
         (1, -1 or -2) is freed: its id is not valid afterwards."""

@@ -505,6 +505,22 @@ class Engine:
         """A `Batch` for an id obtained elsewhere (e.g. the Mooncake API)."""
         return Batch(self, _ffi.u64(batch_id, "batch_id"), None, None)
 
+    def transfer_blocks(self, session: str, local_layout, remote_layout, local_ids, remote_ids, **options) -> None:
+        """Plans a request's blocks over two `kvferry.topology.Layout`s and
+        moves them in one call; see `kvferry.topology.transfer_blocks`."""
+        from . import topology
+
+        topology.transfer_blocks(self, session, local_layout, remote_layout, local_ids, remote_ids, **options)
+
+    def submit_blocks(self, session: str, local_layout, remote_layout, local_ids, remote_ids, **options) -> "Batch":
+        """`transfer_blocks` in the background: the `Batch` to wait for."""
+        from . import topology
+
+        options["wait"] = False
+        return self.batch(
+            topology.transfer_blocks(self, session, local_layout, remote_layout, local_ids, remote_ids, **options)
+        )
+
     # -- notifications and peers -----------------------------------------------
 
     def notify(self, session: str, message) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import kvferry
-from kvferry import _ffi
+from kvferry import _ffi, _topology_ffi
 
 HEADER_CANDIDATES = [
     Path(__file__).resolve().parents[2] / "include" / "kvferry.h",  # a checkout
@@ -73,6 +73,8 @@ def expected(ctype):
         return {ctypes.c_void_p}
     if t in ("struct kvf_engine**", "struct kvf_config**"):
         return {ctypes.POINTER(ctypes.c_void_p)}
+    if t.replace("const ", "") in _topology_ffi.STRUCT_POINTERS:
+        return {_topology_ffi.STRUCT_POINTERS[t]}
     if t.endswith("*") and t[:-1] in SCALARS:
         return {ctypes.POINTER(SCALARS[t[:-1]])}
     raise AssertionError(f"the test does not know C type {ctype!r}: teach it")
