@@ -173,6 +173,7 @@ def test_python_argument_errors():
         topology.pulls_per_rank(8, 4, 4, 1)
     with pytest.raises(TypeError, match="prefill_tp"):
         topology.pull_ranks("r", 8.0, 4, 4)
+    assert topology.pulls_per_rank(8, 1, 4) == 4  # cached: True must not hit it
     with pytest.raises(TypeError, match="decode_tp"):
         topology.pulls_per_rank(8, True, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):
@@ -363,6 +364,18 @@ def test_plans_match_the_transcription_for_random_layouts():
             assert any(a <= la and la + n <= a + m for a, m in regions_l)
             assert any(a <= ra and ra + n <= a + m for a, m in regions_r)
     assert nonempty > 300
+
+
+def test_plans_larger_than_the_first_guess():
+    # 61 layers x 2 caches x 40 blocks, n = 2: 4880 ops, more than the
+    # first buffer holds, so the library sizes the second.
+    caches = lambda base, n: [[(base + (2 * l + c) * n * 40, n) for c in range(2)] for l in range(61)]  # noqa: E731
+    local, remote = topology.Layout(caches(1 << 30, 1024), 40), topology.Layout(caches(1 << 40, 512), 40)
+    ids = list(range(40))
+    got = topology.plan_blocks(local, remote, ids, ids[::-1], pulls=2, offset_index=1)
+    flat = lambda l: [c for layer in l.caches for c in layer]  # noqa: E731
+    want = compat_plan.plan(flat(local), flat(remote), ids, ids[::-1], pulls=2, offset_index=1)
+    assert len(got[0]) == 4880 and [list(a) for a in got] == [list(w) for w in want]
 
 
 def test_plan_refusals():
