@@ -19,6 +19,7 @@ KVFERRY_LIBRARY, or `cargo build --release -p kvferry-capi`). Standalone:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -109,7 +110,7 @@ def main() -> None:
             name = f"{LAYERS}x{CACHES}x{blocks}/{kind}"
             ref = compat_plan.plan(local, remote, lids, rids, pulls=pulls)
             row = {"ops": len(ref[0]), "loop": None, "api": None}
-            loop = lambda: compat_plan.plan(local, remote, lids, rids, pulls=pulls)  # noqa: E731
+            loop = functools.partial(compat_plan.plan, local, remote, lids, rids, pulls=pulls)
             if topology is None:
                 (row["loop"],) = seconds_per_call(loop)
             else:
@@ -117,22 +118,20 @@ def main() -> None:
                 rl = topology.Layout([remote[i : i + CACHES] for i in range(0, len(remote), CACHES)], num_blocks)
                 got = topology.plan_blocks(ll, rl, lids, rids, pulls=pulls)
                 assert [list(a) for a in got] == [list(a) for a in ref], f"{name}: the API and the loop disagree"
-                row["loop"], row["api"] = seconds_per_call(
-                    loop, lambda: topology.plan_blocks(ll, rl, lids, rids, pulls=pulls)
-                )
+                api = functools.partial(topology.plan_blocks, ll, rl, lids, rids, pulls=pulls)
+                row["loop"], row["api"] = seconds_per_call(loop, api)
             out["plan"][name] = row
     for p, d, h, kind, s in PULL_SHAPES:
         name = f"P{p}-D{d}-H{h}-{kind}-S{s}"
         ref = rules.pull_lists(p, d, h, kind, s, REQUEST)
         row = {"loop": None, "api": None}
-        loop = lambda: rules.pull_lists(p, d, h, kind, s, REQUEST)  # noqa: E731
+        loop = functools.partial(rules.pull_lists, p, d, h, kind, s, REQUEST)
         if topology is None:
             (row["loop"],) = seconds_per_call(loop, budget=0.3)
         else:
             assert topology.pull_ranks(REQUEST, p, d, h, kind, s) == ref, name
-            row["loop"], row["api"] = seconds_per_call(
-                loop, lambda: topology.pull_ranks(REQUEST, p, d, h, kind, s), budget=0.3
-            )
+            api = functools.partial(topology.pull_ranks, REQUEST, p, d, h, kind, s)
+            row["loop"], row["api"] = seconds_per_call(loop, api, budget=0.3)
         out["pull"][name] = row
     if "--json" in sys.argv:
         json.dump(out, sys.stdout)

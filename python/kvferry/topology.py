@@ -244,9 +244,7 @@ def push_targets(
     offset = ctypes.c_uint64()
     _check(
         lib,
-        lib.kvf_topology_push_targets(
-            ctypes.byref(sh), q, p, ranks, len(ranks), ctypes.byref(n), ctypes.byref(offset)
-        ),
+        lib.kvf_topology_push_targets(ctypes.byref(sh), q, p, ranks, len(ranks), ctypes.byref(n), ctypes.byref(offset)),
     )
     return ranks[: n.value], offset.value
 
@@ -314,9 +312,7 @@ class Layout:
         bases = list(kv_caches_base_addr)
         lens = list(block_len)
         if caches_per_layer < 1 or not bases or len(bases) % caches_per_layer:
-            raise ValueError(
-                f"{len(bases)} base addresses do not make whole layers of {caches_per_layer} caches"
-            )
+            raise ValueError(f"{len(bases)} base addresses do not make whole layers of {caches_per_layer} caches")
         if len(lens) not in (1, caches_per_layer):
             raise ValueError(f"block_len: expected 1 or {caches_per_layer} entries, got {len(lens)}")
         layers = [
