@@ -19,6 +19,7 @@ KVFERRY_LIBRARY, or `cargo build --release -p kvferry-capi`). Standalone:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -57,20 +58,25 @@ def scenario(blocks: int, kind: str):
     return local, remote, num_blocks, local_ids, remote_ids, pulls
 
 
-def seconds_per_call(fn, budget: float = 0.4, rounds: int = 7) -> float:
-    """Median over `rounds` of the mean time of a call, each round ~budget/rounds."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
-    n = max(1, int(budget / rounds / once))
-    samples = []
-    for _ in range(rounds):
+def seconds_per_call(*fns, budget: float = 0.6, rounds: int = 7) -> list[float]:
+    """Seconds per call of each of `fns`: the median over `rounds` of the
+    mean time of a batch of calls, the functions taking turns in every
+    round, so that load from other processes weighs on all of them alike."""
+    counts = []
+    for fn in fns:
+        fn()
         start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - start) / n)
-    return statistics.median(samples)
+        fn()
+        once = max(time.perf_counter() - start, 1e-7)
+        counts.append(max(1, int(budget / len(fns) / rounds / once)))
+    samples = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, n, out in zip(fns, counts, samples):
+            start = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out.append((time.perf_counter() - start) / n)
+    return [statistics.median(s) for s in samples]
 
 
 def load_api():
@@ -103,25 +109,29 @@ def main() -> None:
             local, remote, num_blocks, lids, rids, pulls = scenario(blocks, kind)
             name = f"{LAYERS}x{CACHES}x{blocks}/{kind}"
             ref = compat_plan.plan(local, remote, lids, rids, pulls=pulls)
-            row = {
-                "ops": len(ref[0]),
-                "loop": seconds_per_call(lambda: compat_plan.plan(local, remote, lids, rids, pulls=pulls)),
-                "api": None,
-            }
-            if topology is not None:
+            row = {"ops": len(ref[0]), "loop": None, "api": None}
+            loop = functools.partial(compat_plan.plan, local, remote, lids, rids, pulls=pulls)
+            if topology is None:
+                (row["loop"],) = seconds_per_call(loop)
+            else:
                 ll = topology.Layout([local[i : i + CACHES] for i in range(0, len(local), CACHES)], num_blocks)
                 rl = topology.Layout([remote[i : i + CACHES] for i in range(0, len(remote), CACHES)], num_blocks)
                 got = topology.plan_blocks(ll, rl, lids, rids, pulls=pulls)
                 assert [list(a) for a in got] == [list(a) for a in ref], f"{name}: the API and the loop disagree"
-                row["api"] = seconds_per_call(lambda: topology.plan_blocks(ll, rl, lids, rids, pulls=pulls))
+                api = functools.partial(topology.plan_blocks, ll, rl, lids, rids, pulls=pulls)
+                row["loop"], row["api"] = seconds_per_call(loop, api)
             out["plan"][name] = row
     for p, d, h, kind, s in PULL_SHAPES:
         name = f"P{p}-D{d}-H{h}-{kind}-S{s}"
         ref = rules.pull_lists(p, d, h, kind, s, REQUEST)
-        row = {"loop": seconds_per_call(lambda: rules.pull_lists(p, d, h, kind, s, REQUEST), budget=0.2), "api": None}
-        if topology is not None:
+        row = {"loop": None, "api": None}
+        loop = functools.partial(rules.pull_lists, p, d, h, kind, s, REQUEST)
+        if topology is None:
+            (row["loop"],) = seconds_per_call(loop, budget=0.3)
+        else:
             assert topology.pull_ranks(REQUEST, p, d, h, kind, s) == ref, name
-            row["api"] = seconds_per_call(lambda: topology.pull_ranks(REQUEST, p, d, h, kind, s), budget=0.2)
+            api = functools.partial(topology.pull_ranks, REQUEST, p, d, h, kind, s)
+            row["loop"], row["api"] = seconds_per_call(loop, api, budget=0.3)
         out["pull"][name] = row
     if "--json" in sys.argv:
         json.dump(out, sys.stdout)

@@ -94,6 +94,31 @@ def _text(value: Any, what: str) -> bytes:
 
 
 def _shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp) -> _t.PdShape:
+    """The `kvf_pd_shape` (read-only for the library, so shared: a few
+    shapes serve a whole deployment)."""
+    key = (prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp)
+    # Only exact ints and str are cached: True == 1 and 8.0 == 8 as keys,
+    # but the checks refuse them.
+    if not (
+        type(prefill_tp) is int
+        and type(decode_tp) is int
+        and type(num_kv_heads) is int
+        and type(prefill_pp) is int
+        and type(attention) is str
+    ):
+        return _new_shape(*key)
+    cached = _SHAPES.get(key)
+    if cached is None:
+        cached = _new_shape(*key)
+        if len(_SHAPES) < 1024:
+            _SHAPES[key] = cached
+    return cached
+
+
+_SHAPES: dict = {}
+
+
+def _new_shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp) -> _t.PdShape:
     if not isinstance(attention, str):
         raise TypeError(f"attention: expected 'gqa', 'mla' or 'sparse', got {type(attention).__name__}")
     kind = ATTENTIONS.get(attention.lower())
@@ -219,9 +244,7 @@ def push_targets(
     offset = ctypes.c_uint64()
     _check(
         lib,
-        lib.kvf_topology_push_targets(
-            ctypes.byref(sh), q, p, ranks, len(ranks), ctypes.byref(n), ctypes.byref(offset)
-        ),
+        lib.kvf_topology_push_targets(ctypes.byref(sh), q, p, ranks, len(ranks), ctypes.byref(n), ctypes.byref(offset)),
     )
     return ranks[: n.value], offset.value
 
@@ -289,9 +312,7 @@ class Layout:
         bases = list(kv_caches_base_addr)
         lens = list(block_len)
         if caches_per_layer < 1 or not bases or len(bases) % caches_per_layer:
-            raise ValueError(
-                f"{len(bases)} base addresses do not make whole layers of {caches_per_layer} caches"
-            )
+            raise ValueError(f"{len(bases)} base addresses do not make whole layers of {caches_per_layer} caches")
         if len(lens) not in (1, caches_per_layer):
             raise ValueError(f"block_len: expected 1 or {caches_per_layer} entries, got {len(lens)}")
         layers = [
@@ -377,9 +398,6 @@ def _options(pulls, offset_index, split, computed_tokens, tokens_per_block, trim
     return ctypes.byref(o)
 
 
-_u64_p = ctypes.POINTER(ctypes.c_uint64)
-
-
 def _layout_ptr(layout: Any, what: str) -> int:
     if not isinstance(layout, Layout):
         raise TypeError(f"{what}: expected a kvferry.topology.Layout, got {type(layout).__name__}")
@@ -423,19 +441,28 @@ def plan_blocks(
     ra = _ffi.u64_array(remote_ids, "remote_ids")
     opts = _options(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
     count = ctypes.c_size_t()
-    # The size query, then the plan into exactly sized arrays.
-    status = lib.kvf_plan_blocks(lp, rp, la, len(la), ra, len(ra), opts, None, None, None, 0, ctypes.byref(count))
-    if status == Status.OK:
-        return array.array("Q"), array.array("Q"), array.array("Q")
-    if status != Status.BUFFER_TOO_SMALL:
-        raise _error(lib, status)
+    # One call for plans up to _PLAN_GUESS ops (whole runs coalesce, so most
+    # do); a larger plan is refused with its size before any op is built,
+    # and planned again into arrays of exactly that size.
+    capacity = _PLAN_GUESS
+    while True:
+        out = [array.array("Q", _ZERO) * capacity for _ in range(3)]
+        view = _U64 * capacity
+        views = [view.from_buffer(a) for a in out]
+        status = lib.kvf_plan_blocks(lp, rp, la, len(la), ra, len(ra), opts, *views, capacity, ctypes.byref(count))
+        del views  # arrays exporting their buffer cannot shrink
+        if status != Status.BUFFER_TOO_SMALL:
+            break
+        capacity = count.value
+    _check(lib, status)
     n = count.value
-    out = [array.array("Q", _ZERO) * n for _ in range(3)]
-    ptrs = [ctypes.cast(a.buffer_info()[0], _u64_p) for a in out]
-    _check(lib, lib.kvf_plan_blocks(lp, rp, la, len(la), ra, len(ra), opts, *ptrs, n, ctypes.byref(count)))
+    for a in out:
+        del a[n:]
     return out[0], out[1], out[2]
 
 
+_PLAN_GUESS = 4096
+_U64 = ctypes.c_uint64
 _ZERO = (0,)
 
 

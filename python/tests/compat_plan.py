@@ -25,13 +25,13 @@ def group_runs(local_ids, remote_ids, pulls):
     """[local_start, remote_start, count] runs, cut wherever either side
     steps by anything but +1; with pulls > 1 every pair is its own run."""
     runs = []
-    for l, r in zip(local_ids, remote_ids):
+    for lid, rid in zip(local_ids, remote_ids):
         if pulls == 1 and runs:
             last = runs[-1]
-            if l == last[0] + last[2] and r == last[1] + last[2]:
+            if lid == last[0] + last[2] and rid == last[1] + last[2]:
                 last[2] += 1
                 continue
-        runs.append([l, r, 1])
+        runs.append([lid, rid, 1])
     return runs
 
 
@@ -54,14 +54,14 @@ def plan(local_caches, remote_caches, local_ids, remote_ids, pulls=1, offset_ind
             loff, roff = 0, offset_index * ib
         if pulls == 1 and lstride == llen and rstride == rlen:
             # Byte-contiguous on both sides: one op per run.
-            for l, r, k in runs:
-                local_addrs.append(lbase + l * scale * lstride + loff)
-                remote_addrs.append(rbase + r * scale * rstride + roff)
+            for lid, rid, k in runs:
+                local_addrs.append(lbase + lid * scale * lstride + loff)
+                remote_addrs.append(rbase + rid * scale * rstride + roff)
                 lengths.append(ib * k * scale)
         else:
-            for l, r, k in runs:
+            for lid, rid, k in runs:
                 for j in range(k * scale):
-                    local_addrs.append(lbase + (l * scale + j) * lstride + loff)
-                    remote_addrs.append(rbase + (r * scale + j) * rstride + roff)
+                    local_addrs.append(lbase + (lid * scale + j) * lstride + loff)
+                    remote_addrs.append(rbase + (rid * scale + j) * rstride + roff)
                     lengths.append(ib)
     return local_addrs, remote_addrs, lengths

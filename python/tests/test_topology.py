@@ -20,7 +20,6 @@ import ctypes
 import importlib.util
 import random
 import re
-from pathlib import Path
 
 import pytest
 
@@ -53,9 +52,9 @@ def test_request_seed():
 @pytest.mark.parametrize("p,d,h,attention,s,lists", PULL_VECTORS)
 def test_pull_vectors(p, d, h, attention, s, lists):
     assert topology.pull_ranks("req-0", p, d, h, attention, s) == lists
-    assert topology.prefill_union("req-0", p, d, h, attention, s) == sorted(r for l in lists for r in l)
+    assert topology.prefill_union("req-0", p, d, h, attention, s) == sorted(r for ranks in lists for r in ranks)
     n = topology.pulls_per_rank(p, d, h, attention)
-    assert all(len(l) == n * s for l in lists)
+    assert all(len(ranks) == n * s for ranks in lists)
 
 
 def test_pulls_per_rank_formula():
@@ -108,9 +107,9 @@ HEADS = [1, 2, 4, 8, 16, 64]
 REQUEST_IDS = ["req-0", "", "cmpl-0f3c9a", "chatcmpl-é中", "a" * 300, "x-17", "0", "prefill/decode 42"]
 
 
-def rejects(fn):
+def rejects(fn, *args):
     try:
-        fn()
+        fn(*args)
     except Error as e:
         assert e.status == Status.INVALID_ARGUMENT and e.message, e
         return True
@@ -126,16 +125,16 @@ def test_mappings_match_the_rules_oracle(rules, attention):
                 for s in (1, 2):
                     shape = (p, d, h, attention, s)
                     if rules.rejected(*shape):
-                        assert rejects(lambda: topology.pull_ranks("r", p, d, h, attention, s)), shape
-                        assert rejects(lambda: topology.push_targets(p, d, h, attention, 0, 0)), shape
+                        assert rejects(topology.pull_ranks, "r", p, d, h, attention, s), shape
+                        assert rejects(topology.push_targets, p, d, h, attention, 0, 0), shape
                         continue
                     for rid in REQUEST_IDS:
                         want = rules.pull_lists(*shape, rid)
                         if want is None:
-                            assert rejects(lambda: topology.pull_ranks(rid, p, d, h, attention, s)), shape
+                            assert rejects(topology.pull_ranks, rid, p, d, h, attention, s), shape
                             break
                         assert topology.pull_ranks(rid, p, d, h, attention, s) == want, (shape, rid)
-                        union = sorted({r for l in want for r in l})
+                        union = sorted({r for ranks in want for r in ranks})
                         assert topology.prefill_union(rid, p, d, h, attention, s) == union, (shape, rid)
                         checked += 1
                     else:
@@ -173,6 +172,7 @@ def test_python_argument_errors():
         topology.pulls_per_rank(8, 4, 4, 1)
     with pytest.raises(TypeError, match="prefill_tp"):
         topology.pull_ranks("r", 8.0, 4, 4)
+    assert topology.pulls_per_rank(8, 1, 4) == 4  # cached: True must not hit it
     with pytest.raises(TypeError, match="decode_tp"):
         topology.pulls_per_rank(8, True, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):
@@ -247,14 +247,22 @@ def test_structs_and_constants_match_the_header(header):
     defines = dict(re.findall(r"#define (KVF_\w+) (\S+)", header))
     for name in [n for n in dir(_topology_ffi) if n.startswith("KVF_")]:
         assert int(defines[name]) == getattr(_topology_ffi, name), name
-    for struct, cls in [("kvf_pd_shape", _topology_ffi.PdShape), ("kvf_cache_layout", _topology_ffi.CacheLayout),
-                        ("kvf_plan_options", _topology_ffi.PlanOptions)]:
+    for struct, cls in [
+        ("kvf_pd_shape", _topology_ffi.PdShape),
+        ("kvf_cache_layout", _topology_ffi.CacheLayout),
+        ("kvf_plan_options", _topology_ffi.PlanOptions),
+    ]:
         body = re.search(r"typedef struct %s \{(.*?)\}" % struct, header, re.S).group(1)
         fields = re.findall(r"^\s*(\w+) (\w+);", re.sub(r"//[^\n]*", "", body), re.M)
         assert [(n, _SCALARS[t]) for t, n in fields] == cls._fields_, struct
 
 
 # ---- COMPAT.md section 2 ------------------------------------------------------------------
+
+
+def flat(layout):
+    """A layout's caches, layer by layer, as compat_plan takes them."""
+    return [c for layer in layout.caches for c in layer]
 
 
 def one_cache(num_blocks, base, block_len, stride=None):
@@ -353,8 +361,7 @@ def test_plans_match_the_transcription_for_random_layouts():
         (lc, nl), (rc, nr), local_ids, remote_ids, kwargs = random_case(rng)
         local, remote = topology.Layout(lc, nl), topology.Layout(rc, nr)
         got = [list(a) for a in topology.plan_blocks(local, remote, local_ids, remote_ids, **kwargs)]
-        flat = lambda layers: [c for layer in layers for c in layer]  # noqa: E731
-        want = compat_plan.plan(flat(lc), flat(rc), local_ids, remote_ids, **kwargs)
+        want = compat_plan.plan(flat(local), flat(remote), local_ids, remote_ids, **kwargs)
         assert got == [list(w) for w in want], (lc, rc, local_ids, remote_ids, kwargs)
         nonempty += bool(local_ids)
         # Every op stays inside its cache's region on both sides.
@@ -363,6 +370,19 @@ def test_plans_match_the_transcription_for_random_layouts():
             assert any(a <= la and la + n <= a + m for a, m in regions_l)
             assert any(a <= ra and ra + n <= a + m for a, m in regions_r)
     assert nonempty > 300
+
+
+def test_plans_larger_than_the_first_guess():
+    # 61 layers x 2 caches x 40 blocks, n = 2: 4880 ops, more than the
+    # first buffer holds, so the library sizes the second.
+    def caches(base, n):
+        return [[(base + (2 * layer + c) * n * 40, n) for c in range(2)] for layer in range(61)]
+
+    local, remote = topology.Layout(caches(1 << 30, 1024), 40), topology.Layout(caches(1 << 40, 512), 40)
+    ids = list(range(40))
+    got = topology.plan_blocks(local, remote, ids, ids[::-1], pulls=2, offset_index=1)
+    want = compat_plan.plan(flat(local), flat(remote), ids, ids[::-1], pulls=2, offset_index=1)
+    assert len(got[0]) == 4880 and [list(a) for a in got] == [list(w) for w in want]
 
 
 def test_plan_refusals():
@@ -450,8 +470,11 @@ def layout_in(buf, block_len, pad):
     """LAYERS x CACHES caches of BLOCKS blocks inside `buf`; odd caches padded."""
     base = ctypes.addressof(buf)
     caches = [
-        [(base + (l * CACHES + c) * 0x10000 + 96, block_len, block_len + (pad if c % 2 else 0)) for c in range(CACHES)]
-        for l in range(LAYERS)
+        [
+            (base + (layer * CACHES + c) * 0x10000 + 96, block_len, block_len + (pad if c % 2 else 0))
+            for c in range(CACHES)
+        ]
+        for layer in range(LAYERS)
     ]
     return topology.Layout(caches, BLOCKS)
 
@@ -466,8 +489,8 @@ def apply_plan(dst, dst_base, src, src_base, plan):
 
 
 def fill(buf, seed):
-    rng = random.Random(seed)
-    ctypes.memmove(buf, rng.randbytes(len(buf)), len(buf))
+    n = len(buf)
+    ctypes.memmove(buf, random.Random(seed).getrandbits(8 * n).to_bytes(n, "little"), n)
 
 
 def test_transfer_blocks_pull_and_push(pair):
@@ -476,7 +499,6 @@ def test_transfer_blocks_pull_and_push(pair):
     pl = layout_in(pbuf, SLICE, 0)
     d_ids, p_ids = [3, 4, 5, 9, 10], [0, 1, 2, 7, 15]
     d_base, p_base = ctypes.addressof(dbuf), ctypes.addressof(pbuf)
-    flat = lambda layout: [c for layer in layout.caches for c in layer]  # noqa: E731
 
     # Pull: decode reads its second head slice (n = 2, o = 1).
     fill(dbuf, 1)
@@ -548,11 +570,14 @@ def test_transfer_blocks_through_the_mooncake_engine(pair):
         buf = ctypes.create_string_buffer(1 << 20)
         assert te.register_memory(ctypes.addressof(buf), len(buf)) == 0
         local, remote = layout_in(buf, SLICE, 0), layout_in(pbuf, SLICE, 0)
-        pairs = list(zip([c for layer in local.caches for c in layer], [c for layer in remote.caches for c in layer]))
+        pairs = list(zip(flat(local), flat(remote)))
         ids = list(range(BLOCKS))
 
         def moved():
-            return all(ctypes.string_at(lb, n * BLOCKS) == ctypes.string_at(rb, n * BLOCKS) for (lb, n, _, _), (rb, *_) in pairs)
+            return all(
+                ctypes.string_at(lb, n * BLOCKS) == ctypes.string_at(rb, n * BLOCKS)
+                for (lb, n, _, _), (rb, *_) in pairs
+            )
 
         fill(pbuf, 7)
         topology.transfer_blocks(te, prefill.name, local, remote, ids, ids)

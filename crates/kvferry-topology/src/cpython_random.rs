@@ -27,6 +27,22 @@ const MATRIX_A: u32 = 0x9908_b0df;
 const UPPER_MASK: u32 = 0x8000_0000;
 const LOWER_MASK: u32 = 0x7fff_ffff;
 
+/// `init_genrand(19650218)`, where `init_by_array` starts for every seed:
+/// computed once, at compile time.
+const INIT_GENRAND_19650218: [u32; N] = {
+    let mut mt = [0u32; N];
+    mt[0] = 19_650_218;
+    let mut i = 1;
+    while i < N {
+        let prev = mt[i - 1];
+        mt[i] = 1_812_433_253u32
+            .wrapping_mul(prev ^ (prev >> 30))
+            .wrapping_add(i as u32);
+        i += 1;
+    }
+    mt
+};
+
 /// A Mersenne Twister in exactly the state `random.Random(seed)` would have.
 #[derive(Clone)]
 pub struct CpythonRandom {
@@ -76,20 +92,9 @@ impl CpythonRandom {
         rng
     }
 
-    fn init_genrand(&mut self, seed: u32) {
-        let mt = &mut self.state;
-        mt[0] = seed;
-        for i in 1..N {
-            let prev = mt[i - 1];
-            mt[i] = 1_812_433_253u32
-                .wrapping_mul(prev ^ (prev >> 30))
-                .wrapping_add(i as u32);
-        }
-        self.index = N;
-    }
-
     fn init_by_array(&mut self, key: &[u32]) {
-        self.init_genrand(19_650_218);
+        self.state = INIT_GENRAND_19650218;
+        self.index = N;
         let mt = &mut self.state;
         let mut i = 1usize;
         let mut j = 0usize;
@@ -123,28 +128,23 @@ impl CpythonRandom {
         mt[0] = 0x8000_0000;
     }
 
-    fn twist(&mut self) {
-        let mt = &mut self.state;
-        let mag = |y: u32| if y & 1 == 0 { 0 } else { MATRIX_A };
-        for kk in 0..N - M {
-            let y = (mt[kk] & UPPER_MASK) | (mt[kk + 1] & LOWER_MASK);
-            mt[kk] = mt[kk + M] ^ (y >> 1) ^ mag(y);
-        }
-        for kk in N - M..N - 1 {
-            let y = (mt[kk] & UPPER_MASK) | (mt[kk + 1] & LOWER_MASK);
-            mt[kk] = mt[kk + M - N] ^ (y >> 1) ^ mag(y);
-        }
-        let y = (mt[N - 1] & UPPER_MASK) | (mt[0] & LOWER_MASK);
-        mt[N - 1] = mt[M - 1] ^ (y >> 1) ^ mag(y);
-        self.index = 0;
-    }
-
     /// The next raw 32-bit output (CPython's `genrand_uint32`).
     pub fn next_u32(&mut self) -> u32 {
         if self.index >= N {
-            self.twist();
+            self.index = 0;
         }
-        let mut y = self.state[self.index];
+        // CPython twists all N words when it runs out, in index order and in
+        // place: word i then reads the new words below i and the old ones
+        // above. Computing word i just before it is drawn reads exactly the
+        // same values, and a sample of a few ranks draws a few words, so the
+        // other 600-odd are never computed.
+        let i = self.index;
+        let mt = &mut self.state;
+        let next = mt[(i + 1) % N];
+        let y = (mt[i] & UPPER_MASK) | (next & LOWER_MASK);
+        let mag = if y & 1 == 0 { 0 } else { MATRIX_A };
+        mt[i] = mt[(i + M) % N] ^ (y >> 1) ^ mag;
+        let mut y = mt[i];
         self.index += 1;
         y ^= y >> 11;
         y ^= (y << 7) & 0x9d2c_5680;

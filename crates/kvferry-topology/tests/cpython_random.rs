@@ -238,3 +238,50 @@ fn rejects_what_cpython_rejects() {
     assert_eq!(rng.getrandbits(0).expect("0 bits"), 0);
     assert!(rng.getrandbits_words(0).is_empty());
 }
+
+/// Long streams: the generator recomputes each state word just before it
+/// is drawn instead of twisting all 624 at once, so draws well past the
+/// first and second 624-word cycles, in odd widths that straddle the
+/// boundaries, must still be CPython's.
+#[test]
+fn long_streams_cross_twist_boundaries_like_cpython() {
+    let seeds: [u64; 4] = [0, 1, 7_753_214_593_136_781_247, u64::MAX];
+    // 623 words, then 2 (crossing the first boundary), then ~1250 more
+    // (two more boundaries), then small widths.
+    let widths: [u32; 6] = [623 * 32, 33, 1250 * 32 + 5, 1, 64, 31];
+    let mut json = String::from("{\"cases\": [");
+    for (i, seed) in seeds.iter().enumerate() {
+        if i > 0 {
+            json.push(',');
+        }
+        json.push_str(&format!(
+            "{{\"seed\": \"{seed}\", \"n\": 1000, \"k\": 3, \"bits\": {widths:?}, \"below\": [1000003, 7]}}"
+        ));
+    }
+    json.push_str("], \"setsize_k\": []}");
+    let output = run_oracle("cpython_random.py", &json);
+    for (seed, expected) in seeds.iter().zip(output.lines()) {
+        let mut rng = CpythonRandom::new(*seed);
+        let sample: Vec<String> = rng
+            .sample_range(1000, 3)
+            .expect("k <= n")
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        let bits: Vec<String> = widths
+            .iter()
+            .map(|&b| hex_of_words(&rng.getrandbits_words(b)))
+            .collect();
+        let below: Vec<String> = [1_000_003, 7]
+            .iter()
+            .map(|&m| rng.randbelow(m).expect("m > 0").to_string())
+            .collect();
+        let actual = format!(
+            "{} | {} | {}",
+            sample.join(" "),
+            bits.join(" "),
+            below.join(" ")
+        );
+        assert_eq!(actual.trim(), expected.trim(), "seed {seed}");
+    }
+}
