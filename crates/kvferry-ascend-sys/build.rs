@@ -36,6 +36,10 @@ const FUNCTIONS: &[&str] = &[
     "aclrtMemcpy",
     "aclrtMemcpyAsync",
     "aclrtMemcpyBatch",
+    // Beyond docs/ASCEND.md's list: CANN documents that memory imported
+    // from another device's process takes asynchronous device-to-device
+    // copies only, and aclrtMemcpyBatch is synchronous.
+    "aclrtMemcpyBatchAsync",
     "aclrtPointerGetAttributes",
     "aclrtMalloc",
     "aclrtFree",
@@ -47,6 +51,10 @@ const FUNCTIONS: &[&str] = &[
     "aclrtIpcMemSetImportPid",
     "aclrtIpcMemImportByKey",
     "aclrtIpcMemClose",
+    // Beyond docs/ASCEND.md's list: CANN's aclrtIpcMemSetImportPid wants the
+    // importer's pid as this function gives it (the host-side tgid, which
+    // differs from getpid() inside containers and VMs).
+    "aclrtDeviceGetBareTgid",
 ];
 
 /// Functions present in every CANN release kvferry can work with: headers

@@ -60,6 +60,8 @@ const NEWER: &[&str] = &[
     "aclrtHostUnregister",
     "aclrtStreamAbort",
     "aclrtMemcpyBatch",
+    "aclrtMemcpyBatchAsync",
+    "aclrtDeviceGetBareTgid",
     "aclrtIpcMemGetExportKey",
     "aclrtIpcMemSetImportPid",
     "aclrtIpcMemImportByKey",

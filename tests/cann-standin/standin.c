@@ -30,10 +30,12 @@
  * - KVF_STANDIN_FAIL=<fn>:<n>[=<code>][,...]: the n-th call (1-based; '*' for
  *   every call) of function <fn> fails with <code> (default: a code fitting
  *   the function). <fn> is an ACL name (aclrtMemcpy) or an alias (memcpy,
- *   memcpy_async, memcpy_batch, malloc, malloc_host, free, set_device,
- *   create_stream, sync, abort, export, set_import_pid, import, ipc_close,
- *   host_register, pointer_attributes). An aclrtMemcpyAsync failure surfaces
- *   at synchronize, as a failed task does on hardware.
+ *   memcpy_async, memcpy_batch, memcpy_batch_async, malloc, malloc_host,
+ *   free, set_device, create_stream, sync, abort, export, set_import_pid,
+ *   import, ipc_close, host_register, pointer_attributes, bare_tgid). An
+ *   aclrtMemcpyAsync failure surfaces at synchronize, as a failed task does
+ *   on hardware; so does an aclrtMemcpyBatchAsync one (at its middle entry:
+ *   the entries before it are copied).
  * - KVF_STANDIN_TIMEOUT=1: aclrtSynchronizeStreamWithTimeout on a stream with
  *   queued work waits out the timeout and fails with
  *   ACL_ERROR_RT_STREAM_SYNC_TIMEOUT, leaving the work queued (a hung device).
@@ -141,6 +143,8 @@ enum si_fn {
     FN_aclrtIpcMemSetImportPid,
     FN_aclrtIpcMemImportByKey,
     FN_aclrtIpcMemClose,
+    FN_aclrtMemcpyBatchAsync,
+    FN_aclrtDeviceGetBareTgid,
     FN_COUNT
 };
 
@@ -174,6 +178,8 @@ static const struct {
     [FN_aclrtIpcMemSetImportPid] = {"aclrtIpcMemSetImportPid", "set_import_pid", ACL_ERROR_RT_IPC_ERROR},
     [FN_aclrtIpcMemImportByKey] = {"aclrtIpcMemImportByKey", "import", ACL_ERROR_RT_IPC_ERROR},
     [FN_aclrtIpcMemClose] = {"aclrtIpcMemClose", "ipc_close", ACL_ERROR_RT_IPC_ERROR},
+    [FN_aclrtMemcpyBatchAsync] = {"aclrtMemcpyBatchAsync", "memcpy_batch_async", ACL_ERROR_RT_SYS_DMA},
+    [FN_aclrtDeviceGetBareTgid] = {"aclrtDeviceGetBareTgid", "bare_tgid", ACL_ERROR_RT_INTERNAL_ERROR},
 };
 
 static atomic_ulong si_calls[FN_COUNT];
@@ -1256,6 +1262,136 @@ aclError aclrtMemcpyAsync(void *dst, size_t destMax, const void *src, size_t cou
     pthread_mutex_unlock(&si_lock);
     return err;
 }
+
+#ifdef KVF_HAS_aclrtMemcpyBatchAsync
+/*
+ * Like aclrtMemcpyBatch, but queued on `stream` and run at synchronize. Every
+ * entry is checked at submission (nothing is queued when one is wrong), with
+ * the asynchronous form of CANN's rule for memory imported from another
+ * device's process (device-to-device only). An injected failure marks the
+ * middle entry's task: it fails at synchronize, after the entries before it.
+ */
+aclError aclrtMemcpyBatchAsync(void **dsts, size_t *destMaxs, void **srcs, size_t *sizes, size_t numBatches,
+    aclrtMemcpyBatchAttr *attrs, size_t *attrsIndexes, size_t numAttrs, size_t *failIndex, aclrtStream stream)
+{
+    const char *fn = "aclrtMemcpyBatchAsync";
+    if (failIndex != NULL) {
+        *failIndex = SIZE_MAX;
+    }
+    unsigned long call;
+    aclError injected = si_injected(FN_aclrtMemcpyBatchAsync, &call);
+    SI_REQUIRE_DEVICE(aclrtMemcpyBatchAsync);
+    if (dsts == NULL || destMaxs == NULL || srcs == NULL || sizes == NULL || attrs == NULL || attrsIndexes == NULL
+        || failIndex == NULL) {
+        return si_fail(ACL_ERROR_INVALID_PARAM, "%s: no array argument may be NULL", fn);
+    }
+    if (numBatches == 0 || numAttrs == 0 || numAttrs > numBatches) {
+        return si_fail(ACL_ERROR_INVALID_PARAM,
+            "%s: need numBatches >= 1 and 1 <= numAttrs <= numBatches (got %zu and %zu)", fn, numBatches, numAttrs);
+    }
+    if (attrsIndexes[0] != 0) {
+        return si_fail(ACL_ERROR_INVALID_PARAM, "%s: attrsIndexes[0] must be 0", fn);
+    }
+    for (size_t j = 1; j < numAttrs; j++) {
+        if (attrsIndexes[j] <= attrsIndexes[j - 1] || attrsIndexes[j] >= numBatches) {
+            return si_fail(ACL_ERROR_INVALID_PARAM, "%s: attrsIndexes must rise strictly below numBatches (index %zu)",
+                fn, j);
+        }
+    }
+    aclrtMemcpyKind *kinds = calloc(numBatches, sizeof *kinds);
+    if (kinds == NULL) {
+        return si_fail(ACL_ERROR_RT_MEMORY_ALLOCATION, "%s: out of host memory", fn);
+    }
+    size_t a = 0;
+    aclError err = ACL_SUCCESS;
+    for (size_t i = 0; i < numBatches && err == ACL_SUCCESS; i++) {
+        while (a + 1 < numAttrs && attrsIndexes[a + 1] <= i) {
+            a++;
+        }
+        const aclrtMemcpyBatchAttr *at = &attrs[a];
+        int dst_dev = at->dstLoc.type == ACL_MEM_LOCATION_TYPE_DEVICE;
+        int src_dev = at->srcLoc.type == ACL_MEM_LOCATION_TYPE_DEVICE;
+        kinds[i] = dst_dev ? (src_dev ? ACL_MEMCPY_DEVICE_TO_DEVICE : ACL_MEMCPY_HOST_TO_DEVICE)
+                           : (src_dev ? ACL_MEMCPY_DEVICE_TO_HOST : ACL_MEMCPY_HOST_TO_HOST);
+        if (sizes[i] > destMaxs[i]) {
+            err = si_fail(ACL_ERROR_INVALID_PARAM, "%s: entry %zu: size %zu is larger than destMax %zu", fn, i,
+                sizes[i], destMaxs[i]);
+        } else if (sizes[i] > 0 && (dsts[i] == NULL || srcs[i] == NULL)) {
+            err = si_fail(ACL_ERROR_INVALID_PARAM, "%s: entry %zu: NULL address", fn, i);
+        } else if (sizes[i] > 0) {
+            char *d;
+            char *s;
+            int dd;
+            int sd;
+            char side[32];
+            snprintf(side, sizeof side, "entry %zu dst", i);
+            err = si_resolve(fn, side, dsts[i], sizes[i], dst_dev, dst_dev ? (int)at->dstLoc.id : -1,
+                "its aclrtMemcpyBatchAttr dstLoc", &d, &dd);
+            if (err == ACL_SUCCESS) {
+                snprintf(side, sizeof side, "entry %zu src", i);
+                err = si_resolve(fn, side, srcs[i], sizes[i], src_dev, src_dev ? (int)at->srcLoc.id : -1,
+                    "its aclrtMemcpyBatchAttr srcLoc", &s, &sd);
+            }
+            if (err == ACL_SUCCESS) {
+                err = si_check_foreign_ipc(fn, dsts[i], srcs[i], kinds[i], 1);
+            }
+        }
+        if (err != ACL_SUCCESS) {
+            *failIndex = i;
+        }
+    }
+    if (err != ACL_SUCCESS) {
+        free(kinds);
+        return err;
+    }
+    pthread_mutex_lock(&si_lock);
+    struct si_stream *st = si_stream_locked(stream);
+    if (st == NULL) {
+        err = si_fail(ACL_ERROR_RT_INVALID_HANDLE, "%s: %p is not a live stream", fn, stream);
+    } else if (st->device >= 0 && st->device != t_device) {
+        err = si_fail(ACL_ERROR_RT_STREAM_CONTEXT, "%s: stream %p belongs to device %d, but this thread's device is %d",
+            fn, stream, st->device, t_device);
+    } else if (st->ntasks + numBatches > st->cap) {
+        size_t cap = st->cap == 0 ? 16 : st->cap;
+        while (cap < st->ntasks + numBatches) {
+            cap *= 2;
+        }
+        struct si_task *tasks = realloc(st->tasks, cap * sizeof *tasks);
+        if (tasks == NULL) {
+            err = si_fail(ACL_ERROR_RT_STREAM_TASK_FULL, "%s: out of host memory for %zu tasks", fn, numBatches);
+        } else {
+            st->tasks = tasks;
+            st->cap = cap;
+        }
+    }
+    if (err == ACL_SUCCESS) {
+        for (size_t i = 0; i < numBatches; i++) {
+            if (sizes[i] == 0) {
+                continue;
+            }
+            aclError fails = (injected != 0 && i == numBatches / 2) ? injected : 0;
+            st->tasks[st->ntasks++] = (struct si_task){dsts[i], srcs[i], destMaxs[i], sizes[i], kinds[i], call, fails};
+        }
+    }
+    pthread_mutex_unlock(&si_lock);
+    free(kinds);
+    return err;
+}
+#endif /* KVF_HAS_aclrtMemcpyBatchAsync */
+
+#ifdef KVF_HAS_aclrtDeviceGetBareTgid
+/* The stand-in's processes are not in containers: the device sees getpid(). */
+aclError aclrtDeviceGetBareTgid(int32_t *pid)
+{
+    SI_INJECT(aclrtDeviceGetBareTgid);
+    if (pid == NULL) {
+        return si_fail(ACL_ERROR_INVALID_PARAM, "aclrtDeviceGetBareTgid: pid is NULL");
+    }
+    SI_REQUIRE_DEVICE(aclrtDeviceGetBareTgid);
+    *pid = (int32_t)getpid();
+    return ACL_SUCCESS;
+}
+#endif /* KVF_HAS_aclrtDeviceGetBareTgid */
 
 static int si_env_flag(const char *name)
 {

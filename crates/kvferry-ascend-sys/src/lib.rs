@@ -100,7 +100,10 @@ use ffi::{aclError, aclrtContext, aclrtMemMallocPolicy, aclrtMemcpyKind, aclrtSt
 // Types that only the headers declaring the functions using them have.
 #[cfg(kvferry_acl_has = "aclrtHostRegister")]
 use ffi::aclrtHostRegisterType;
-#[cfg(kvferry_acl_has = "aclrtMemcpyBatch")]
+#[cfg(any(
+    kvferry_acl_has = "aclrtMemcpyBatch",
+    kvferry_acl_has = "aclrtMemcpyBatchAsync"
+))]
 use ffi::aclrtMemcpyBatchAttr;
 #[cfg(kvferry_acl_has = "aclrtPointerGetAttributes")]
 use ffi::aclrtPtrAttributes;
@@ -143,6 +146,7 @@ pub const FUNCTIONS: &[&str] = &[
     "aclrtMemcpy",
     "aclrtMemcpyAsync",
     "aclrtMemcpyBatch",
+    "aclrtMemcpyBatchAsync",
     "aclrtPointerGetAttributes",
     "aclrtMalloc",
     "aclrtFree",
@@ -154,6 +158,7 @@ pub const FUNCTIONS: &[&str] = &[
     "aclrtIpcMemSetImportPid",
     "aclrtIpcMemImportByKey",
     "aclrtIpcMemClose",
+    "aclrtDeviceGetBareTgid",
 ];
 
 /// The functions of [`FUNCTIONS`] that the headers used at build time declare,
@@ -497,6 +502,22 @@ acl_functions! {
         num_attrs: usize,
         fail_index: *mut usize,
     );
+    /// `aclrtMemcpyBatchAsync`: `num_batches` copies queued on `stream`, with
+    /// the attributes of `aclrtMemcpyBatch`. The only batch form CANN allows
+    /// for memory imported from another device's process (asynchronous
+    /// device-to-device copies only).
+    "aclrtMemcpyBatchAsync" fn aclrtMemcpyBatchAsync(
+        dsts: *mut *mut c_void,
+        dest_maxs: *mut usize,
+        srcs: *mut *mut c_void,
+        sizes: *mut usize,
+        num_batches: usize,
+        attrs: *mut aclrtMemcpyBatchAttr,
+        attrs_indexes: *mut usize,
+        num_attrs: usize,
+        fail_index: *mut usize,
+        stream: aclrtStream,
+    );
     /// `aclrtPointerGetAttributes`: where `ptr` lives. Fails for host memory
     /// ACL does not manage (plain `malloc`).
     "aclrtPointerGetAttributes" fn aclrtPointerGetAttributes(ptr: *const c_void, attributes: *mut aclrtPtrAttributes);
@@ -523,6 +544,10 @@ acl_functions! {
     "aclrtIpcMemImportByKey" fn aclrtIpcMemImportByKey(dev_ptr: *mut *mut c_void, key: *const c_char, flags: u64);
     /// `aclrtIpcMemClose`: ends an import (importer) or an export (exporter).
     "aclrtIpcMemClose" fn aclrtIpcMemClose(key: *const c_char);
+    /// `aclrtDeviceGetBareTgid`: this process's id as the device sees it,
+    /// which is what an exporter passes to `aclrtIpcMemSetImportPid` (it
+    /// differs from `getpid()` in containers and VMs).
+    "aclrtDeviceGetBareTgid" fn aclrtDeviceGetBareTgid(pid: *mut i32);
 }
 
 #[cfg(test)]
