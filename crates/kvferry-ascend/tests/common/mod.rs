@@ -374,13 +374,11 @@ pub fn child_main() -> bool {
         it.next().unwrap_or(0) as u8,
     );
     let rt = AscendRuntime::load().expect("load the stand-in");
-    let engine = Engine::new(
-        EngineConfig::new()
-            .port(0)
-            .transfer_timeout(Duration::from_secs(20))
-            .device_runtime(rt.clone()),
-    )
-    .expect("child engine");
+    let mut config = EngineConfig::new().port(0).device_runtime(rt.clone());
+    if std::env::var_os("KVFERRY_TRANSFER_TIMEOUT_MS").is_none() {
+        config = config.transfer_timeout(Duration::from_secs(20));
+    }
+    let engine = Engine::new(config).expect("child engine");
     let npu = rt.alloc_device(device, len).expect("device buffer");
     rt.upload(device, npu.addr(), &pattern(seed, len as usize))
         .expect("fill the device buffer");
