@@ -15,12 +15,14 @@
 
 mod boundary;
 mod config;
+mod device;
 mod engine;
 mod handle;
 mod notify;
 mod transfer;
 
 pub use config::*;
+pub use device::*;
 pub use engine::*;
 pub use notify::*;
 pub use transfer::*;
