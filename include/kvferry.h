@@ -30,6 +30,45 @@
 // Patch version.
 #define KVF_VERSION_PATCH 0
 
+// `kvf_pd_shape.attention`: grouped-query (or multi-head) attention, heads
+// sharded over TP ranks.
+#define KVF_ATTENTION_GQA 0
+
+// `kvf_pd_shape.attention`: multi-head latent attention (the head count is ignored).
+#define KVF_ATTENTION_MLA 1
+
+// `kvf_pd_shape.attention`: sparse attention (replicas chosen as under MLA,
+// pulls per rank from the head count).
+#define KVF_ATTENTION_SPARSE 2
+
+// `kvf_plan_options.split`: the local block holds `pulls` remote blocks
+// side by side (a decode rank pulling from `pulls` prefill ranks).
+#define KVF_SPLIT_LOCAL 0
+
+// `kvf_plan_options.split`: the remote block holds `pulls` local blocks (a
+// prefill rank pushing its slice into a larger decode block).
+#define KVF_SPLIT_REMOTE 1
+
+// `kvf_plan_options.prefix`: nothing computed locally; the id arrays pair
+// one to one and have equal lengths.
+#define KVF_PREFIX_NONE 0
+
+// `kvf_plan_options.prefix`: the local side already holds the first
+// `computed_tokens` tokens (a multiple of `tokens_per_block`); the first
+// `computed_tokens / tokens_per_block` remote ids are skipped and the rest
+// pair one to one with the local ids.
+#define KVF_PREFIX_COMPUTED_TOKENS 1
+
+// `kvf_plan_options.prefix`: the connectors' own rule: a shorter local
+// array pairs with the tail of the remote array.
+#define KVF_PREFIX_TRIM_REMOTE_HEAD 2
+
+// The largest TP size, PP size or head count a `kvf_pd_shape` may hold.
+// Larger values are `KVF_STATUS_INVALID_ARGUMENT`: no deployment comes
+// near it, and the bound keeps every rank below 2^32 and every internal
+// table small.
+#define KVF_TOPOLOGY_MAX_SIZE 65536
+
 // Opcode: copy remote memory into local memory.
 #define KVF_OP_READ 0
 
@@ -96,6 +135,57 @@ typedef struct kvf_config kvf_config;
 // Thread-safe: every function may be called on one engine from many
 // threads at once (except `kvf_engine_free`, which must be the last call).
 typedef struct kvf_engine kvf_engine;
+
+// One side's KV layout: per layer, per cache, where blocks live. Made by
+// `kvf_layout_new`, freed by `kvf_layout_free`. Immutable, so thread-safe:
+// any number of calls may use one layout at once (except `kvf_layout_free`,
+// which must be the last call).
+typedef struct kvf_layout kvf_layout;
+
+// A prefill/decode deployment (one DP rank each, no context parallelism).
+// A plain value: nothing is checked until a call uses it.
+typedef struct kvf_pd_shape {
+  // Prefill tensor-parallel size `P`.
+  uint32_t prefill_tp;
+  // Decode tensor-parallel size `D` (at most `P`).
+  uint32_t decode_tp;
+  // Prefill pipeline stages `S` (at least 1).
+  uint32_t prefill_pp;
+  // The model's KV head count `H` (ignored under MLA).
+  uint32_t num_kv_heads;
+  // `KVF_ATTENTION_GQA`, `KVF_ATTENTION_MLA` or `KVF_ATTENTION_SPARSE`.
+  uint32_t attention;
+} kvf_pd_shape;
+
+// Where one cache (K or V; nope or rope under MLA) of one layer lives.
+typedef struct kvf_cache_layout {
+  // Address of kernel block 0.
+  uint64_t base;
+  // Bytes of one kernel block (at least 1).
+  uint64_t block_len;
+  // Bytes from one kernel block to the next (at least `block_len`).
+  uint64_t stride;
+  // Kernel blocks per logical block (at least 1; the same on both sides).
+  uint64_t scale;
+} kvf_cache_layout;
+
+// How a request's blocks are cut and paired. Pass NULL for the defaults:
+// one pull, offset 0, `KVF_SPLIT_LOCAL`, `KVF_PREFIX_NONE`.
+typedef struct kvf_plan_options {
+  // `n`, pulls per decode rank (at least 1): the split side's block is
+  // `n` slices of the other side's block.
+  uint64_t pulls;
+  // `o`, which slice this transfer fills (below `pulls`).
+  uint64_t offset_index;
+  // `KVF_SPLIT_LOCAL` or `KVF_SPLIT_REMOTE`.
+  uint32_t split;
+  // `KVF_PREFIX_NONE`, `KVF_PREFIX_COMPUTED_TOKENS` or `KVF_PREFIX_TRIM_REMOTE_HEAD`.
+  uint32_t prefix;
+  // Tokens the local side already holds (`KVF_PREFIX_COMPUTED_TOKENS` only).
+  uint64_t computed_tokens;
+  // Tokens per logical block (`KVF_PREFIX_COMPUTED_TOKENS` only).
+  uint64_t tokens_per_block;
+} kvf_plan_options;
 
 #ifdef __cplusplus
 extern "C" {
@@ -183,7 +273,7 @@ kvf_status kvf_config_set_transport(struct kvf_config *config, const char *trans
 // `config` is NULL or from `kvf_config_new`; `secret` is NULL or a NUL-terminated string.
 kvf_status kvf_config_set_secret(struct kvf_config *config, const char *secret);
 
-// tcp connections per peer (1..=64; default 2).
+// tcp connections per peer (1..=64; default 4).
 //
 // # Safety
 // `config` is NULL or from `kvf_config_new`.
@@ -324,6 +414,172 @@ kvf_status kvf_engine_transport_to(const struct kvf_engine *engine,
                                    char *buf,
                                    size_t capacity,
                                    size_t *out_len);
+
+// `n`, the number of prefill ranks each decode rank pulls from per stage,
+// in `*out_pulls`: 1 under MLA, else `max(1, H/D) / max(1, H/P)`. The shape
+// must be one the pull mapping accepts (`kvf_topology_pull_ranks`).
+//
+// # Safety
+// `shape` NULL or readable; `out_pulls` NULL or writable.
+kvf_status kvf_topology_pulls_per_rank(const struct kvf_pd_shape *shape, uint32_t *out_pulls);
+
+// The seed the connectors derive from a request id (the first 8 bytes of
+// SHA-256 over its UTF-8 bytes, little-endian) in `*out_seed`.
+//
+// # Safety
+// `request_id` NULL or NUL-terminated; `out_seed` NULL or writable.
+kvf_status kvf_topology_request_seed(const char *request_id, uint64_t *out_seed);
+
+// The prefill ranks every decode rank pulls from for `request_id` (the
+// remote, i.e. prefill-side, request id, as the connectors hash it).
+//
+// Decode rank `i`'s list is `ranks[offsets[i] .. offsets[i + 1]]`: stage 0's
+// `n` ranks, then stage 1's, and so on; the `j`-th entry fills head slice
+// `j % n` and belongs to stage `rank / P`. Global prefill rank
+// `stage * P + tp_rank` is also the port offset.
+//
+// `*out_num_ranks` (`D * n * S`) and `*out_num_offsets` (`D + 1`) are written
+// on success and on `KVF_STATUS_BUFFER_TOO_SMALL`; pass NULL arrays with
+// capacity 0 to ask for them.
+//
+// # Safety
+// `shape` NULL or readable; `request_id` NULL or NUL-terminated; each array
+// NULL or writable for its capacity; each out-pointer NULL or writable.
+kvf_status kvf_topology_pull_ranks(const struct kvf_pd_shape *shape,
+                                   const char *request_id,
+                                   uint32_t *ranks,
+                                   size_t ranks_capacity,
+                                   size_t *out_num_ranks,
+                                   size_t *offsets,
+                                   size_t offsets_capacity,
+                                   size_t *out_num_offsets);
+
+// The union of all decode ranks' pull lists for `request_id`, ascending:
+// the global prefill ranks that will be read, so a prefill rank knows
+// whether to wait for a reader. `*out_num_ranks` is written on success and
+// on `KVF_STATUS_BUFFER_TOO_SMALL`.
+//
+// # Safety
+// As `kvf_topology_pull_ranks`.
+kvf_status kvf_topology_prefill_union(const struct kvf_pd_shape *shape,
+                                      const char *request_id,
+                                      uint32_t *ranks,
+                                      size_t capacity,
+                                      size_t *out_num_ranks);
+
+// The layerwise connector's push mapping: the decode ranks prefill TP rank
+// `prefill_rank` writes to for the request at position `request_index` of
+// the step's batch (ascending; none when its replica group is not active
+// for this request), and in `*out_offset_index` where its bytes go inside
+// the decode block, in units of the prefill block length.
+// `*out_num_ranks` is written on success and on `KVF_STATUS_BUFFER_TOO_SMALL`.
+//
+// # Safety
+// `shape` NULL or readable; `decode_ranks` NULL or writable for `capacity`
+// elements; each out-pointer NULL or writable.
+kvf_status kvf_topology_push_targets(const struct kvf_pd_shape *shape,
+                                     uint64_t request_index,
+                                     uint32_t prefill_rank,
+                                     uint32_t *decode_ranks,
+                                     size_t capacity,
+                                     size_t *out_num_ranks,
+                                     uint64_t *out_offset_index);
+
+// Creates a layout in `*out`: `num_layers` layers of `caches_per_layer`
+// caches each, every cache holding `num_blocks` logical blocks.
+// `caches` holds `num_layers * caches_per_layer` entries, layer-major
+// (layer 0's caches, then layer 1's, ...); it is copied.
+//
+// Each cache's region `base .. base + stride * scale * num_blocks` must fit
+// in 64 bits; planning keeps every copy inside it. Zero layers or caches,
+// a zero `block_len` or `scale`, and a `stride` below `block_len` are
+// `KVF_STATUS_INVALID_ARGUMENT`.
+//
+// # Safety
+// `caches` NULL or readable for `num_layers * caches_per_layer` entries;
+// `out` NULL or writable.
+kvf_status kvf_layout_new(uint64_t num_blocks,
+                          size_t num_layers,
+                          size_t caches_per_layer,
+                          const struct kvf_cache_layout *caches,
+                          struct kvf_layout **out);
+
+// Frees a layout. NULL is a no-op.
+//
+// # Safety
+// `layout` is NULL or from `kvf_layout_new`, and no other call on it runs
+// or follows.
+void kvf_layout_free(struct kvf_layout *layout);
+
+// Plans the copies that move a request's blocks (COMPAT.md section 2):
+// for each layer, each cache and each run of consecutive ids, op `i` copies
+// `lens[i]` bytes between `local_addrs[i]` and `remote_addrs[i]` (feed them
+// to `kvf_transfer_sync`, or use `kvf_transfer_blocks`). `options` NULL
+// means one pull, offset 0, no prefix hit.
+//
+// `*out_num_ops` is written on success and on `KVF_STATUS_BUFFER_TOO_SMALL`
+// (the three arrays share `capacity`); NULL arrays with capacity 0 ask for
+// it. Id arrays that do not pair, ids beyond the layout, layouts of
+// different shapes, block lengths that do not split into `pulls` slices,
+// and bad option values are `KVF_STATUS_INVALID_ARGUMENT` with the reason.
+//
+// # Safety
+// Layouts NULL or from `kvf_layout_new`; id arrays NULL or readable for
+// their counts; `options` NULL or readable; the three output arrays NULL or
+// writable for `capacity` elements; `out_num_ops` NULL or writable.
+kvf_status kvf_plan_blocks(const struct kvf_layout *local_layout,
+                           const struct kvf_layout *remote_layout,
+                           const uint64_t *local_ids,
+                           size_t n_local,
+                           const uint64_t *remote_ids,
+                           size_t n_remote,
+                           const struct kvf_plan_options *options,
+                           uint64_t *local_addrs,
+                           uint64_t *remote_addrs,
+                           uint64_t *lens,
+                           size_t capacity,
+                           size_t *out_num_ops);
+
+// Plans a request's blocks (as `kvf_plan_blocks`) and moves them to or
+// from `session` (as `kvf_transfer_sync`): `KVF_OP_READ` copies the remote
+// blocks into the local ones, `KVF_OP_WRITE` the other way. Returns when
+// every byte has moved, or with the first error. The local layout's memory
+// must be registered with `engine`, the remote layout's with the peer.
+// Nothing moves unless the whole plan is valid. No ids (a full prefix hit)
+// is `KVF_STATUS_OK` with nothing moved.
+//
+// # Safety
+// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated; the
+// rest as `kvf_plan_blocks`.
+kvf_status kvf_transfer_blocks(const struct kvf_engine *engine,
+                               const char *session,
+                               uint32_t opcode,
+                               const struct kvf_layout *local_layout,
+                               const struct kvf_layout *remote_layout,
+                               const uint64_t *local_ids,
+                               size_t n_local,
+                               const uint64_t *remote_ids,
+                               size_t n_remote,
+                               const struct kvf_plan_options *options);
+
+// Like `kvf_transfer_blocks`, but returns once the plan is validated and
+// started, with its batch id in `*out_batch` (never 0). Follow with
+// `kvf_batch_poll` / `kvf_batch_wait`, then `kvf_batch_free`. No ids is
+// `KVF_STATUS_INVALID_ARGUMENT` here: there would be no batch to track.
+//
+// # Safety
+// As `kvf_transfer_blocks`; `out_batch` NULL or writable.
+kvf_status kvf_batch_submit_blocks(const struct kvf_engine *engine,
+                                   const char *session,
+                                   uint32_t opcode,
+                                   const struct kvf_layout *local_layout,
+                                   const struct kvf_layout *remote_layout,
+                                   const uint64_t *local_ids,
+                                   size_t n_local,
+                                   const uint64_t *remote_ids,
+                                   size_t n_remote,
+                                   const struct kvf_plan_options *options,
+                                   uint64_t *out_batch);
 
 // Moves `n` ops to or from `session` (`"host:port"`) and returns when all
 // are done (`KVF_STATUS_OK`) or one failed (its status; see

@@ -193,6 +193,16 @@ class Config {
     detail::check(kvf_config_set_transport(config_, name.c_str()), "kvf_config_set_transport");
     return *this;
   }
+  /// A shared secret every peer must prove (and this engine proves to them).
+  Config &secret(const std::string &secret) {
+    detail::check(kvf_config_set_secret(config_, secret.c_str()), "kvf_config_set_secret");
+    return *this;
+  }
+  /// tcp connections per peer (1..64).
+  Config &lanes(std::uint32_t lanes) {
+    detail::check(kvf_config_set_lanes(config_, lanes), "kvf_config_set_lanes");
+    return *this;
+  }
   /// Handle Ascend NPU memory ("npu:N" regions): loads the ACL runtime now;
   /// throws Error (KVF_STATUS_UNSUPPORTED, "Ascend runtime not found: ...")
   /// where there is none, leaving the config as it was.
@@ -411,6 +421,67 @@ class Engine {
                                    &id),
                   "kvf_batch_submit");
     return Batch(engine_, id);
+  }
+
+  /// Like submit(KVF_OP_WRITE...), then sends `message` to the peer once all
+  /// of the data has landed (not at all if an op failed).
+  Batch submit_write_notify(const std::string &session, const std::vector<Op> &ops,
+                            const std::string &message) const {
+    const Columns c(ops);
+    std::uint64_t id = 0;
+    detail::check(kvf_batch_submit_write_notify(
+                      engine_, session.c_str(), c.local.data(), c.remote.data(), c.len.data(),
+                      ops.size(), reinterpret_cast<const std::uint8_t *>(message.data()),
+                      message.size(), &id),
+                  "kvf_batch_submit_write_notify");
+    return Batch(engine_, id);
+  }
+
+  /// Sends `message` to `session`; returns once the peer has queued it.
+  void notify(const std::string &session, const std::string &message) const {
+    detail::check(kvf_notify(engine_, session.c_str(),
+                             reinterpret_cast<const std::uint8_t *>(message.data()),
+                             message.size()),
+                  "kvf_notify");
+  }
+
+  /// A received notification: the sender's session id and its message.
+  struct Notification {
+    std::string from;
+    std::string message;
+  };
+
+  /// Takes the oldest received notification into `out`; false when none is queued.
+  bool next_notification(Notification &out) const {
+    std::string from(64, '\0'), message(256, '\0');
+    for (;;) {
+      std::size_t from_len = 0, message_len = 0;
+      std::int32_t received = 0;
+      kvf_status s = kvf_notify_recv(engine_, &from[0], from.size(), &from_len,
+                                     reinterpret_cast<std::uint8_t *>(&message[0]),
+                                     message.size(), &message_len, &received);
+      if (s == KVF_STATUS_BUFFER_TOO_SMALL) {
+        from.assign(from_len + 1, '\0');
+        message.assign(message_len + 1, '\0');
+        continue;
+      }
+      detail::check(s, "kvf_notify_recv");
+      if (received == 0) return false;
+      from.resize(from_len);
+      message.resize(message_len);
+      out.from = std::move(from);
+      out.message = std::move(message);
+      return true;
+    }
+  }
+
+  /// The transport that carries ops to `session`: "local", "cma" or "tcp".
+  std::string transport_to(const std::string &session) const {
+    char buf[32] = {0};
+    std::size_t len = 0;
+    detail::check(kvf_engine_transport_to(engine_, session.c_str(), buf, sizeof buf, &len),
+                  "kvf_engine_transport_to");
+    return std::string(buf, len);
   }
 
   /// The C handle, still owned by this object (NULL when moved from).

@@ -488,6 +488,30 @@ void test_threads(const Engine &a, const std::string &b_name, std::vector<std::u
 
 }  // namespace
 
+// Notifications, write-with-notify and the transport report.
+void test_notifications(const Engine &a, const Engine &b, const std::string &b_name,
+                        std::vector<std::uint8_t> &abuf, std::vector<std::uint8_t> &bbuf) {
+  Engine::Notification n;
+  CHECK(!b.next_notification(n));
+  a.notify(b_name, "hello");
+  const std::string big(1000, 'x');  // larger than the wrapper's first buffer
+  a.notify(b_name, big);
+  CHECK(b.next_notification(n) && n.from == a.name() && n.message == "hello");
+  CHECK(b.next_notification(n) && n.message == big);
+  CHECK(!b.next_notification(n));
+
+  fill(abuf, 21);
+  const std::uint64_t la = addr_of(abuf.data()), rb = addr_of(bbuf.data());
+  {
+    Batch batch = a.submit_write_notify(b_name, {{la, rb, 8192}}, "landed");
+    batch.wait();
+  }
+  CHECK(b.next_notification(n) && n.message == "landed");
+  CHECK(std::memcmp(abuf.data(), bbuf.data(), 8192) == 0);
+  CHECK(a.transport_to(b_name) == "local");
+  EXPECT_ERROR(a.notify("127.0.0.1:1", "x"), KVF_STATUS_PEER_UNREACHABLE, "127.0.0.1:1");
+}
+
 int main() {
   try {
     test_version_and_status();
@@ -509,6 +533,7 @@ int main() {
     test_wait_timeout(b, b_name);
     test_engine_moves(a);
     test_threads(a, b_name, abuf, bbuf);
+    test_notifications(a, b, b_name, abuf, bbuf);
   } catch (const std::exception &e) {
     ++failures;
     std::fprintf(stderr, "api_test.cpp: unexpected exception: %s\n", e.what());

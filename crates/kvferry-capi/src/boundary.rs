@@ -55,3 +55,12 @@ macro_rules! ffi {
     };
 }
 pub(crate) use ffi;
+
+/// A refusal whose message the core `Error` cannot phrase (the topology
+/// calls count array entries, where `Error::BufferTooSmall` speaks of
+/// bytes): keeps `message` as the last error and gives `status`, exactly as
+/// an `Err` would. Return it as the body's `Ok` value.
+pub(crate) fn refuse(status: Status, message: &str) -> Status {
+    set_last_error(message);
+    status
+}

@@ -222,7 +222,7 @@ pub unsafe extern "C" fn kvf_config_set_secret(
     unsafe { update(config, |c| Ok(c.secret(s?))) }
 }
 
-/// tcp connections per peer (1..=64; default 2).
+/// tcp connections per peer (1..=64; default 4).
 ///
 /// # Safety
 /// `config` is NULL or from `kvf_config_new`.

@@ -2,11 +2,14 @@
 //! slices. Every function checks NULL and names the argument in the error.
 
 use std::ffi::{CStr, c_char};
+use std::mem::MaybeUninit;
 
 use kvferry_core::{Engine, EngineConfig, Error};
+use kvferry_topology::SideLayout;
 
 use crate::config::kvf_config;
 use crate::engine::kvf_engine;
+use crate::topology::kvf_layout;
 
 type Result<T> = std::result::Result<T, Error>;
 
@@ -150,4 +153,145 @@ pub(crate) unsafe fn copy_out(
         buf.add(bytes.len()).write(0);
     }
     Ok(())
+}
+
+/// A `#[repr(C)]` struct argument passed by pointer.
+///
+/// # Safety
+/// `p` is NULL or points to a readable `T` whose fields may hold any bit
+/// pattern (plain integers and pointers; enum-like fields are integers
+/// validated by the caller).
+pub(crate) unsafe fn struct_arg<'a, T>(p: *const T, argument: &'static str) -> Result<&'a T> {
+    // SAFETY: forwarded to the caller.
+    unsafe { opt_struct_arg(p, argument) }?.ok_or(Error::NullPointer { argument })
+}
+
+/// Like `struct_arg`, where NULL means "the defaults" (`None`).
+///
+/// # Safety
+/// As `struct_arg`.
+pub(crate) unsafe fn opt_struct_arg<'a, T>(
+    p: *const T,
+    argument: &'static str,
+) -> Result<Option<&'a T>> {
+    if !p.is_aligned() {
+        return Err(Error::InvalidArgument {
+            what: format!("{argument} is not aligned"),
+        });
+    }
+    // SAFETY: NULL or a readable, aligned `T` (caller's promise, alignment
+    // checked); any bit pattern is a valid `T` (caller's promise).
+    Ok(unsafe { p.as_ref() })
+}
+
+/// Checks, before anything is written, that an output array of `capacity`
+/// elements at `p` can take `len` of them: NULL is only allowed when nothing
+/// is to be written. A short buffer is the caller's to report (with its
+/// own wording), so here it is an invalid argument.
+pub(crate) fn check_out_array<T>(
+    p: *mut T,
+    capacity: usize,
+    len: usize,
+    argument: &'static str,
+) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if capacity < len {
+        return Err(Error::InvalidArgument {
+            what: format!("{argument} holds {capacity} entries; {len} are needed"),
+        });
+    }
+    if p.is_null() {
+        return Err(Error::NullPointer { argument });
+    }
+    if !p.is_aligned() {
+        return Err(Error::InvalidArgument {
+            what: format!("{argument} is not aligned"),
+        });
+    }
+    Ok(())
+}
+
+/// Copies `values` into the output array `p` of `capacity` elements.
+///
+/// # Safety
+/// `p` is NULL or writable for `capacity` elements of `T`.
+pub(crate) unsafe fn write_array<T: Copy>(
+    p: *mut T,
+    capacity: usize,
+    values: &[T],
+    argument: &'static str,
+) -> Result<()> {
+    check_out_array(p, capacity, values.len(), argument)?;
+    if !values.is_empty() {
+        // SAFETY: `p` is non-NULL, aligned and writable for `capacity` >=
+        // `values.len()` elements (checked above; writability is the caller's
+        // promise); the source is Rust memory, so the two cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), p, values.len()) };
+    }
+    Ok(())
+}
+
+/// # Safety
+/// `p` is NULL or a live handle from `kvf_layout_new`.
+pub(crate) unsafe fn layout<'a>(
+    p: *const kvf_layout,
+    argument: &'static str,
+) -> Result<&'a SideLayout> {
+    // SAFETY: non-NULL layout handles are `Box<SideLayout>` pointers made by
+    // `kvf_layout_new` and not yet freed (the caller's promise); layouts are
+    // immutable, so shared references from many threads are fine.
+    unsafe { p.cast::<SideLayout>().as_ref() }.ok_or(Error::NullPointer { argument })
+}
+
+pub(crate) fn layout_into_raw(l: SideLayout) -> *mut kvf_layout {
+    Box::into_raw(Box::new(l)).cast()
+}
+
+/// # Safety
+/// `p` is NULL or a live handle from `kvf_layout_new`, not used afterwards.
+pub(crate) unsafe fn layout_free(p: *mut kvf_layout) {
+    if !p.is_null() {
+        // SAFETY: made by `layout_into_raw`, freed once (caller's promise).
+        drop(unsafe { Box::from_raw(p.cast::<SideLayout>()) });
+    }
+}
+
+/// Output arrays of `len` elements each (capacity `capacity` each), as
+/// mutable slices to fill in place. Checked like `check_out_array`, and
+/// pairwise disjoint, since two mutable slices may not alias.
+///
+/// # Safety
+/// Each pointer is NULL or writable for `capacity` elements of `T`, and
+/// nothing else accesses that memory while the slices live.
+pub(crate) unsafe fn out_arrays<'a, T, const N: usize>(
+    arrays: [(*mut T, &'static str); N],
+    capacity: usize,
+    len: usize,
+) -> Result<[&'a mut [MaybeUninit<T>]; N]> {
+    for &(p, argument) in &arrays {
+        check_out_array(p, capacity, len, argument)?;
+    }
+    let bytes = len.saturating_mul(size_of::<T>());
+    for (i, &(a, a_name)) in arrays.iter().enumerate() {
+        for &(b, b_name) in &arrays[i + 1..] {
+            let (a, b) = (a as usize, b as usize);
+            if len > 0 && a < b.saturating_add(bytes) && b < a.saturating_add(bytes) {
+                return Err(Error::InvalidArgument {
+                    what: format!("{a_name} and {b_name} overlap"),
+                });
+            }
+        }
+    }
+    Ok(arrays.map(|(p, _)| {
+        if len == 0 {
+            return <&mut [MaybeUninit<T>]>::default();
+        }
+        // SAFETY: non-NULL and aligned (checked above), writable for
+        // `capacity` >= `len` elements and not accessed elsewhere (the
+        // caller's promise), disjoint from the other slices (checked above);
+        // `MaybeUninit` makes no claim about the current contents.
+        unsafe { std::slice::from_raw_parts_mut(p.cast::<MaybeUninit<T>>(), len) }
+    }))
 }

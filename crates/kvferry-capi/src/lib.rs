@@ -19,12 +19,14 @@ mod device;
 mod engine;
 mod handle;
 mod notify;
+mod topology;
 mod transfer;
 
 pub use config::*;
 pub use device::*;
 pub use engine::*;
 pub use notify::*;
+pub use topology::*;
 pub use transfer::*;
 
 use std::ffi::c_char;

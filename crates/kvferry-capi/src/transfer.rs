@@ -17,7 +17,7 @@ pub const KVF_OP_WRITE: u32 = 1;
 /// timeout still ends the batch).
 pub const KVF_WAIT_FOREVER: u64 = u64::MAX;
 
-fn opcode(raw: u32) -> Result<Opcode, Error> {
+pub(crate) fn opcode(raw: u32) -> Result<Opcode, Error> {
     match raw {
         KVF_OP_READ => Ok(Opcode::Read),
         KVF_OP_WRITE => Ok(Opcode::Write),

@@ -282,6 +282,16 @@ fn c_api_test() {
 }
 
 #[test]
+fn c_topology_test() {
+    run(&build(
+        Lang::C,
+        "topology_test_c",
+        &["tests/c/topology_test.c"],
+        &[],
+    ));
+}
+
+#[test]
 fn cpp_api_test() {
     run(&build(
         Lang::Cxx,

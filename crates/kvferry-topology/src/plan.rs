@@ -234,8 +234,12 @@ pub fn plan_blocks(
     remote: &SideLayout,
     request: &PlanRequest<'_>,
 ) -> Result<Vec<PlannedOp>> {
+    let prepared = prepare(local, remote, request)?;
     let mut ops = Vec::new();
-    plan_blocks_into(local, remote, request, &mut ops)?;
+    // Only an optimisation: a plan too large to reserve up front grows as
+    // any Vec does.
+    let _ = ops.try_reserve_exact(prepared.op_count()?);
+    emit(&prepared.caches, &prepared.runs, &mut |op| ops.push(op))?;
     Ok(ops)
 }
 
@@ -263,6 +267,76 @@ pub fn plan_blocks_into(
     request: &PlanRequest<'_>,
     ops: &mut Vec<PlannedOp>,
 ) -> Result<()> {
+    let prepared = prepare(local, remote, request)?;
+    let start_len = ops.len();
+    let result = emit(&prepared.caches, &prepared.runs, &mut |op| ops.push(op));
+    if result.is_err() {
+        ops.truncate(start_len);
+    }
+    result
+}
+
+/// Hands every op of the plan to `sink`, in [`plan_blocks_into`]'s order,
+/// without collecting them: for callers that store ops in their own format
+/// (three address arrays, engine ops). Size buffers with [`plan_op_count`].
+///
+/// The whole request is validated before `sink` first runs, so a rejection
+/// means `sink` saw nothing. After validation every address lies inside a
+/// checked region, so emission cannot fail; its arithmetic stays checked as
+/// a defence, and were a check ever to fire, `sink` would have seen only a
+/// prefix of the plan.
+pub fn plan_blocks_each(
+    local: &SideLayout,
+    remote: &SideLayout,
+    request: &PlanRequest<'_>,
+    mut sink: impl FnMut(PlannedOp),
+) -> Result<()> {
+    let prepared = prepare(local, remote, request)?;
+    emit(&prepared.caches, &prepared.runs, &mut sink)
+}
+
+/// How many ops [`plan_blocks_into`] would append for `request`, computed
+/// without building them, with the same validation (an `Err` here is the
+/// error planning would give).
+///
+/// Lets a caller size its buffers exactly, or refuse a plan too large to
+/// hold, before any op is allocated: a layout with a huge `scale` and
+/// padded blocks can ask for far more ops than it has block ids.
+pub fn plan_op_count(
+    local: &SideLayout,
+    remote: &SideLayout,
+    request: &PlanRequest<'_>,
+) -> Result<usize> {
+    prepare(local, remote, request)?.op_count()
+}
+
+/// A validated request: the per-cache constants and the runs of ids.
+struct Prepared {
+    caches: Vec<CachePlan>,
+    /// `(local start, remote start, logical blocks)`.
+    runs: Vec<(u64, u64, u64)>,
+}
+
+impl Prepared {
+    /// Ops `emit` will produce: one per run where both sides are
+    /// contiguous, else one per kernel block.
+    fn op_count(&self) -> Result<usize> {
+        let overflow = || TopologyError::Overflow { what: "op count" };
+        let blocks: u64 = self.runs.iter().map(|r| r.2).sum();
+        let mut count: u64 = 0;
+        for c in &self.caches {
+            let per_cache = if c.coalesce {
+                u64::try_from(self.runs.len()).map_err(|_| overflow())?
+            } else {
+                blocks.checked_mul(c.local.scale).ok_or_else(overflow)?
+            };
+            count = count.checked_add(per_cache).ok_or_else(overflow)?;
+        }
+        usize::try_from(count).map_err(|_| overflow())
+    }
+}
+
+fn prepare(local: &SideLayout, remote: &SideLayout, request: &PlanRequest<'_>) -> Result<Prepared> {
     let (pulls, offset_index) = (request.pulls, request.offset_index);
     if pulls == 0 || offset_index >= pulls {
         return Err(TopologyError::OffsetOutOfRange {
@@ -312,16 +386,14 @@ pub fn plan_blocks_into(
             _ => runs.push((l, r, 1)),
         }
     }
-
-    let start_len = ops.len();
-    let result = emit(&caches, &runs, ops);
-    if result.is_err() {
-        ops.truncate(start_len);
-    }
-    result
+    Ok(Prepared { caches, runs })
 }
 
-fn emit(caches: &[CachePlan], runs: &[(u64, u64, u64)], ops: &mut Vec<PlannedOp>) -> Result<()> {
+fn emit(
+    caches: &[CachePlan],
+    runs: &[(u64, u64, u64)],
+    sink: &mut impl FnMut(PlannedOp),
+) -> Result<()> {
     let overflow = |what| TopologyError::Overflow { what };
     for c in caches {
         let scale = c.local.scale;
@@ -336,21 +408,30 @@ fn emit(caches: &[CachePlan], runs: &[(u64, u64, u64)], ops: &mut Vec<PlannedOp>
             let l_kernel = l.checked_mul(scale).ok_or(overflow("kernel block id"))?;
             let r_kernel = r.checked_mul(scale).ok_or(overflow("kernel block id"))?;
             let kernels = count.checked_mul(scale).ok_or(overflow("run length"))?;
+            let mut local = address(&c.local, l_kernel, c.local_offset)?;
+            let mut remote = address(&c.remote, r_kernel, c.remote_offset)?;
             if c.coalesce {
-                ops.push(PlannedOp {
-                    local: address(&c.local, l_kernel, c.local_offset)?,
-                    remote: address(&c.remote, r_kernel, c.remote_offset)?,
+                sink(PlannedOp {
+                    local,
+                    remote,
                     len: c.slice.checked_mul(kernels).ok_or(overflow("run bytes"))?,
                 });
-            } else {
-                for i in 0..kernels {
-                    let l_id = l_kernel.checked_add(i).ok_or(overflow("kernel block id"))?;
-                    let r_id = r_kernel.checked_add(i).ok_or(overflow("kernel block id"))?;
-                    ops.push(PlannedOp {
-                        local: address(&c.local, l_id, c.local_offset)?,
-                        remote: address(&c.remote, r_id, c.remote_offset)?,
-                        len: c.slice,
-                    });
+                continue;
+            }
+            // One op per kernel block, each a stride further on both sides.
+            for i in 0..kernels {
+                sink(PlannedOp {
+                    local,
+                    remote,
+                    len: c.slice,
+                });
+                if i + 1 < kernels {
+                    local = local
+                        .checked_add(c.local.stride)
+                        .ok_or(overflow("block address"))?;
+                    remote = remote
+                        .checked_add(c.remote.stride)
+                        .ok_or(overflow("block address"))?;
                 }
             }
         }

@@ -138,6 +138,22 @@ impl PullMapping {
         self.pulls
     }
 
+    /// The length of every decode rank's pull list: `n * S`.
+    pub fn pull_list_len(&self) -> usize {
+        self.pulls * self.shape.prefill_pp
+    }
+
+    /// How many prefill ranks [`Self::pulled_prefill_ranks`] returns, known
+    /// without drawing the replicas: all `P * S` ranks, or, when replicas are
+    /// chosen, `D * n * S` of them (each read by exactly one decode rank).
+    pub fn pulled_prefill_rank_count(&self) -> usize {
+        let (p, stages) = (self.shape.prefill_tp, self.shape.prefill_pp);
+        match self.route {
+            Route::SameTp | Route::Consecutive { .. } => p * stages,
+            Route::Sampled { rows, chosen, .. } => rows * chosen * stages,
+        }
+    }
+
     /// The prefill ranks every decode rank pulls from for `request_id`: one list
     /// per decode rank, stage 0's `n` ranks first, then stage 1's, and so on.
     pub fn pull_ranks(&self, request_id: &str) -> Result<Vec<Vec<usize>>> {
@@ -238,7 +254,8 @@ impl PullMapping {
     ///
     /// Computed from the rules directly (all ranks, or every row of the
     /// chosen replica columns), not by merging the lists, so the property
-    /// tests can check one against the other.
+    /// tests can check one against the other. Its length is
+    /// [`Self::pulled_prefill_rank_count`].
     pub fn pulled_prefill_ranks(&self, request_id: &str) -> Result<Vec<usize>> {
         self.pulled_prefill_ranks_for_seed(seed_for_request(request_id))
     }
@@ -248,16 +265,20 @@ impl PullMapping {
         let (p, stages) = (self.shape.prefill_tp, self.shape.prefill_pp);
         match self.route {
             Route::SameTp | Route::Consecutive { .. } => Ok((0..p * stages).collect()),
-            Route::Sampled { groups, .. } => {
-                let mut chosen = vec![false; groups];
-                for c in self.sampled_columns(seed)? {
-                    if let Some(slot) = chosen.get_mut(c) {
-                        *slot = true;
+            Route::Sampled { groups, rows, .. } => {
+                // Every rank of a chosen replica column, in every row and
+                // stage: `s*P + r*G + c`, ascending when the columns are.
+                // Built from the output's own size, so a huge group count
+                // with few chosen columns costs nothing.
+                let mut columns = self.sampled_columns(seed)?;
+                columns.sort_unstable();
+                let mut ranks = Vec::with_capacity(stages * rows * columns.len());
+                for s in 0..stages {
+                    for r in 0..rows {
+                        ranks.extend(columns.iter().map(|&c| s * p + r * groups + c));
                     }
                 }
-                Ok((0..p * stages)
-                    .filter(|rank| chosen.get(rank % p % groups).copied().unwrap_or(false))
-                    .collect())
+                Ok(ranks)
             }
         }
     }

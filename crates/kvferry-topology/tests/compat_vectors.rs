@@ -4,7 +4,7 @@
 use kvferry_topology::{
     Attention, CacheLayout, PdShape, PlanRequest, PlannedOp, PrefixHit, PullMapping, PullTarget,
     PushMapping, Side, SideLayout, SplitSide, TopologyError, decode_pull_port, plan_blocks,
-    prefill_worker_port, replica_groups, seed_for_request, side_channel_port,
+    plan_op_count, prefill_worker_port, replica_groups, seed_for_request, side_channel_port,
 };
 
 fn pull(p: usize, d: usize, h: usize, kind: Attention, s: usize) -> PullMapping {
@@ -624,4 +624,50 @@ fn shape_rejections() {
     );
     assert_eq!("MLA".parse::<Attention>().expect("name"), Mla);
     assert!("mqa".parse::<Attention>().is_err());
+}
+
+#[test]
+fn plan_op_count_sizes_a_plan_without_building_it() {
+    // Padded blocks with 2^40 kernel blocks per logical block: a plan of
+    // 2^40 ops, counted (and so refusable) without allocating any.
+    let huge = |base| {
+        SideLayout::new(
+            1,
+            vec![vec![CacheLayout {
+                base,
+                block_len: 1,
+                stride: 2,
+                scale: 1 << 40,
+            }]],
+        )
+        .expect("layout")
+    };
+    let request = PlanRequest::new(&[0], &[0]);
+    assert_eq!(
+        plan_op_count(&huge(0), &huge(1 << 42), &request).expect("count"),
+        1 << 40
+    );
+    // The same errors as planning.
+    let local = one_cache(8, 0, 1024, 1024);
+    let remote = one_cache(8, 1 << 20, 1024, 1024);
+    assert!(matches!(
+        plan_op_count(&local, &remote, &PlanRequest::new(&[8], &[1])),
+        Err(TopologyError::BlockIdOutOfRange { id: 8, .. })
+    ));
+    // Coalesced runs count once per cache, split blocks once per block.
+    let ids = [1, 2, 3, 5];
+    assert_eq!(
+        plan_op_count(&local, &remote, &PlanRequest::new(&ids, &ids)).expect("count"),
+        2
+    );
+    let half = one_cache(8, 1 << 20, 512, 512);
+    assert_eq!(
+        plan_op_count(
+            &local,
+            &half,
+            &PlanRequest::new(&ids, &ids).with_pulls(2, 1)
+        )
+        .expect("count"),
+        4
+    );
 }

@@ -15,7 +15,8 @@ use std::collections::BTreeSet;
 use common::SplitMix;
 use kvferry_topology::{
     Attention, CacheLayout, PdShape, PlanRequest, PlannedOp, PrefixHit, PullMapping, PushMapping,
-    SideLayout, SplitSide, plan_blocks, rank_heads, seed_for_request,
+    SideLayout, SplitSide, plan_blocks, plan_blocks_each, plan_op_count, rank_heads,
+    seed_for_request,
 };
 use proptest::prelude::*;
 
@@ -77,7 +78,9 @@ proptest! {
             }
         }
         let union = mapping.pulled_prefill_ranks(&request_id).expect("union");
+        prop_assert_eq!(union.len(), mapping.pulled_prefill_rank_count());
         prop_assert_eq!(union, seen.iter().copied().collect::<Vec<_>>());
+        prop_assert!(lists.iter().all(|l| l.len() == mapping.pull_list_len()));
         for rank in 0..shape.prefill_tp * shape.prefill_pp {
             let expected = lists.iter().position(|l| l.contains(&rank));
             prop_assert_eq!(mapping.decode_rank_pulling_from(&request_id, rank).expect("ok"), expected);
@@ -224,6 +227,13 @@ fn check_plan(seed: u64) -> Result<(), TestCaseError> {
         .with_pulls(c.pulls, c.offset)
         .with_split(c.split);
     let ops = plan_blocks(&c.local, &c.remote, &request).expect("valid request");
+    prop_assert_eq!(
+        plan_op_count(&c.local, &c.remote, &request).expect("valid request"),
+        ops.len()
+    );
+    let mut streamed = Vec::new();
+    plan_blocks_each(&c.local, &c.remote, &request, |op| streamed.push(op)).expect("valid");
+    prop_assert_eq!(&streamed, &ops);
     let paired_remote = &c.remote_ids[c.remote_ids.len() - c.local_ids.len()..];
 
     // Expected: one (local, remote) slice pair per layer, cache, id pair and

@@ -161,7 +161,7 @@ impl EngineConfig {
         self.secret = Some(s.into());
         self
     }
-    /// tcp connections per peer (default 2).
+    /// tcp connections per peer (default 4).
     pub fn lanes(mut self, n: usize) -> Self {
         self.lanes = Some(n);
         self
@@ -297,7 +297,7 @@ impl EngineConfig {
         .filter(|s| !s.is_empty());
         let lanes = match self.lanes {
             Some(n) => n,
-            None => num("KVFERRY_LANES")?.map_or(2, |n| n as usize),
+            None => num("KVFERRY_LANES")?.map_or(4, |n| n as usize),
         };
         if lanes == 0 || lanes > 64 {
             return Err(Error::invalid("lanes must be in 1..=64"));

@@ -224,3 +224,50 @@ fn peer_restarted_on_same_port_tcp() {
 fn peer_restarted_on_same_port_cma() {
     restarted(TransportChoice::Auto);
 }
+
+/// Not a test of its own: the body of child initiators.
+#[test]
+fn child_initiator() {
+    common::initiator_main();
+}
+
+/// When the kernel refuses cross-memory attach (here: an unprivileged
+/// initiator and a target owned by another user), cma falls back to tcp for
+/// that peer and the data still arrives.
+#[test]
+fn cma_refused_by_the_kernel_falls_back_to_tcp() {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run the initiator as another user");
+        return;
+    }
+    const LEN: usize = 1 << 20;
+    let target = Target::spawn("child_target", 0, LEN, 9, &[]);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_initiator",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            common::INITIATOR,
+            format!("{} {} {LEN} 9", target.name, target.addr),
+        )
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.find("INITIATOR").map(|i| &l[i..]))
+        .unwrap_or_else(|| {
+            panic!(
+                "no result from the initiator: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    assert_eq!(line, "INITIATOR ok cma tcp", "{stdout}");
+}

@@ -141,8 +141,9 @@ impl CmaTransport {
         Outcome::Done
     }
 
-    /// Pins the job's remote ranges at the target; returns the lease ids.
-    fn lease(&self, job: &Job<'_>) -> Result<Vec<u64>> {
+    /// Pins the job's remote ranges at the target; returns the leases as
+    /// (lane, lease id): a lease lives on the connection that took it.
+    fn lease(&self, job: &Job<'_>) -> Result<Vec<(usize, u64)>> {
         let ranges: Vec<wire::Range> = job
             .slices
             .iter()
@@ -154,8 +155,9 @@ impl CmaTransport {
         let mut leases = Vec::new();
         for chunk in ranges.chunks(wire::MAX_ENTRIES) {
             let instance = self.tcp.instance();
-            let r = self.tcp.with_lane(0, |c| {
+            let r = self.tcp.with_free_lane(|lane, c| {
                 c.pin(self.tcp.peer_name(), instance, chunk, job.deadline)
+                    .map(|id| (lane, id))
             });
             match r {
                 Ok(id) => leases.push(id),
@@ -168,9 +170,12 @@ impl CmaTransport {
         Ok(leases)
     }
 
-    fn release(&self, leases: &[u64]) {
-        for &l in leases {
-            if let Err(e) = self.tcp.with_lane(0, |c| c.unpin(self.tcp.peer_name(), l)) {
+    fn release(&self, leases: &[(usize, u64)]) {
+        for &(lane, l) in leases {
+            if let Err(e) = self
+                .tcp
+                .with_lane(lane, |c| c.unpin(self.tcp.peer_name(), l))
+            {
                 // The target drops a connection's leases when it closes.
                 log::debug!(
                     "kvferry: releasing cma lease {l} at {}: {e}",

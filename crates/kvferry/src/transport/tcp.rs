@@ -350,6 +350,8 @@ pub struct TcpTransport {
     /// The peer instance our plans were made against.
     instance: AtomicU64,
     lanes: Vec<Mutex<Option<Conn>>>,
+    /// Where the search for a free lane starts next (round robin).
+    next_lane: std::sync::atomic::AtomicUsize,
 }
 
 impl TcpTransport {
@@ -360,6 +362,7 @@ impl TcpTransport {
             me,
             instance: AtomicU64::new(0),
             lanes: (0..lanes.max(1)).map(|_| Mutex::new(None)).collect(),
+            next_lane: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -377,7 +380,31 @@ impl TcpTransport {
     /// fails with `PeerRestarted` (the caller refreshes the segment).
     /// Errors that leave the stream out of step drop the connection.
     pub fn with_lane<T>(&self, i: usize, f: impl FnOnce(&mut Conn) -> Result<T>) -> Result<T> {
-        let mut guard = self.lanes[i % self.lanes.len()].lock();
+        let guard = self.lanes[i % self.lanes.len()].lock();
+        self.use_lane(guard, f)
+    }
+
+    /// Like `with_lane`, on a lane no other job holds when there is one
+    /// (else waits for one in turn), so concurrent small batches from many
+    /// threads do not queue behind each other. `f` gets the lane's index.
+    pub fn with_free_lane<T>(&self, f: impl FnOnce(usize, &mut Conn) -> Result<T>) -> Result<T> {
+        let n = self.lanes.len();
+        let start = self.next_lane.fetch_add(1, Ordering::Relaxed) % n;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if let Some(guard) = self.lanes[i].try_lock() {
+                return self.use_lane(guard, |c| f(i, c));
+            }
+        }
+        let guard = self.lanes[start].lock();
+        self.use_lane(guard, |c| f(start, c))
+    }
+
+    fn use_lane<T>(
+        &self,
+        mut guard: parking_lot::MutexGuard<'_, Option<Conn>>,
+        f: impl FnOnce(&mut Conn) -> Result<T>,
+    ) -> Result<T> {
         if guard.is_none() {
             let (conn, instance) = Conn::open(&self.peer, &self.me)?;
             let expected = self.instance();
@@ -432,14 +459,14 @@ impl TcpTransport {
     /// `requests` is reported once.
     fn run_lane(
         &self,
-        lane: usize,
+        lane: Option<usize>,
         job: &Job<'_>,
         requests: &[(usize, usize)],
         report: Report<'_>,
     ) {
         let instance = self.instance();
         let mut finished = 0usize;
-        let r = self.with_lane(lane, |conn| {
+        let mut body = |conn: &mut Conn| {
             net::arm(&conn.stream, job.deadline).map_err(|e| conn.io(&self.name, "transfer", e))?;
             let first_rid = conn.next_id + 1;
             let mut sent = 0;
@@ -461,7 +488,12 @@ impl TcpTransport {
                 finished += 1;
             }
             Ok(())
-        });
+        };
+        // One lane given: that one; none: whichever is free.
+        let r = match lane {
+            Some(i) => self.with_lane(i, body),
+            None => self.with_free_lane(|_, c| body(c)),
+        };
         if let Err(e) = r {
             for &(a, b) in &requests[finished..] {
                 (a..b).for_each(|i| report(i, Err(e.clone())));
@@ -480,7 +512,7 @@ impl Transport for TcpTransport {
     }
 
     fn notify(&self, from: &str, message: &[u8], deadline: Instant) -> Result<()> {
-        self.with_lane(0, |c| c.notify(&self.name, from, message, deadline))
+        self.with_free_lane(|_, c| c.notify(&self.name, from, message, deadline))
     }
 
     fn run(&self, job: &Job<'_>, report: Report<'_>) {
@@ -505,7 +537,7 @@ impl Transport for TcpTransport {
             self.lanes.len().min(requests.len())
         };
         if lanes <= 1 {
-            self.run_lane(0, job, &requests, report);
+            self.run_lane(None, job, &requests, report);
             return;
         }
         // Deal requests round-robin to lanes; the caller's thread runs lane 0.
@@ -514,9 +546,9 @@ impl Transport for TcpTransport {
             .collect();
         std::thread::scope(|scope| {
             for (l, reqs) in per_lane.iter().enumerate().skip(1) {
-                scope.spawn(move || self.run_lane(l, job, reqs, report));
+                scope.spawn(move || self.run_lane(Some(l), job, reqs, report));
             }
-            self.run_lane(0, job, &per_lane[0], report);
+            self.run_lane(Some(0), job, &per_lane[0], report);
         });
     }
 }

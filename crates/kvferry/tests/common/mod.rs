@@ -72,7 +72,7 @@ impl Target {
             addr: 0,
             len: 0,
         };
-        let ready = t.expect_line("READY", Duration::from_secs(20));
+        let ready = t.expect_line("READY", Duration::from_secs(120));
         let mut it = ready.split_whitespace().skip(1);
         t.name = it.next().expect("name").to_owned();
         t.addr = it.next().and_then(|a| a.parse().ok()).expect("addr");
@@ -168,5 +168,45 @@ pub fn child_main() -> bool {
     }
     drop(engine);
     drop(buf);
+    true
+}
+
+/// Env var that turns the test binary into a child initiator:
+/// `"<peer> <remote addr> <len> <seed>"`.
+pub const INITIATOR: &str = "KVFERRY_TEST_INITIATOR";
+
+/// The child initiator: reads the peer's buffer, checks the pattern, and
+/// prints `INITIATOR <ok|bad|error: ...> <transport before> <transport after>`.
+pub fn initiator_main() -> bool {
+    let Ok(spec) = std::env::var(INITIATOR) else {
+        return false;
+    };
+    let w: Vec<&str> = spec.split_whitespace().collect();
+    let (peer, addr, len, seed) = (
+        w[0],
+        w[1].parse::<u64>().expect("addr"),
+        w[2].parse::<usize>().expect("len"),
+        w[3].parse::<u8>().expect("seed"),
+    );
+    let engine = Engine::new(EngineConfig::new().port(0)).expect("initiator engine");
+    let mut buf = vec![0u8; len];
+    // SAFETY: `buf` outlives `engine` (dropped first below).
+    unsafe { engine.register_memory(buf.as_mut_ptr() as u64, len as u64, "cpu:0") }
+        .expect("register");
+    let before = engine.transport_to(peer).unwrap_or("?");
+    let op = kvferry::Op {
+        local: buf.as_ptr() as u64,
+        remote: addr,
+        len: len as u64,
+    };
+    let result = match engine.read(peer, &[op]) {
+        Ok(()) if buf == pattern(seed, len) => "ok".to_string(),
+        Ok(()) => "bad".to_string(),
+        Err(e) => format!("error:{e}").replace(' ', "_"),
+    };
+    let after = engine.transport_to(peer).unwrap_or("?");
+    println!("INITIATOR {result} {before} {after}");
+    std::io::stdout().flush().ok();
+    drop(engine);
     true
 }

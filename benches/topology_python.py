@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""The Python side of benches/topology.rs: the pure-Python loop the
+connectors run today against kvferry's Python API, on the same scenarios.
+
+- plan: 61 layers x 2 caches, 256 and 2048 blocks per request, ids
+  contiguous, fragmented (runs of 8) or split (n = 2: every block its own
+  op). The loop is python/tests/compat_plan.py (COMPAT.md section 2 in the
+  connectors' shape); the API call is `kvferry.topology.plan_blocks`, the
+  whole call (ids in, three address arrays out).
+- pull: the decode rank lists of one request: the rules in Python with
+  CPython's `random` and `hashlib` (the crate's oracle, the connectors'
+  code path) against `kvferry.topology.pull_ranks`.
+
+Prints one JSON document: per scenario the op count and seconds per call
+of each side (`api` is null when libkvferry.so cannot be loaded: set
+KVFERRY_LIBRARY, or `cargo build --release -p kvferry-capi`). Standalone:
+`python3 benches/topology_python.py` prints a table instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "python" / "tests"))
+
+import compat_plan  # noqa: E402
+
+LAYERS, CACHES = 61, 2
+SLICE = 16384  # bytes of one prefill rank's share of a block, per cache
+BASE = 0x7F3A_0000_0000  # where real KV caches live
+REQUEST = "cmpl-8f1d6a2c-4b7e-4f0a-9c3e-2d5b7a9e1c44-0"
+PULL_SHAPES = [(8, 4, 4, "gqa", 1), (16, 2, 16, "gqa", 1), (8, 4, 1, "mla", 1), (32, 8, 8, "gqa", 2)]
+
+
+def scenario(blocks: int, kind: str):
+    """(local caches, remote caches, num_blocks, local ids, remote ids, pulls):
+    the same numbers benches/topology.rs builds."""
+    pulls = 2 if kind == "split" else 1
+    if kind == "fragmented":
+        local_ids = [i + i // 8 for i in range(blocks)]  # a hole after every 8 blocks
+    else:
+        local_ids = list(range(blocks))
+    remote_ids = list(range(blocks))
+    num_blocks = blocks + blocks // 8 + 1
+    local, remote = [], []
+    for c in range(LAYERS * CACHES):
+        llen, rlen = SLICE * pulls, SLICE
+        local.append((BASE + c * llen * num_blocks, llen, llen, 1))
+        remote.append((BASE + (1 << 40) + c * rlen * num_blocks, rlen, rlen, 1))
+    return local, remote, num_blocks, local_ids, remote_ids, pulls
+
+
+def seconds_per_call(fn, budget: float = 0.4, rounds: int = 7) -> float:
+    """Median over `rounds` of the mean time of a call, each round ~budget/rounds."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    n = max(1, int(budget / rounds / once))
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - start) / n)
+    return statistics.median(samples)
+
+
+def load_api():
+    """kvferry.topology, or None with the reason."""
+    try:
+        import _topology_support  # noqa: F401  (stand-ins when the package is absent)
+        from kvferry import topology
+
+        topology.pulls_per_rank(1, 1, 1)
+        return topology, None
+    except Exception as e:  # noqa: BLE001 - report, do not fail the bench
+        return None, f"{type(e).__name__}: {e}"
+
+
+def load_rules():
+    spec = importlib.util.spec_from_file_location(
+        "rules", REPO / "crates" / "kvferry-topology" / "tests" / "oracle" / "rules.py"
+    )
+    rules = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rules)
+    return rules
+
+
+def main() -> None:
+    topology, why = load_api()
+    rules = load_rules()
+    out = {"python": sys.version.split()[0], "api_error": why, "plan": {}, "pull": {}}
+    for blocks in (256, 2048):
+        for kind in ("contiguous", "fragmented", "split"):
+            local, remote, num_blocks, lids, rids, pulls = scenario(blocks, kind)
+            name = f"{LAYERS}x{CACHES}x{blocks}/{kind}"
+            ref = compat_plan.plan(local, remote, lids, rids, pulls=pulls)
+            row = {
+                "ops": len(ref[0]),
+                "loop": seconds_per_call(lambda: compat_plan.plan(local, remote, lids, rids, pulls=pulls)),
+                "api": None,
+            }
+            if topology is not None:
+                ll = topology.Layout([local[i : i + CACHES] for i in range(0, len(local), CACHES)], num_blocks)
+                rl = topology.Layout([remote[i : i + CACHES] for i in range(0, len(remote), CACHES)], num_blocks)
+                got = topology.plan_blocks(ll, rl, lids, rids, pulls=pulls)
+                assert [list(a) for a in got] == [list(a) for a in ref], f"{name}: the API and the loop disagree"
+                row["api"] = seconds_per_call(lambda: topology.plan_blocks(ll, rl, lids, rids, pulls=pulls))
+            out["plan"][name] = row
+    for p, d, h, kind, s in PULL_SHAPES:
+        name = f"P{p}-D{d}-H{h}-{kind}-S{s}"
+        ref = rules.pull_lists(p, d, h, kind, s, REQUEST)
+        row = {"loop": seconds_per_call(lambda: rules.pull_lists(p, d, h, kind, s, REQUEST), budget=0.2), "api": None}
+        if topology is not None:
+            assert topology.pull_ranks(REQUEST, p, d, h, kind, s) == ref, name
+            row["api"] = seconds_per_call(lambda: topology.pull_ranks(REQUEST, p, d, h, kind, s), budget=0.2)
+        out["pull"][name] = row
+    if "--json" in sys.argv:
+        json.dump(out, sys.stdout)
+        return
+    if why:
+        print(f"kvferry.topology not loaded ({why}): loop times only")
+    for section in ("plan", "pull"):
+        for name, row in out[section].items():
+            api = row["api"]
+            ratio = f"{row['loop'] / api:7.1f}x" if api else "      -"
+            api_us = f"{api * 1e6:10.1f}" if api else "         -"
+            print(f"{section:5} {name:28} loop {row['loop'] * 1e6:10.1f} us  api {api_us} us  {ratio}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

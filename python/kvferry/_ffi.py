@@ -1,0 +1,250 @@
+"""Loading libkvferry.so and declaring every C function it exports.
+
+Each `kvf_*` function of include/kvferry.h has one entry in `SIGNATURES`
+(restype, argtypes); tests/test_header.py parses the header and fails when an
+entry disagrees with its declaration or a declared function has none. Nothing
+outside this module touches the CDLL object directly.
+
+ctypes releases the GIL for every call through a `CDLL`, so a transfer that
+blocks in the library never blocks other Python threads.
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import ctypes.util
+import os
+import sys
+import threading
+from pathlib import Path
+
+c_engine_p = ctypes.c_void_p  # struct kvf_engine *
+c_config_p = ctypes.c_void_p  # struct kvf_config *
+c_status = ctypes.c_int32  # kvf_status (int32_t in C before C23)
+
+_u64_p = ctypes.POINTER(ctypes.c_uint64)
+_size_p = ctypes.POINTER(ctypes.c_size_t)
+_i32_p = ctypes.POINTER(ctypes.c_int32)
+_u16_p = ctypes.POINTER(ctypes.c_uint16)
+
+#: name -> (restype, argtypes), in header order.
+SIGNATURES: dict[str, tuple[object, list[object]]] = {
+    "kvf_version": (ctypes.c_char_p, []),
+    "kvf_status_str": (ctypes.c_char_p, [ctypes.c_int32]),
+    "kvf_last_error": (ctypes.c_char_p, []),
+    "kvf_config_new": (c_status, [ctypes.POINTER(c_config_p)]),
+    "kvf_config_free": (None, [c_config_p]),
+    "kvf_config_set_hostname": (c_status, [c_config_p, ctypes.c_char_p]),
+    "kvf_config_set_port": (c_status, [c_config_p, ctypes.c_uint16]),
+    "kvf_config_set_port_range": (c_status, [c_config_p, ctypes.c_uint16, ctypes.c_uint16]),
+    "kvf_config_set_connect_timeout_ms": (c_status, [c_config_p, ctypes.c_uint64]),
+    "kvf_config_set_transfer_timeout_ms": (c_status, [c_config_p, ctypes.c_uint64]),
+    "kvf_config_set_slice_size": (c_status, [c_config_p, ctypes.c_uint64]),
+    "kvf_config_set_async_workers": (c_status, [c_config_p, ctypes.c_uint32]),
+    "kvf_config_set_transport": (c_status, [c_config_p, ctypes.c_char_p]),
+    "kvf_config_set_secret": (c_status, [c_config_p, ctypes.c_char_p]),
+    "kvf_config_set_lanes": (c_status, [c_config_p, ctypes.c_uint32]),
+    "kvf_engine_new": (c_status, [c_config_p, ctypes.POINTER(c_engine_p)]),
+    "kvf_engine_free": (None, [c_engine_p]),
+    "kvf_engine_name": (c_status, [c_engine_p, ctypes.c_char_p, ctypes.c_size_t, _size_p]),
+    "kvf_engine_rpc_port": (c_status, [c_engine_p, _u16_p]),
+    "kvf_register_memory": (
+        c_status,
+        [c_engine_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_char_p],
+    ),
+    "kvf_register_memory_batch": (
+        c_status,
+        [c_engine_p, _u64_p, _u64_p, ctypes.c_size_t, ctypes.c_char_p],
+    ),
+    "kvf_unregister_memory": (c_status, [c_engine_p, ctypes.c_uint64]),
+    "kvf_unregister_memory_batch": (c_status, [c_engine_p, _u64_p, ctypes.c_size_t]),
+    "kvf_notify": (c_status, [c_engine_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]),
+    "kvf_notify_recv": (
+        c_status,
+        [
+            c_engine_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            _size_p,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            _size_p,
+            _i32_p,
+        ],
+    ),
+    "kvf_engine_transport_to": (
+        c_status,
+        [c_engine_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, _size_p],
+    ),
+    "kvf_transfer_sync": (
+        c_status,
+        [c_engine_p, ctypes.c_char_p, ctypes.c_uint32, _u64_p, _u64_p, _u64_p, ctypes.c_size_t],
+    ),
+    "kvf_batch_submit": (
+        c_status,
+        [
+            c_engine_p,
+            ctypes.c_char_p,
+            ctypes.c_uint32,
+            _u64_p,
+            _u64_p,
+            _u64_p,
+            ctypes.c_size_t,
+            _u64_p,
+        ],
+    ),
+    "kvf_batch_submit_write_notify": (
+        c_status,
+        [
+            c_engine_p,
+            ctypes.c_char_p,
+            _u64_p,
+            _u64_p,
+            _u64_p,
+            ctypes.c_size_t,
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            _u64_p,
+        ],
+    ),
+    "kvf_batch_poll": (c_status, [c_engine_p, ctypes.c_uint64]),
+    "kvf_batch_wait": (c_status, [c_engine_p, ctypes.c_uint64, ctypes.c_uint64]),
+    "kvf_batch_op_status": (
+        c_status,
+        [c_engine_p, ctypes.c_uint64, ctypes.c_size_t, _i32_p],
+    ),
+    "kvf_batch_free": (c_status, [c_engine_p, ctypes.c_uint64]),
+}
+
+# kvf_topology_*, kvf_layout_*, kvf_plan_blocks, kvf_*_blocks (and their structs).
+from ._topology_ffi import SIGNATURES as _TOPOLOGY_SIGNATURES  # noqa: E402
+
+SIGNATURES.update(_TOPOLOGY_SIGNATURES)
+
+# Constants of the header (checked against it by tests/test_header.py).
+KVF_OP_READ = 0
+KVF_OP_WRITE = 1
+KVF_WAIT_FOREVER = (1 << 64) - 1
+
+LIBRARY_NAME = "libkvferry.so"
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_path: str | None = None
+
+
+def candidate_paths() -> list[Path]:
+    """Where the library is looked for, first match wins.
+
+    1. `KVFERRY_LIBRARY` (a file path), when set.
+    2. Inside the package (what `pip install` and wheels put there).
+    3. target/release then target/debug of the source checkout this package
+       sits in (running from a git clone without installing).
+    """
+    env = os.environ.get("KVFERRY_LIBRARY")
+    if env:
+        return [Path(env)]
+    here = Path(__file__).resolve().parent
+    paths = [here / LIBRARY_NAME]
+    repo = here.parent.parent
+    if (repo / "Cargo.toml").is_file():
+        target = Path(os.environ.get("CARGO_TARGET_DIR", repo / "target"))
+        paths += [target / "release" / LIBRARY_NAME, target / "debug" / LIBRARY_NAME]
+    return paths
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(lib, name)  # AttributeError names a missing export
+        fn.restype = restype
+        fn.argtypes = argtypes
+
+
+def load() -> ctypes.CDLL:
+    """The library, loaded once per process with every signature declared."""
+    global _lib, _lib_path
+    if _lib is not None:
+        return _lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        tried = []
+        for path in candidate_paths():
+            if not path.is_file():
+                tried.append(f"{path} (missing)")
+                continue
+            try:
+                lib = ctypes.CDLL(str(path))
+                _declare(lib)
+            except (OSError, AttributeError) as e:
+                tried.append(f"{path} ({e})")
+                continue
+            _lib, _lib_path = lib, str(path)
+            return lib
+        found = ctypes.util.find_library("kvferry") if not os.environ.get("KVFERRY_LIBRARY") else None
+        if found:
+            try:
+                lib = ctypes.CDLL(found)
+                _declare(lib)
+                _lib, _lib_path = lib, found
+                return lib
+            except (OSError, AttributeError) as e:
+                tried.append(f"{found} ({e})")
+        raise ImportError(
+            "kvferry: cannot load libkvferry.so; tried: "
+            + "; ".join(tried)
+            + ". Install the package with `pip install ./python` (builds the library), "
+            "or set KVFERRY_LIBRARY to the path of a libkvferry.so "
+            "(`cargo build --release -p kvferry-capi` gives target/release/libkvferry.so)."
+        )
+
+
+def library_path() -> str:
+    """The file the library was loaded from."""
+    load()
+    assert _lib_path is not None
+    return _lib_path
+
+
+def u64(value, what: str) -> int:
+    """`value` as an unsigned 64-bit int, refusing what ctypes would wrap
+    silently (negative numbers, huge numbers) or misread (floats, str)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < 1 << 64:
+        raise ValueError(f"{what}: {value} is not an unsigned 64-bit value")
+    return value
+
+
+def u64_array(values, what: str):
+    """A ctypes uint64 array from a sequence of unsigned 64-bit ints.
+
+    `array('Q', ...)` checks every element in C (type and range), which keeps
+    a 32-op batch at a few microseconds; the ctypes view keeps it alive.
+    """
+    if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
+        # array() would read bytes as raw machine words: refuse them here.
+        raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
+    try:
+        arr = array.array("Q", values)
+    except TypeError:
+        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), values)
+        raise TypeError(f"{what}: expected a list of ints, got {type(bad).__name__} {bad!r}") from None
+    except OverflowError:
+        bad = next((v for v in values if isinstance(v, int) and not 0 <= v < 1 << 64), None)
+        raise ValueError(f"{what}: {bad!r} is not an unsigned 64-bit value") from None
+    n = len(arr)
+    t = _U64_ARRAYS.get(n)
+    if t is None:
+        t = _U64_ARRAYS[n] = ctypes.c_uint64 * n
+    return t.from_buffer(arr) if n else t()
+
+
+# ctypes array types by length: building `c_uint64 * n` on every call costs
+# as much as filling it.
+_U64_ARRAYS: dict[int, type] = {}
+
+
+if sys.byteorder != "little":  # pragma: no cover - every supported host is
+    raise ImportError("kvferry supports little-endian hosts only")

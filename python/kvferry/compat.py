@@ -1,0 +1,495 @@
+"""`kvferry.TransferEngine`: the API of `mooncake.engine.TransferEngine`, with
+Mooncake's argument order and return conventions, over a `kvferry.Engine`.
+
+Failures return Mooncake's failure value (-1, a batch id of 0, an address
+of 0, b""), never raise; the reason goes to `kvferry.last_error()` (per
+thread) and to the `kvferry` logger at WARNING, prefixed by the method name.
+Wrong argument types are failures like any other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import functools
+import struct
+import threading
+from typing import Any, NamedTuple
+
+from . import _errors, _ffi
+from ._errors import Error, Status, logger
+from .engine import READ, WRITE, Engine
+from .mooncake_config import MooncakeConfig
+
+
+class TransferOpcode(enum.IntEnum):
+    """Mooncake's opcodes (`TransferOpcode.Read` / `.Write`; the upper-case
+    spellings are aliases)."""
+
+    Read = READ
+    Write = WRITE
+    READ = READ
+    WRITE = WRITE
+
+
+class TransferNotify(NamedTuple):
+    """A notification: `name` and `msg`, as Mooncake's `TransferNotify`. It is
+    also a `(name, msg)` tuple, so `for name, msg in te.get_notifies()` works.
+
+    Received notifications carry the sender's session id (`"host:port"`) as
+    `name`, unless the sender named them otherwise (see docs/python.md)."""
+
+    name: str = ""
+    msg: str = ""
+
+
+# A notification whose name is not the sender's session id travels as
+# MAGIC + u16 little-endian name length + name + message.
+_NAMED_MAGIC = b"\x00kvfn"
+
+P2P_HANDSHAKE = "P2PHANDSHAKE"
+# Protocols Mooncake users pass; every one but "tcp" lets kvferry pick the
+# best path per peer (in-process, same host, tcp).
+KNOWN_PROTOCOLS = {"", "auto", "tcp", "rdma", "ascend", "ascend_direct", "hccs", "cma", "shm", "local"}
+
+
+def _encode_notify(own_name: str, notify: Any) -> bytes:
+    if isinstance(notify, TransferNotify) or (isinstance(notify, tuple) and len(notify) == 2):
+        name, msg = notify
+    elif hasattr(notify, "name") and hasattr(notify, "msg"):
+        name, msg = notify.name, notify.msg
+    else:
+        raise TypeError(f"notify: expected a TransferNotify(name, msg), got {type(notify).__name__}")
+    if not isinstance(name, str) or not isinstance(msg, (str, bytes)):
+        raise TypeError("notify: name must be str and msg str or bytes")
+    body = msg.encode(errors="surrogateescape") if isinstance(msg, str) else msg
+    if not name or name == own_name:
+        return body
+    raw = name.encode(errors="surrogateescape")
+    if len(raw) > 0xFFFF:
+        raise ValueError("notify: name is longer than 65535 bytes")
+    return _NAMED_MAGIC + struct.pack("<H", len(raw)) + raw + body
+
+
+def _decode_notify(sender: str, message: bytes) -> TransferNotify:
+    name, body = sender, message
+    if message.startswith(_NAMED_MAGIC) and len(message) >= len(_NAMED_MAGIC) + 2:
+        (n,) = struct.unpack_from("<H", message, len(_NAMED_MAGIC))
+        start = len(_NAMED_MAGIC) + 2
+        if start + n <= len(message):
+            name = message[start : start + n].decode(errors="surrogateescape")
+            body = message[start + n :]
+    return TransferNotify(name, body.decode(errors="surrogateescape"))
+
+
+def _parse_local_hostname(value: str) -> tuple[str | None, int | None]:
+    """`"host"`, `"host:port"`, `"[v6]"`, `"[v6]:port"` or a bare IPv6 address."""
+    if not value:
+        return None, None
+    if value.startswith("["):
+        host, sep, rest = value[1:].partition("]")
+        if not sep or not host:
+            raise ValueError(f'local_hostname {value!r}: expected "[ipv6]" or "[ipv6]:port"')
+        if not rest:
+            return host, None
+        if not rest.startswith(":"):
+            raise ValueError(f'local_hostname {value!r}: expected "[ipv6]:port"')
+        port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+        if not host:
+            raise ValueError(f"local_hostname {value!r}: the host is empty")
+    else:
+        return value, None  # a name, an IPv4 address or a bare IPv6 address
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"local_hostname {value!r}: the port is not a number in 0..65535")
+    return host, int(port)
+
+
+def _mooncake(failure):
+    """Turns every failure of the wrapped method into `failure`, with the
+    reason kept in `last_error()` and logged."""
+
+    def wrap(method):
+        name = method.__name__
+
+        @functools.wraps(method)
+        def call(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except Error as e:
+                return self._fail(name, e.status, e.message, failure)
+            except (TypeError, ValueError, OverflowError) as e:
+                return self._fail(name, Status.INVALID_ARGUMENT, str(e), failure)
+
+        return call
+
+    return wrap
+
+
+class TransferEngine:
+    """Drop-in for `mooncake.engine.TransferEngine` (see COMPAT.md section 1
+    and docs/python.md). One per process, shared by all its threads."""
+
+    def __init__(self) -> None:
+        self._engine: Engine | None = None
+        self._init_lock = threading.Lock()
+
+    # -- failure bookkeeping ------------------------------------------------------
+
+    @staticmethod
+    def _fail(method: str, status, message: str, failure):
+        text = f"{method}: {message}"
+        _errors.record(int(status), text)
+        logger.warning("kvferry: %s", text)
+        return failure() if callable(failure) else failure
+
+    def _e(self) -> Engine:
+        engine = self._engine
+        if engine is None:
+            raise Error(Status.INVALID_ARGUMENT, "the engine is not initialized: call initialize() first")
+        return engine
+
+    # -- setup ------------------------------------------------------------------
+
+    @_mooncake(-1)
+    def initialize(self, local_hostname, metadata_server, protocol, device_name) -> int:
+        """Creates the engine. `metadata_server` must be "P2PHANDSHAKE" (no
+        metadata server: peers address this engine as `"host:port"`).
+        `local_hostname` "host:port" listens on that port; a bare host picks a
+        free port in 15000-17000 (`MC_MIN_RPC_PORT` / `MC_MAX_RPC_PORT`).
+        `protocol` "tcp" forces tcp; any other lets kvferry pick the path.
+        Empty arguments are taken from mooncake.json (`MOONCAKE_CONFIG_PATH`)."""
+        return self._initialize(local_hostname, metadata_server, protocol, device_name)
+
+    @_mooncake(-1)
+    def initialize_ext(self, local_hostname, metadata_server, protocol, device_name, metadata_type="") -> int:
+        """`initialize` with Mooncake's extra `metadata_type` (only "" or "p2p")."""
+        if not isinstance(metadata_type, str):
+            raise TypeError(f"metadata_type: expected str, got {type(metadata_type).__name__}")
+        if metadata_type not in ("", "p2p", "P2PHANDSHAKE"):
+            raise Error(
+                Status.UNSUPPORTED,
+                f"metadata_type {metadata_type!r}: kvferry has no metadata server; "
+                'engines find each other by "host:port" (P2PHANDSHAKE)',
+            )
+        return self._initialize(local_hostname, metadata_server, protocol, device_name)
+
+    def _initialize(self, local_hostname, metadata_server, protocol, device_name) -> int:
+        for what, v in (
+            ("local_hostname", local_hostname),
+            ("metadata_server", metadata_server),
+            ("protocol", protocol),
+            ("device_name", device_name),
+        ):
+            if v is not None and not isinstance(v, str):
+                raise TypeError(f"{what}: expected str, got {type(v).__name__} {v!r}")
+        config = MooncakeConfig.from_env()
+        if config is not None:
+            local_hostname = local_hostname or config.local_hostname
+            metadata_server = metadata_server or config.metadata_server
+            protocol = protocol or config.protocol
+            device_name = device_name or config.device_name
+        meta = (metadata_server or P2P_HANDSHAKE).strip()
+        if meta.upper() != P2P_HANDSHAKE:
+            raise Error(
+                Status.UNSUPPORTED,
+                f"metadata server {meta!r}: kvferry has no metadata server; pass "
+                '"P2PHANDSHAKE" (engines find each other by "host:port")',
+            )
+        proto = (protocol or "").strip().lower()
+        if proto not in KNOWN_PROTOCOLS:
+            logger.warning(
+                "kvferry: protocol %r is not one kvferry knows; it picks the best path per peer "
+                '(pass "tcp" to force tcp)',
+                protocol,
+            )
+        if device_name:
+            logger.debug("kvferry: device_name %r is not used (no device runtime)", device_name)
+        host, port = _parse_local_hostname((local_hostname or "").strip())
+        with self._init_lock:
+            if self._engine is not None:
+                raise Error(Status.INVALID_ARGUMENT, f"already initialized as {self._engine.name}")
+            self._engine = Engine(
+                hostname=host,
+                port=port,
+                transport="tcp" if proto == "tcp" else None,
+            )
+        logger.info("kvferry: engine %s is listening (protocol %r)", self._engine.name, proto or "auto")
+        return 0
+
+    @_mooncake(-1)
+    def get_rpc_port(self) -> int:
+        """The engine's one listening port (peers use `"ip:port"`)."""
+        return self._e().port
+
+    def get_engine(self) -> Engine | None:
+        """The underlying `kvferry.Engine` (what kvferry's store client takes),
+        or None before `initialize`."""
+        return self._engine
+
+    def get_session_id(self) -> str:
+        """This engine's `"host:port"` ("" before `initialize`)."""
+        return self._engine.name if self._engine is not None else ""
+
+    def close(self) -> None:
+        """Frees the engine (also done at exit). Not in Mooncake's API."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine.close()
+
+    def __enter__(self) -> "TransferEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- memory -----------------------------------------------------------------
+
+    @_mooncake(-1)
+    def register_memory(self, buffer_addr, capacity, location="*") -> int:
+        self._e().register(_ffi.u64(buffer_addr, "buffer_addr"), capacity, location)
+        return 0
+
+    @_mooncake(-1)
+    def unregister_memory(self, buffer_addr) -> int:
+        self._e().unregister(_ffi.u64(buffer_addr, "buffer_addr"))
+        return 0
+
+    @_mooncake(-1)
+    def batch_register_memory(self, buffer_addresses, capacities, location="*") -> int:
+        engine = self._e()
+        addrs = list(buffer_addresses)
+        for i, a in enumerate(addrs):
+            _ffi.u64(a, f"buffer_addresses[{i}]")
+        engine.register_many(addrs, list(capacities), location)
+        return 0
+
+    @_mooncake(-1)
+    def batch_unregister_memory(self, buffer_addresses) -> int:
+        engine = self._e()
+        addrs = list(buffer_addresses)
+        for i, a in enumerate(addrs):
+            _ffi.u64(a, f"buffer_addresses[{i}]")
+        engine.unregister_many(addrs)
+        return 0
+
+    @_mooncake(0)
+    def allocate_managed_buffer(self, length) -> int:
+        """Address of `length` bytes of memory this engine registered itself."""
+        return self._e().allocate(length)
+
+    @_mooncake(-1)
+    def free_managed_buffer(self, buffer_addr, length) -> int:
+        self._e().free(buffer_addr, length)
+        return 0
+
+    def _check_range(self, addr, length, what: str) -> tuple[int, int]:
+        engine = self._e()
+        addr = _ffi.u64(addr, what)
+        length = _ffi.u64(length, "length")
+        if not engine.registered(addr, length):
+            raise Error(
+                Status.NOT_REGISTERED,
+                f"[{addr:#x}, +{length}) is not inside memory registered by this engine or one of its managed buffers",
+            )
+        return addr, length
+
+    @_mooncake(-1)
+    def write_bytes_to_buffer(self, dest_address, src_ptr, length) -> int:
+        """Copies the first `length` bytes of `src_ptr` (bytes) to
+        `dest_address`, which must lie in memory this engine registered."""
+        if not isinstance(src_ptr, (bytes, bytearray, memoryview)):
+            raise TypeError(f"src_ptr: expected bytes, got {type(src_ptr).__name__}")
+        data = bytes(src_ptr)
+        dest, length = self._check_range(dest_address, length, "dest_address")
+        if length > len(data):
+            raise ValueError(f"length {length} is larger than the data ({len(data)} bytes)")
+        ctypes.memmove(dest, data, length)
+        return 0
+
+    @_mooncake(b"")
+    def read_bytes_from_buffer(self, source_address, length) -> bytes:
+        """`length` bytes at `source_address` (memory this engine registered);
+        b"" on failure."""
+        src, length = self._check_range(source_address, length, "source_address")
+        return ctypes.string_at(src, length)
+
+    # -- transfers --------------------------------------------------------------
+
+    @_mooncake(-1)
+    def transfer_sync_read(self, target_hostname, buffer, peer_buffer_address, length, transport_hint="") -> int:
+        self._e().transfer(target_hostname, READ, [buffer], [peer_buffer_address], [length])
+        return 0
+
+    @_mooncake(-1)
+    def transfer_sync_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint="") -> int:
+        self._e().transfer(target_hostname, WRITE, [buffer], [peer_buffer_address], [length])
+        return 0
+
+    @_mooncake(-1)
+    def batch_transfer_sync_read(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
+        self._e().transfer(target_hostname, READ, buffers, peer_buffer_addresses, lengths)
+        return 0
+
+    @_mooncake(-1)
+    def batch_transfer_sync_write(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
+        self._e().transfer(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths)
+        return 0
+
+    @_mooncake(-1)
+    def transfer_sync(
+        self, target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint=""
+    ) -> int:
+        self._sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode, notify)
+        return 0
+
+    @_mooncake(-1)
+    def batch_transfer_sync(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""
+    ) -> int:
+        self._sync(target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify)
+        return 0
+
+    def _sync(self, session, locals_, remotes, lengths, opcode, notify) -> None:
+        engine = self._e()
+        op = Engine._opcode(opcode)
+        if notify is None:
+            engine.transfer(session, op, locals_, remotes, lengths)
+            return
+        message = _encode_notify(engine.name, notify)
+        if op == WRITE:
+            # The peer sees the notification only once all the data landed.
+            batch = engine.submit(session, WRITE, locals_, remotes, lengths, notify=message)
+            try:
+                batch.wait()
+            finally:
+                batch._free_quietly()
+        else:
+            engine.transfer(session, READ, locals_, remotes, lengths)
+            engine.notify(session, message)
+
+    @_mooncake(0)
+    def batch_transfer_async_read(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
+        return self._e().submit(target_hostname, READ, buffers, peer_buffer_addresses, lengths).id
+
+    @_mooncake(0)
+    def batch_transfer_async_write(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
+    ) -> int:
+        return self._e().submit(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths).id
+
+    @_mooncake(0)
+    def batch_transfer_async(
+        self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=""
+    ) -> int:
+        return self._e().submit(target_hostname, opcode, buffers, peer_buffer_addresses, lengths).id
+
+    @_mooncake(0)
+    def transfer_submit_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint="") -> int:
+        """Starts one write; returns its batch id (0 on failure). Follow with
+        `transfer_check_status`."""
+        return self._e().submit(target_hostname, WRITE, [buffer], [peer_buffer_address], [length]).id
+
+    @_mooncake(-1)
+    def transfer_blocks(
+        self, target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=TransferOpcode.Read, **options
+    ) -> int:
+        """kvferry extension: plans a request's blocks over two
+        `kvferry.topology.Layout`s and moves them in one call; 0 or -1.
+        Options as `kvferry.topology.transfer_blocks` (pulls, offset_index,
+        split, computed_tokens, tokens_per_block, trim_remote_head)."""
+        from . import topology
+
+        topology.transfer_blocks(
+            self._e(), target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=opcode, **options
+        )
+        return 0
+
+    @_mooncake(0)
+    def transfer_blocks_async(
+        self, target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=TransferOpcode.Read, **options
+    ) -> int:
+        """`transfer_blocks` in the background: its batch id (0 on failure),
+        for `transfer_check_status`."""
+        from . import topology
+
+        options["wait"] = False
+        return topology.transfer_blocks(
+            self._e(), target_hostname, local_layout, remote_layout, local_ids, remote_ids, opcode=opcode, **options
+        )
+
+    @_mooncake(-1)
+    def transfer_check_status(self, batch_id) -> int:
+        """1 done, 0 in progress, -1 failed, -2 timed out. A batch that ended
+        (1, -1 or -2) is freed: its id is not valid afterwards."""
+        engine = self._e()
+        lib = engine._lib
+        bid = _ffi.u64(batch_id, "batch_id")
+        status = engine._call(lib.kvf_batch_poll, bid)
+        if status == Status.IN_PROGRESS:
+            return 0
+        if status == Status.OK:
+            engine._call(lib.kvf_batch_free, bid)
+            return 1
+        error = _errors_from(lib, status)
+        if status != Status.BAD_BATCH_ID:
+            engine._call(lib.kvf_batch_free, bid)
+        self._fail("transfer_check_status", status, f"batch {bid:#x}: {error}", None)
+        return -2 if status == Status.TIMEOUT else -1
+
+    @_mooncake(-1)
+    def get_batch_transfer_status(self, batch_ids) -> int:
+        """Waits for every batch, frees them all; 0 when all succeeded, -1 if
+        any failed or timed out (each one's reason is logged)."""
+        engine = self._e()
+        lib = engine._lib
+        if isinstance(batch_ids, (str, bytes)) or not hasattr(batch_ids, "__iter__"):
+            raise TypeError(f"batch_ids: expected a list of batch ids, got {type(batch_ids).__name__}")
+        failed = None
+        for raw in list(batch_ids):
+            try:
+                bid = _ffi.u64(raw, "batch id")
+            except (TypeError, ValueError) as e:
+                failed = self._fail("get_batch_transfer_status", Status.INVALID_ARGUMENT, str(e), -1)
+                continue
+            status = engine._call(lib.kvf_batch_wait, bid, _ffi.KVF_WAIT_FOREVER)
+            if status != Status.OK:
+                error = _errors_from(lib, status)
+                failed = self._fail("get_batch_transfer_status", status, f"batch {bid:#x}: {error}", -1)
+            if status != Status.BAD_BATCH_ID:
+                engine._call(lib.kvf_batch_free, bid)
+        return 0 if failed is None else -1
+
+    # -- notifications ------------------------------------------------------------
+
+    def get_notifies(self) -> list[TransferNotify]:
+        """Every notification received since the last call, oldest first, as
+        `TransferNotify(name, msg)` (also a `(name, msg)` tuple)."""
+        engine = self._engine
+        if engine is None:
+            return self._fail("get_notifies", Status.INVALID_ARGUMENT, "the engine is not initialized", list)
+        try:
+            return [_decode_notify(n.sender, n.message) for n in engine.notifications()]
+        except Error as e:
+            return self._fail("get_notifies", e.status, e.message, list)
+
+    @_mooncake(-1)
+    def send_notify(self, target_hostname, notify) -> int:
+        """Sends a `TransferNotify` (or a str) to a peer. Not in Mooncake's
+        Python API; its `transfer_sync(..., notify=)` sends one after data."""
+        engine = self._e()
+        message = notify.encode() if isinstance(notify, str) else _encode_notify(engine.name, notify)
+        engine.notify(target_hostname, message)
+        return 0
+
+
+def _errors_from(lib, status: int) -> str:
+    message = (lib.kvf_last_error() or b"").decode(errors="replace")
+    return message or (lib.kvf_status_str(status) or b"").decode(errors="replace")

@@ -1,0 +1,519 @@
+"""Rank mapping and block planning, bit-compatible with the vllm-ascend KV
+connectors (COMPAT.md sections 2 and 3), computed by libkvferry.
+
+- Which prefill ranks each decode rank pulls from (`pull_ranks`,
+  `pulls_per_rank`), the prefill side's view of the same choice
+  (`prefill_union`), and the layerwise connector's push mapping
+  (`push_targets`). The request-seeded replica choice is CPython's
+  `random.Random(seed).sample` reproduced bit for bit, so a kvferry peer and
+  a Python connector peer agree on every request.
+- Block planning: two `Layout`s (per layer, per cache: base, block_len,
+  stride, scale) and two block id lists give the coalesced copies
+  (`plan_blocks`), or are planned and moved in one call
+  (`transfer_blocks`): the connector passes two short id lists instead of
+  three long address lists, and no Python loop runs per block.
+
+Refusals raise `kvferry.Error` (status `INVALID_ARGUMENT` for shapes and
+plans the rules reject) with the library's message; wrong Python types raise
+`TypeError` / `ValueError` before the library is called. Everything here is
+thread-safe: layouts are immutable once made.
+
+    >>> from kvferry import topology
+    >>> topology.pull_ranks("req-0", prefill_tp=8, decode_tp=4, num_kv_heads=4)
+    [[1], [3], [5], [7]]
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import weakref
+from typing import Any, Sequence
+
+from . import _ffi
+from . import _topology_ffi as _t
+from ._errors import Error, Status
+
+READ = _ffi.KVF_OP_READ
+WRITE = _ffi.KVF_OP_WRITE
+
+ATTENTIONS = {"gqa": _t.KVF_ATTENTION_GQA, "mla": _t.KVF_ATTENTION_MLA, "sparse": _t.KVF_ATTENTION_SPARSE}
+SPLITS = {"local": _t.KVF_SPLIT_LOCAL, "remote": _t.KVF_SPLIT_REMOTE}
+
+__all__ = [
+    "READ",
+    "WRITE",
+    "Layout",
+    "plan_blocks",
+    "prefill_union",
+    "pull_ranks",
+    "pulls_per_rank",
+    "push_targets",
+    "request_seed",
+    "transfer_blocks",
+]
+
+_LIB: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    """The library with the topology signatures declared (idempotent)."""
+    global _LIB
+    lib = _LIB
+    if lib is None:
+        lib = _ffi.load()
+        _t.declare(lib)
+        _LIB = lib
+    return lib
+
+
+def _error(lib, status: int) -> Error:
+    message = (lib.kvf_last_error() or b"").decode(errors="replace")
+    return Error(status, message or (lib.kvf_status_str(status) or b"").decode(errors="replace"))
+
+
+def _check(lib, status: int) -> None:
+    if status:
+        raise _error(lib, status)
+
+
+def _uint(value: Any, what: str, bits: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{what}: {value} is not an unsigned {bits}-bit value")
+    return value
+
+
+def _text(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError(f"{what}: expected str, got {type(value).__name__} {value!r}")
+    if "\0" in value:
+        raise ValueError(f"{what}: {value!r} contains a NUL character")
+    return value.encode()
+
+
+def _shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp) -> _t.PdShape:
+    if not isinstance(attention, str):
+        raise TypeError(f"attention: expected 'gqa', 'mla' or 'sparse', got {type(attention).__name__}")
+    kind = ATTENTIONS.get(attention.lower())
+    if kind is None:
+        raise ValueError(f"attention: expected 'gqa', 'mla' or 'sparse', got {attention!r}")
+    return _t.PdShape(
+        _uint(prefill_tp, "prefill_tp", 32),
+        _uint(decode_tp, "decode_tp", 32),
+        _uint(prefill_pp, "prefill_pp", 32),
+        _uint(num_kv_heads, "num_kv_heads", 32),
+        kind,
+    )
+
+
+# ---- rank mapping -------------------------------------------------------------
+
+
+def request_seed(request_id: str) -> int:
+    """The seed the connectors derive from a request id: the first 8 bytes
+    of SHA-256 over its UTF-8 bytes, as a little-endian unsigned integer."""
+    lib = _lib()
+    out = ctypes.c_uint64()
+    _check(lib, lib.kvf_topology_request_seed(_text(request_id, "request_id"), ctypes.byref(out)))
+    return out.value
+
+
+def pulls_per_rank(prefill_tp: int, decode_tp: int, num_kv_heads: int, attention: str = "gqa") -> int:
+    """`n`: how many prefill ranks fill one decode block (per stage), each
+    writing `block_len / n` bytes of it. 1 under MLA, else
+    `max(1, H // D) // max(1, H // P)`."""
+    lib = _lib()
+    sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, 1)
+    out = ctypes.c_uint32()
+    _check(lib, lib.kvf_topology_pulls_per_rank(ctypes.byref(sh), ctypes.byref(out)))
+    return out.value
+
+
+def pull_ranks(
+    request_id: str,
+    prefill_tp: int,
+    decode_tp: int,
+    num_kv_heads: int,
+    attention: str = "gqa",
+    prefill_pp: int = 1,
+) -> list[list[int]]:
+    """The global prefill ranks (`stage * prefill_tp + tp_rank`) each decode
+    rank pulls from for `request_id`, the prefill side's request id: one list
+    per decode rank, stage 0's `n` ranks first. The `j`-th entry fills head
+    slice `j % n` of the decode block; the decode rank reaches it at
+    `remote_port + rank`."""
+    lib = _lib()
+    sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp)
+    rid = _text(request_id, "request_id")
+    # Every list has n * S <= P * S entries in all; small shapes fit the
+    # first guess, larger ones are sized by the library's answer.
+    n_ranks = ctypes.c_size_t(min(prefill_tp * prefill_pp, 4096))
+    n_offsets = ctypes.c_size_t(decode_tp + 1)
+    while True:
+        ranks = (ctypes.c_uint32 * n_ranks.value)()
+        offsets = (ctypes.c_size_t * n_offsets.value)()
+        status = lib.kvf_topology_pull_ranks(
+            ctypes.byref(sh),
+            rid,
+            ranks,
+            len(ranks),
+            ctypes.byref(n_ranks),
+            offsets,
+            len(offsets),
+            ctypes.byref(n_offsets),
+        )
+        if status != Status.BUFFER_TOO_SMALL:
+            break
+    _check(lib, status)
+    flat = ranks[: n_ranks.value]
+    starts = offsets[: n_offsets.value]
+    return [flat[starts[i] : starts[i + 1]] for i in range(len(starts) - 1)]
+
+
+def prefill_union(
+    request_id: str,
+    prefill_tp: int,
+    decode_tp: int,
+    num_kv_heads: int,
+    attention: str = "gqa",
+    prefill_pp: int = 1,
+) -> list[int]:
+    """The global prefill ranks some decode rank will pull from for
+    `request_id`, ascending: the union of `pull_ranks`, computed on the
+    prefill side from the same request id, so a prefill rank knows whether
+    to wait for a reader or free its blocks at once."""
+    lib = _lib()
+    sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp)
+    rid = _text(request_id, "request_id")
+    n = ctypes.c_size_t(min(prefill_tp * prefill_pp, 4096))
+    while True:
+        ranks = (ctypes.c_uint32 * n.value)()
+        status = lib.kvf_topology_prefill_union(ctypes.byref(sh), rid, ranks, len(ranks), ctypes.byref(n))
+        if status != Status.BUFFER_TOO_SMALL:
+            break
+    _check(lib, status)
+    return ranks[: n.value]
+
+
+def push_targets(
+    prefill_tp: int,
+    decode_tp: int,
+    num_kv_heads: int,
+    attention: str,
+    request_index: int,
+    prefill_rank: int,
+) -> tuple[list[int], int]:
+    """The layerwise connector's push mapping: the decode ranks prefill TP
+    rank `prefill_rank` writes to for the request at position
+    `request_index` of the step's batch (empty when its replica group does
+    not send this request), and the head offset index: its bytes go
+    `index * block_len` (the prefill block length) into the decode block."""
+    lib = _lib()
+    sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, 1)
+    q = _uint(request_index, "request_index", 64)
+    p = _uint(prefill_rank, "prefill_rank", 32)
+    ranks = (ctypes.c_uint32 * max(decode_tp, 1))()
+    n = ctypes.c_size_t()
+    offset = ctypes.c_uint64()
+    _check(
+        lib,
+        lib.kvf_topology_push_targets(
+            ctypes.byref(sh), q, p, ranks, len(ranks), ctypes.byref(n), ctypes.byref(offset)
+        ),
+    )
+    return ranks[: n.value], offset.value
+
+
+# ---- layouts and plans ----------------------------------------------------------
+
+
+class Layout:
+    """One side's KV cache layout: for every layer, for every cache (K and V;
+    nope and rope under MLA), `(base, block_len, stride, scale)`:
+
+    - `base`: address of kernel block 0;
+    - `block_len`: bytes of one kernel block;
+    - `stride`: bytes from one kernel block to the next (default
+      `block_len`; larger for padded or interleaved blocks);
+    - `scale`: kernel blocks per logical block id (default 1).
+
+    Every cache holds `num_blocks` logical blocks; planning keeps each copy
+    inside `base .. base + stride * scale * num_blocks`. Immutable and
+    thread-safe; the library's copy is freed by `close()` (or when the
+    object is collected). The memory itself is the caller's: register it
+    with the engine (see `regions()`).
+
+        Layout([[(k0, 4096), (v0, 4096)], [(k1, 4096), (v1, 4096)]], num_blocks=1024)
+    """
+
+    __slots__ = ("num_blocks", "caches", "_ptr", "_free", "__weakref__")
+
+    def __init__(self, caches: Sequence[Sequence[Sequence[int]]], num_blocks: int):
+        lib = _lib()
+        self.num_blocks = _uint(num_blocks, "num_blocks", 64)
+        if isinstance(caches, (str, bytes)) or not isinstance(caches, Sequence) or not caches:
+            raise ValueError("caches: expected a non-empty list (per layer) of lists (per cache)")
+        per_layer = len(caches[0])
+        rows: list[tuple[int, int, int, int]] = []
+        for layer, layer_caches in enumerate(caches):
+            if isinstance(layer_caches, (str, bytes)) or not isinstance(layer_caches, Sequence):
+                raise TypeError(f"caches[{layer}]: expected a list of caches, got {type(layer_caches).__name__}")
+            if len(layer_caches) != per_layer or not per_layer:
+                raise ValueError(
+                    f"caches[{layer}] has {len(layer_caches)} caches, layer 0 has {per_layer}: "
+                    "every layer needs the same, nonzero number"
+                )
+            for c, entry in enumerate(layer_caches):
+                rows.append(_cache_entry(entry, f"caches[{layer}][{c}]"))
+        self.caches = tuple(tuple(rows[i : i + per_layer]) for i in range(0, len(rows), per_layer))
+        arr = (_t.CacheLayout * len(rows))(*rows)
+        ptr = ctypes.c_void_p()
+        _check(lib, lib.kvf_layout_new(self.num_blocks, len(caches), per_layer, arr, ctypes.byref(ptr)))
+        self._ptr = ptr.value
+        self._free = weakref.finalize(self, lib.kvf_layout_free, ptr.value)
+
+    @classmethod
+    def from_connector(
+        cls,
+        kv_caches_base_addr: Sequence[int],
+        block_len: Sequence[int],
+        num_blocks: int,
+        caches_per_layer: int = 2,
+    ) -> "Layout":
+        """A dense layout from what a vllm-ascend connector holds:
+        `kv_caches_base_addr` flattened layer by layer (`[l0_k, l0_v, l1_k,
+        ...]`), and `block_len` with one entry for all caches or one per
+        cache of a layer (`[nope_len, rope_len]` under MLA)."""
+        bases = list(kv_caches_base_addr)
+        lens = list(block_len)
+        if caches_per_layer < 1 or not bases or len(bases) % caches_per_layer:
+            raise ValueError(
+                f"{len(bases)} base addresses do not make whole layers of {caches_per_layer} caches"
+            )
+        if len(lens) not in (1, caches_per_layer):
+            raise ValueError(f"block_len: expected 1 or {caches_per_layer} entries, got {len(lens)}")
+        layers = [
+            [(bases[i + c], lens[c % len(lens)]) for c in range(caches_per_layer)]
+            for i in range(0, len(bases), caches_per_layer)
+        ]
+        return cls(layers, num_blocks)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.caches)
+
+    @property
+    def caches_per_layer(self) -> int:
+        return len(self.caches[0])
+
+    def regions(self) -> list[tuple[int, int]]:
+        """`(address, length)` of every cache's region, layer by layer: what
+        the engine must have registered for transfers over this layout."""
+        return [(base, stride * scale * self.num_blocks) for layer in self.caches for base, _, stride, scale in layer]
+
+    def handle(self) -> int:
+        """The `kvf_layout *` (for callers of the C API); valid until `close()`."""
+        ptr = self._ptr
+        if ptr is None:
+            raise Error(Status.INVALID_ARGUMENT, "the layout is closed")
+        return ptr
+
+    def close(self) -> None:
+        """Frees the library's copy (idempotent). No call may be using it."""
+        self._ptr = None
+        self._free()
+
+    def __enter__(self) -> "Layout":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"<kvferry.topology.Layout {self.num_layers} layers x {self.caches_per_layer} caches"
+            f" x {self.num_blocks} blocks{' closed' if self._ptr is None else ''}>"
+        )
+
+
+def _cache_entry(entry: Any, what: str) -> tuple[int, int, int, int]:
+    if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence) or not 2 <= len(entry) <= 4:
+        raise TypeError(f"{what}: expected (base, block_len[, stride[, scale]]), got {entry!r}")
+    base = _uint(entry[0], f"{what} base", 64)
+    block_len = _uint(entry[1], f"{what} block_len", 64)
+    stride = _uint(entry[2], f"{what} stride", 64) if len(entry) > 2 else block_len
+    scale = _uint(entry[3], f"{what} scale", 64) if len(entry) > 3 else 1
+    return base, block_len, stride, scale
+
+
+def _options(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head):
+    """The `kvf_plan_options` to pass, or None for the defaults (no struct
+    built on the common path)."""
+    if (
+        pulls == 1
+        and offset_index == 0
+        and split == "local"
+        and computed_tokens is None
+        and tokens_per_block is None
+        and not trim_remote_head
+    ):
+        return None
+    kind = SPLITS.get(split) if isinstance(split, str) else None
+    if kind is None:
+        raise ValueError(f"split: expected 'local' or 'remote', got {split!r}")
+    o = _t.PlanOptions(_uint(pulls, "pulls", 64), _uint(offset_index, "offset_index", 64), kind)
+    if computed_tokens is not None or tokens_per_block is not None:
+        if trim_remote_head:
+            raise ValueError("computed_tokens and trim_remote_head exclude each other")
+        if computed_tokens is None or tokens_per_block is None:
+            raise ValueError("computed_tokens and tokens_per_block go together")
+        o.prefix = _t.KVF_PREFIX_COMPUTED_TOKENS
+        o.computed_tokens = _uint(computed_tokens, "computed_tokens", 64)
+        o.tokens_per_block = _uint(tokens_per_block, "tokens_per_block", 64)
+    elif trim_remote_head:
+        o.prefix = _t.KVF_PREFIX_TRIM_REMOTE_HEAD
+    return ctypes.byref(o)
+
+
+_u64_p = ctypes.POINTER(ctypes.c_uint64)
+
+
+def _layout_ptr(layout: Any, what: str) -> int:
+    if not isinstance(layout, Layout):
+        raise TypeError(f"{what}: expected a kvferry.topology.Layout, got {type(layout).__name__}")
+    return layout.handle()
+
+
+def plan_blocks(
+    local_layout: Layout,
+    remote_layout: Layout,
+    local_ids: Sequence[int],
+    remote_ids: Sequence[int],
+    *,
+    pulls: int = 1,
+    offset_index: int = 0,
+    split: str = "local",
+    computed_tokens: int | None = None,
+    tokens_per_block: int | None = None,
+    trim_remote_head: bool = False,
+) -> tuple[array.array, array.array, array.array]:
+    """The copies that move `remote_ids` into `local_ids` (or back), as
+    `(local_addrs, remote_addrs, lengths)`: three `array.array('Q')`
+    sequences, ready for `batch_transfer_sync_read` / `_write`.
+
+    Rules (COMPAT.md section 2), for each layer, cache and run of ids that
+    step by +1 on both sides: one op when both sides' blocks are back to
+    back, else one op per block. With `pulls` (`n`) > 1 the `split` side's
+    block ("local": a decode rank pulling; "remote": a prefill rank pushing)
+    holds `n` slices of the other side's block; `offset_index` picks the
+    slice, and every block is its own op.
+
+    Prefix hits: `computed_tokens` / `tokens_per_block` skip the first
+    `computed_tokens // tokens_per_block` remote ids (whole blocks only);
+    `trim_remote_head=True` pairs the local ids with the tail of the remote
+    ids (the connectors' `remote_ids[-len(local_ids):]`). Without either,
+    the lists pair one to one.
+    """
+    lib = _lib()
+    lp = _layout_ptr(local_layout, "local_layout")
+    rp = _layout_ptr(remote_layout, "remote_layout")
+    la = _ffi.u64_array(local_ids, "local_ids")
+    ra = _ffi.u64_array(remote_ids, "remote_ids")
+    opts = _options(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
+    count = ctypes.c_size_t()
+    # The size query, then the plan into exactly sized arrays.
+    status = lib.kvf_plan_blocks(lp, rp, la, len(la), ra, len(ra), opts, None, None, None, 0, ctypes.byref(count))
+    if status == Status.OK:
+        return array.array("Q"), array.array("Q"), array.array("Q")
+    if status != Status.BUFFER_TOO_SMALL:
+        raise _error(lib, status)
+    n = count.value
+    out = [array.array("Q", _ZERO) * n for _ in range(3)]
+    ptrs = [ctypes.cast(a.buffer_info()[0], _u64_p) for a in out]
+    _check(lib, lib.kvf_plan_blocks(lp, rp, la, len(la), ra, len(ra), opts, *ptrs, n, ctypes.byref(count)))
+    return out[0], out[1], out[2]
+
+
+_ZERO = (0,)
+
+
+def _engine_of(engine: Any):
+    """The `kvferry.Engine` behind `engine` (an Engine, or a Mooncake-style
+    `TransferEngine`)."""
+    if hasattr(engine, "_call"):
+        return engine
+    get = getattr(engine, "get_engine", None)
+    if get is not None:
+        inner = get()
+        if inner is None:
+            raise Error(Status.INVALID_ARGUMENT, "the engine is not initialized: call initialize() first")
+        return inner
+    raise TypeError(f"engine: expected a kvferry.Engine or TransferEngine, got {type(engine).__name__}")
+
+
+def _opcode(opcode: Any) -> int:
+    if isinstance(opcode, bool):
+        raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {opcode!r}")
+    try:
+        op = int(opcode)
+    except (TypeError, ValueError):
+        raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {opcode!r}") from None
+    if op not in (READ, WRITE):
+        raise ValueError(f"opcode: expected kvferry.READ (0) or kvferry.WRITE (1), got {opcode!r}")
+    return op
+
+
+def transfer_blocks(
+    engine: Any,
+    session: str,
+    local_layout: Layout,
+    remote_layout: Layout,
+    local_ids: Sequence[int],
+    remote_ids: Sequence[int],
+    *,
+    opcode: int = READ,
+    pulls: int = 1,
+    offset_index: int = 0,
+    split: str | None = None,
+    computed_tokens: int | None = None,
+    tokens_per_block: int | None = None,
+    trim_remote_head: bool = False,
+    wait: bool = True,
+) -> int | None:
+    """Plans a request's blocks (as `plan_blocks`) and moves them with
+    `engine` to or from `session` (`"host:port"`) in one library call: READ
+    copies the remote blocks into the local ones, WRITE the other way.
+    `split` defaults to "local" for READ (a decode rank pulling its slice)
+    and "remote" for WRITE (a prefill rank pushing its slice).
+
+    The local layout's memory must be registered with `engine`, the remote
+    one's with the peer. Nothing moves unless the whole plan is valid.
+
+    `wait=True` returns once every byte has moved (no ids: nothing to do);
+    `wait=False` returns the batch id at once, for `engine.batch(id)` or
+    `TransferEngine.transfer_check_status(id)`. `engine` is a
+    `kvferry.Engine` or a `kvferry.TransferEngine`; raises `kvferry.Error`.
+    """
+    lib = _lib()
+    inner = _engine_of(engine)
+    sess = _text(session, "session")
+    op = _opcode(opcode)
+    lp = _layout_ptr(local_layout, "local_layout")
+    rp = _layout_ptr(remote_layout, "remote_layout")
+    la = _ffi.u64_array(local_ids, "local_ids")
+    ra = _ffi.u64_array(remote_ids, "remote_ids")
+    if split is None:
+        split = "local" if op == READ else "remote"
+    opts = _options(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
+    if wait:
+        status = inner._call(lib.kvf_transfer_blocks, sess, op, lp, rp, la, len(la), ra, len(ra), opts)
+        _check(lib, status)
+        return None
+    out = ctypes.c_uint64()
+    status = inner._call(
+        lib.kvf_batch_submit_blocks, sess, op, lp, rp, la, len(la), ra, len(ra), opts, ctypes.byref(out)
+    )
+    _check(lib, status)
+    return out.value

@@ -1,0 +1,585 @@
+"""kvferry.topology: rank mapping and block planning through libkvferry.
+
+- the COMPAT.md section 2 and 3 vectors and worked examples;
+- the pull and push mappings against the crate's Python transcription of
+  the rules (crates/kvferry-topology/tests/oracle/rules.py, CPython's own
+  `random` and `hashlib`) over TP {1..32} x heads {1..64} x PP {1, 2} x the
+  three attention kinds, acceptance included;
+- plans against a pure-Python transcription of COMPAT.md section 2
+  (compat_plan.py) for random layouts, op for op;
+- the ctypes declarations against include/kvferry.h;
+- every refusal, and `transfer_blocks` between two engines in this process
+  with the bytes checked.
+
+Runs with the kvferry package (installed or in python/) or, before it is
+merged, on its own: `KVFERRY_LIBRARY=/path/to/libkvferry.so pytest
+python/tests/test_topology.py` (see _topology_support.py).
+"""
+
+import ctypes
+import importlib.util
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from _topology_support import HAVE_PACKAGE, REPO, Error, Status, kvferry, make_engine, topology
+import compat_plan
+
+from kvferry import _topology_ffi
+
+ORACLE = REPO / "crates" / "kvferry-topology" / "tests" / "oracle" / "rules.py"
+HEADER = REPO / "include" / "kvferry.h"
+
+
+# ---- COMPAT.md section 3 ------------------------------------------------------------
+
+PULL_VECTORS = [
+    # P, D, H, attention, S, decode rank lists for "req-0"
+    (8, 8, 8, "gqa", 1, [[0], [1], [2], [3], [4], [5], [6], [7]]),
+    (8, 4, 8, "gqa", 1, [[0, 1], [2, 3], [4, 5], [6, 7]]),
+    (8, 4, 4, "gqa", 1, [[1], [3], [5], [7]]),
+    (16, 4, 4, "gqa", 1, [[3], [7], [11], [15]]),
+    (8, 4, 0, "mla", 1, [[6], [7], [1], [0]]),
+    (4, 2, 4, "gqa", 2, [[0, 1, 4, 5], [2, 3, 6, 7]]),
+]
+
+
+def test_request_seed():
+    assert topology.request_seed("req-0") == 7753214593136781247
+
+
+@pytest.mark.parametrize("p,d,h,attention,s,lists", PULL_VECTORS)
+def test_pull_vectors(p, d, h, attention, s, lists):
+    assert topology.pull_ranks("req-0", p, d, h, attention, s) == lists
+    assert topology.prefill_union("req-0", p, d, h, attention, s) == sorted(r for l in lists for r in l)
+    n = topology.pulls_per_rank(p, d, h, attention)
+    assert all(len(l) == n * s for l in lists)
+
+
+def test_pulls_per_rank_formula():
+    assert topology.pulls_per_rank(16, 2, 16) == 8
+    assert topology.pulls_per_rank(16, 2, 16, "mla") == 1
+    assert topology.pulls_per_rank(32, 4, 8) == 2
+    assert topology.pulls_per_rank(8, 4, 4, "GQA") == 1  # any letter case
+
+
+def test_push_examples():
+    # P8 D4 H8: p -> p // 2 at offset p % 2, for every request.
+    for q in range(3):
+        for p in range(8):
+            assert topology.push_targets(8, 4, 8, "gqa", q, p) == ([p // 2], p % 2)
+    # P8 D2 H4: even requests from {0,2,4,6}, odd from {1,3,5,7}; p -> p // 4
+    # at offset (p // 2) % 2.
+    for q in range(4):
+        for p in range(8):
+            ranks, offset = topology.push_targets(8, 2, 4, "gqa", q, p)
+            assert ranks == ([p // 4] if p % 2 == q % 2 else [])
+            assert offset == (p // 2) % 2
+    # P8 D4 MLA: even requests from ranks 0..3, odd from 4..7, offset 0.
+    for q in range(4):
+        for p in range(8):
+            assert topology.push_targets(8, 4, 1, "mla", q, p) == ([p % 4] if p // 4 == q % 2 else [], 0)
+
+
+def test_large_shapes_are_sized_by_the_library():
+    # More entries than the first buffer guess (4096): the retry path.
+    lists = topology.pull_ranks("r", 8192, 8192, 8192, "gqa", 2)
+    assert len(lists) == 8192 and lists[5] == [5, 8192 + 5]
+    assert topology.prefill_union("r", 8192, 8192, 8192, "gqa", 2) == list(range(2 * 8192))
+
+
+# ---- against the rules oracle ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rules():
+    if not ORACLE.is_file():
+        pytest.skip("the crate's oracle (crates/kvferry-topology/tests/oracle) is not in this tree")
+    spec = importlib.util.spec_from_file_location("kvferry_topology_rules", ORACLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TPS = [1, 2, 4, 8, 16, 32]
+HEADS = [1, 2, 4, 8, 16, 64]
+REQUEST_IDS = ["req-0", "", "cmpl-0f3c9a", "chatcmpl-é中", "a" * 300, "x-17", "0", "prefill/decode 42"]
+
+
+def rejects(fn):
+    try:
+        fn()
+    except Error as e:
+        assert e.status == Status.INVALID_ARGUMENT and e.message, e
+        return True
+    return False
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla", "sparse"])
+def test_mappings_match_the_rules_oracle(rules, attention):
+    checked = 0
+    for p in TPS:
+        for d in TPS:
+            for h in HEADS:
+                for s in (1, 2):
+                    shape = (p, d, h, attention, s)
+                    if rules.rejected(*shape):
+                        assert rejects(lambda: topology.pull_ranks("r", p, d, h, attention, s)), shape
+                        assert rejects(lambda: topology.push_targets(p, d, h, attention, 0, 0)), shape
+                        continue
+                    for rid in REQUEST_IDS:
+                        want = rules.pull_lists(*shape, rid)
+                        if want is None:
+                            assert rejects(lambda: topology.pull_ranks(rid, p, d, h, attention, s)), shape
+                            break
+                        assert topology.pull_ranks(rid, p, d, h, attention, s) == want, (shape, rid)
+                        union = sorted({r for l in want for r in l})
+                        assert topology.prefill_union(rid, p, d, h, attention, s) == union, (shape, rid)
+                        checked += 1
+                    else:
+                        assert topology.pulls_per_rank(p, d, h, attention) == rules.pulls_per_rank(p, d, h, attention)
+                    if s == 1:  # the push mapping has no stages
+                        for q in (0, 1, 2, 5):
+                            for rank in range(p):
+                                got = topology.push_targets(p, d, h, attention, q, rank)
+                                assert got == rules.push_targets(p, d, h, attention, q, rank), (shape, q, rank)
+    assert checked > 500
+
+
+# ---- refusals -----------------------------------------------------------------------------
+
+
+def test_shape_refusals_carry_the_library_message():
+    with pytest.raises(Error) as e:
+        topology.pull_ranks("r", 2, 4, 4)
+    assert e.value.status == Status.INVALID_ARGUMENT
+    assert "prefill tp 2 < decode tp 4" in e.value.message
+    with pytest.raises(Error, match="prefill tp 6 and 4 kv heads do not divide one another"):
+        topology.pulls_per_rank(6, 2, 4)
+    with pytest.raises(Error, match="prefill rank 8 is out of range"):
+        topology.push_targets(8, 4, 4, "gqa", 0, 8)
+    with pytest.raises(Error, match="prefill_tp 65537 exceeds KVF_TOPOLOGY_MAX_SIZE"):
+        topology.pull_ranks("r", 65537, 1, 1)
+    with pytest.raises(Error, match="pull rules give"):
+        topology.pull_ranks("r", 8, 2, 8, "sparse")
+
+
+def test_python_argument_errors():
+    with pytest.raises(ValueError, match="attention"):
+        topology.pull_ranks("r", 8, 4, 4, "mha")
+    with pytest.raises(TypeError, match="attention"):
+        topology.pulls_per_rank(8, 4, 4, 1)
+    with pytest.raises(TypeError, match="prefill_tp"):
+        topology.pull_ranks("r", 8.0, 4, 4)
+    with pytest.raises(TypeError, match="decode_tp"):
+        topology.pulls_per_rank(8, True, 4)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        topology.pulls_per_rank(8, 4, -1)
+    with pytest.raises(ValueError, match="prefill_pp"):
+        topology.pull_ranks("r", 8, 4, 4, "gqa", 1 << 32)
+    with pytest.raises(TypeError, match="request_id"):
+        topology.pull_ranks(b"r", 8, 4, 4)
+    with pytest.raises(ValueError, match="NUL"):
+        topology.prefill_union("a\0b", 8, 4, 4)
+    with pytest.raises(ValueError, match="request_index"):
+        topology.push_targets(8, 4, 4, "gqa", -1, 0)
+
+
+# ---- the header -------------------------------------------------------------------------
+
+
+def _declarations(header):
+    text = re.sub(r"//[^\n]*", "", re.sub(r"/\*.*?\*/", "", header, flags=re.S))
+    text = re.sub(r"^\s*#[^\n]*", "", text, flags=re.M)
+    out = {}
+    for m in re.finditer(r"([A-Za-z_][\w\s\*]*?)\b(kvf_\w+)\s*\(([^)]*)\)\s*;", text):
+        params = []
+        for p in m.group(3).split(","):
+            p = " ".join(p.split())
+            if p not in ("void", ""):
+                params.append(re.sub(r"\b\w+$", "", p).strip().replace(" *", "*").replace("const ", ""))
+        out[m.group(2)] = (" ".join(m.group(1).split()), params)
+    return out
+
+
+_SCALARS = {
+    "kvf_status": ctypes.c_int32,
+    "uint32_t": ctypes.c_uint32,
+    "uint64_t": ctypes.c_uint64,
+    "size_t": ctypes.c_size_t,
+}
+
+
+def _expected(ctype):
+    if ctype in _SCALARS:
+        return _SCALARS[ctype]
+    if ctype == "char*":
+        return ctypes.c_char_p
+    if ctype == "struct kvf_engine*":
+        return ctypes.c_void_p
+    if ctype in _topology_ffi.STRUCT_POINTERS:
+        return _topology_ffi.STRUCT_POINTERS[ctype]
+    if ctype.endswith("*") and ctype[:-1] in _SCALARS:
+        return ctypes.POINTER(_SCALARS[ctype[:-1]])
+    raise AssertionError(f"unknown C type {ctype!r}")
+
+
+@pytest.fixture(scope="module")
+def header():
+    if not HEADER.is_file():
+        pytest.skip("include/kvferry.h is not in this tree")
+    return HEADER.read_text()
+
+
+def test_signatures_match_the_header(header):
+    decls = _declarations(header)
+    ours = {n for n in decls if n.startswith(("kvf_topology_", "kvf_layout_", "kvf_plan_")) or n.endswith("_blocks")}
+    assert ours == set(_topology_ffi.SIGNATURES), "declare every topology function in _topology_ffi.SIGNATURES"
+    for name, (restype, argtypes) in _topology_ffi.SIGNATURES.items():
+        ret, params = decls[name]
+        assert restype is (None if ret == "void" else _expected(ret)), name
+        assert [_expected(p) for p in params] == list(argtypes), name
+
+
+def test_structs_and_constants_match_the_header(header):
+    defines = dict(re.findall(r"#define (KVF_\w+) (\S+)", header))
+    for name in [n for n in dir(_topology_ffi) if n.startswith("KVF_")]:
+        assert int(defines[name]) == getattr(_topology_ffi, name), name
+    for struct, cls in [("kvf_pd_shape", _topology_ffi.PdShape), ("kvf_cache_layout", _topology_ffi.CacheLayout),
+                        ("kvf_plan_options", _topology_ffi.PlanOptions)]:
+        body = re.search(r"typedef struct %s \{(.*?)\}" % struct, header, re.S).group(1)
+        fields = re.findall(r"^\s*(\w+) (\w+);", re.sub(r"//[^\n]*", "", body), re.M)
+        assert [(n, _SCALARS[t]) for t, n in fields] == cls._fields_, struct
+
+
+# ---- COMPAT.md section 2 ------------------------------------------------------------------
+
+
+def one_cache(num_blocks, base, block_len, stride=None):
+    return topology.Layout([[(base, block_len, stride or block_len)]], num_blocks)
+
+
+def ops(plan):
+    return list(zip(*(list(a) for a in plan)))
+
+
+def test_plan_examples():
+    # local [2,3,4], remote [7,8,9], 1024-byte dense blocks, n = 1: one op.
+    local, remote = one_cache(16, 0x1000, 1024), one_cache(16, 0x3000, 1024)
+    assert ops(topology.plan_blocks(local, remote, [2, 3, 4], [7, 8, 9])) == [(0x1000 + 2048, 0x3000 + 7168, 3072)]
+    # Local stride 2048, remote stride 4096: three 1024-byte ops.
+    local, remote = one_cache(16, 0x1000, 1024, 2048), one_cache(16, 0x3000, 1024, 4096)
+    assert ops(topology.plan_blocks(local, remote, [2, 3, 4], [7, 8, 9])) == [
+        (0x1000 + i * 2048, 0x3000 + j * 4096, 1024) for i, j in [(2, 7), (3, 8), (4, 9)]
+    ]
+    # Runs: remote [1,2,3,5,6], local [10,11,12,14,15] -> [1,2,3], [5,6].
+    local, remote = one_cache(16, 0, 256), one_cache(16, 0x10000, 256)
+    assert ops(topology.plan_blocks(local, remote, [10, 11, 12, 14, 15], [1, 2, 3, 5, 6])) == [
+        (10 * 256, 0x10000 + 256, 768),
+        (14 * 256, 0x10000 + 5 * 256, 512),
+    ]
+    # n = 2, second slice, every block its own op; and the push direction.
+    local, remote = one_cache(8, 0x100000, 1024), one_cache(8, 0x200000, 512)
+    assert ops(topology.plan_blocks(local, remote, [4, 5], [0, 1], pulls=2, offset_index=1)) == [
+        (0x100000 + 4 * 1024 + 512, 0x200000, 512),
+        (0x100000 + 5 * 1024 + 512, 0x200000 + 512, 512),
+    ]
+    assert ops(topology.plan_blocks(remote, local, [0], [4], pulls=2, offset_index=1, split="remote")) == [
+        (0x200000, 0x100000 + 4 * 1024 + 512, 512)
+    ]
+    # Prefix hits.
+    local, remote = one_cache(8, 0, 64), one_cache(8, 0x1000, 64)
+    hit = topology.plan_blocks(local, remote, [6, 7], [0, 1, 2, 3], computed_tokens=32, tokens_per_block=16)
+    assert ops(hit) == [(6 * 64, 0x1000 + 2 * 64, 128)]
+    assert ops(topology.plan_blocks(local, remote, [6, 7], [0, 1, 2, 3], trim_remote_head=True)) == ops(hit)
+    # Nothing to plan.
+    assert ops(topology.plan_blocks(local, remote, [], [])) == []
+
+
+def random_case(rng):
+    """Two layouts and a request, valid by construction, as the property
+    tests of the crate build them."""
+    pulls = rng.choice([1, 1, 2, 4])
+    split = rng.choice(["local", "local", "remote"])
+    layers, caches = rng.randint(1, 4), rng.randint(1, 2)
+    nl, nr = rng.randint(1, 40), rng.randint(1, 40)
+    next_base = [0x100000]
+
+    def cache(block_len, scale, blocks):
+        stride = block_len + rng.choice([0, 0, 0, 8, block_len])
+        base = next_base[0]
+        next_base[0] += stride * scale * blocks + rng.randint(0, 4096)
+        return (base, block_len, stride, scale)
+
+    local, remote = [], []
+    for _ in range(layers):
+        lc, rc = [], []
+        for _ in range(caches):
+            ib, scale = 16 * rng.randint(1, 4), rng.randint(1, 3)
+            llen, rlen = (ib * pulls, ib) if split == "local" else (ib, ib * pulls)
+            lc.append(cache(llen, scale, nl))
+            rc.append(cache(rlen, scale, nr))
+        local.append(lc)
+        remote.append(rc)
+
+    def ids(count, blocks):
+        if rng.random() < 0.3:
+            return rng.sample(range(blocks), count)
+        # Long +1 runs with a few gaps: a window with some ids dropped.
+        extra = rng.randint(0, min(3, blocks - count))
+        start = rng.randint(0, blocks - count - extra)
+        window = list(range(start, start + count + extra))
+        for _ in range(extra):
+            window.pop(rng.randrange(len(window)))
+        return window
+
+    count = rng.randint(0, min(nl, nr))
+    local_ids = ids(count, nl)
+    skip = rng.randint(0, nr - count)
+    remote_ids = ids(count + skip, nr)
+    prefix = rng.choice([{}, {"trim_remote_head": True}, {"computed_tokens": skip * 16, "tokens_per_block": 16}])
+    if not prefix:
+        remote_ids = remote_ids[skip:]
+    kwargs = dict(pulls=pulls, offset_index=rng.randrange(pulls), split=split, **prefix)
+    return (local, nl), (remote, nr), local_ids, remote_ids, kwargs
+
+
+def test_plans_match_the_transcription_for_random_layouts():
+    rng = random.Random(20240605)
+    nonempty = 0
+    for _ in range(400):
+        (lc, nl), (rc, nr), local_ids, remote_ids, kwargs = random_case(rng)
+        local, remote = topology.Layout(lc, nl), topology.Layout(rc, nr)
+        got = [list(a) for a in topology.plan_blocks(local, remote, local_ids, remote_ids, **kwargs)]
+        flat = lambda layers: [c for layer in layers for c in layer]  # noqa: E731
+        want = compat_plan.plan(flat(lc), flat(rc), local_ids, remote_ids, **kwargs)
+        assert got == [list(w) for w in want], (lc, rc, local_ids, remote_ids, kwargs)
+        nonempty += bool(local_ids)
+        # Every op stays inside its cache's region on both sides.
+        regions_l, regions_r = local.regions(), remote.regions()
+        for la, ra, n in zip(*got):
+            assert any(a <= la and la + n <= a + m for a, m in regions_l)
+            assert any(a <= ra and ra + n <= a + m for a, m in regions_r)
+    assert nonempty > 300
+
+
+def test_plan_refusals():
+    local, remote, half = one_cache(8, 0, 1024), one_cache(8, 1 << 20, 1024), one_cache(8, 1 << 21, 512)
+    cases = [
+        (dict(local_ids=[1, 2], remote_ids=[1]), "cannot pair 2 local block ids with 1 remote block ids"),
+        (dict(local_ids=[8], remote_ids=[1]), "local block id 8 at position 0 is not below 8 blocks"),
+        (dict(local_ids=[1], remote_ids=[1], pulls=2), "remote block_len 1024 must equal 512"),
+        (dict(local_ids=[1], remote_ids=[1], pulls=3), "not divisible by 3 pulls"),
+        (dict(local_ids=[1], remote_ids=[1], pulls=0), "pulls must be at least 1"),
+        (dict(local_ids=[1], remote_ids=[1, 2], computed_tokens=17, tokens_per_block=16), "not a multiple of 16"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(Error, match=re.escape(message)) as e:
+            topology.plan_blocks(local, remote, **kwargs)
+        assert e.value.status == Status.INVALID_ARGUMENT
+    with pytest.raises(Error, match="offset index 2 is not below 2 pulls"):
+        topology.plan_blocks(local, half, [1], [1], pulls=2, offset_index=2)
+    with pytest.raises(ValueError, match="split"):
+        topology.plan_blocks(local, remote, [1], [1], split="left")
+    with pytest.raises(ValueError, match="exclude each other"):
+        topology.plan_blocks(local, remote, [1], [1], computed_tokens=0, tokens_per_block=16, trim_remote_head=True)
+    with pytest.raises(ValueError, match="go together"):
+        topology.plan_blocks(local, remote, [1], [1], computed_tokens=16)
+    with pytest.raises(TypeError, match="local_layout"):
+        topology.plan_blocks(object(), remote, [1], [1])
+    with pytest.raises(TypeError, match="local_ids"):
+        topology.plan_blocks(local, remote, "12", [1])
+    with pytest.raises(ValueError, match="remote_ids"):
+        topology.plan_blocks(local, remote, [1], [-1])
+
+
+def test_layouts():
+    layout = topology.Layout([[(0x1000, 256), (0x9000, 128, 192)], [(0x20000, 256, 256, 2), (0x30000, 64)]], 10)
+    assert (layout.num_layers, layout.caches_per_layer, layout.num_blocks) == (2, 2, 10)
+    assert layout.caches[0][1] == (0x9000, 128, 192, 1)
+    assert layout.regions() == [(0x1000, 2560), (0x9000, 1920), (0x20000, 5120), (0x30000, 640)]
+    assert "2 layers x 2 caches x 10 blocks" in repr(layout)
+    # From a connector's flattened base addresses: K and V per layer.
+    c = topology.Layout.from_connector([0x1000, 0x2000, 0x3000, 0x4000], [128], 4)
+    assert c.caches == (((0x1000, 128, 128, 1), (0x2000, 128, 128, 1)), ((0x3000, 128, 128, 1), (0x4000, 128, 128, 1)))
+    mla = topology.Layout.from_connector([0x1000, 0x2000], [512, 64], 4)
+    assert mla.caches == (((0x1000, 512, 512, 1), (0x2000, 64, 64, 1)),)
+    with pytest.raises(ValueError, match="whole layers"):
+        topology.Layout.from_connector([0x1000, 0x2000, 0x3000], [128], 4)
+    # Refusals: Python-side shape checks, then the library's own.
+    with pytest.raises(ValueError, match="non-empty"):
+        topology.Layout([], 4)
+    with pytest.raises(ValueError, match="layer 0 has 2"):
+        topology.Layout([[(0, 1), (8, 1)], [(16, 1)]], 4)
+    with pytest.raises(TypeError, match="base, block_len"):
+        topology.Layout([[(0,)]], 4)
+    with pytest.raises(Error, match="stride 512 is below block_len 1024"):
+        topology.Layout([[(0, 1024, 512)]], 4)
+    with pytest.raises(Error, match="block_len is 0"):
+        topology.Layout([[(0, 0)]], 4)
+    with pytest.raises(Error, match="overflows 64 bits"):
+        topology.Layout([[((1 << 64) - 100, 1024)]], 4)
+    # Closing is idempotent; a closed layout is refused.
+    with topology.Layout([[(0, 64)]], 4) as closed:
+        pass
+    closed.close()
+    with pytest.raises(Error, match="closed"):
+        topology.plan_blocks(closed, layout, [0], [0])
+
+
+# ---- transfer_blocks between two engines ---------------------------------------------------
+
+LAYERS, CACHES, BLOCKS, SLICE = 3, 2, 16, 256
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A decode and a prefill engine, each with one 1 MiB registered buffer."""
+    decode, prefill = make_engine(), make_engine()
+    dbuf, pbuf = ctypes.create_string_buffer(1 << 20), ctypes.create_string_buffer(1 << 20)
+    decode.register(ctypes.addressof(dbuf), len(dbuf))
+    prefill.register(ctypes.addressof(pbuf), len(pbuf))
+    yield decode, prefill, dbuf, pbuf
+    decode.close()
+    prefill.close()
+
+
+def layout_in(buf, block_len, pad):
+    """LAYERS x CACHES caches of BLOCKS blocks inside `buf`; odd caches padded."""
+    base = ctypes.addressof(buf)
+    caches = [
+        [(base + (l * CACHES + c) * 0x10000 + 96, block_len, block_len + (pad if c % 2 else 0)) for c in range(CACHES)]
+        for l in range(LAYERS)
+    ]
+    return topology.Layout(caches, BLOCKS)
+
+
+def apply_plan(dst, dst_base, src, src_base, plan):
+    """The bytes `plan` moves from `src` into a copy of `dst`, by hand."""
+    out = bytearray(dst.raw)
+    src_bytes = src.raw
+    for d, s, n in zip(*plan):
+        out[d - dst_base : d - dst_base + n] = src_bytes[s - src_base : s - src_base + n]
+    return bytes(out)
+
+
+def fill(buf, seed):
+    rng = random.Random(seed)
+    ctypes.memmove(buf, rng.randbytes(len(buf)), len(buf))
+
+
+def test_transfer_blocks_pull_and_push(pair):
+    decode, prefill, dbuf, pbuf = pair
+    dl = layout_in(dbuf, 2 * SLICE, 64)  # a decode block holds two prefill slices
+    pl = layout_in(pbuf, SLICE, 0)
+    d_ids, p_ids = [3, 4, 5, 9, 10], [0, 1, 2, 7, 15]
+    d_base, p_base = ctypes.addressof(dbuf), ctypes.addressof(pbuf)
+    flat = lambda layout: [c for layer in layout.caches for c in layer]  # noqa: E731
+
+    # Pull: decode reads its second head slice (n = 2, o = 1).
+    fill(dbuf, 1)
+    fill(pbuf, 2)
+    plan = compat_plan.plan(flat(dl), flat(pl), d_ids, p_ids, pulls=2, offset_index=1)
+    want = apply_plan(dbuf, d_base, pbuf, p_base, plan)
+    assert topology.transfer_blocks(decode, prefill.name, dl, pl, d_ids, p_ids, pulls=2, offset_index=1) is None
+    assert dbuf.raw == want
+
+    # Push, asynchronously: prefill writes into the first half of the decode blocks.
+    fill(dbuf, 3)
+    plan = compat_plan.plan(flat(pl), flat(dl), p_ids, d_ids, pulls=2, offset_index=0, split="remote")
+    want = apply_plan(dbuf, d_base, pbuf, p_base, [plan[1], plan[0], plan[2]])
+    batch_id = topology.transfer_blocks(
+        prefill, decode.name, pl, dl, p_ids, d_ids, opcode=topology.WRITE, pulls=2, wait=False
+    )
+    assert batch_id
+    batch = prefill.batch(batch_id)
+    batch.wait()
+    batch.free()
+    assert dbuf.raw == want
+
+    # n = 1 with a prefix hit, over a layout of prefill-sized blocks.
+    d1 = layout_in(dbuf, SLICE, 32)
+    fill(dbuf, 4)
+    plan = compat_plan.plan(flat(d1), flat(pl), [6, 7, 8], [0, 1, 2, 3, 4], computed_tokens=256, tokens_per_block=128)
+    want = apply_plan(dbuf, d_base, pbuf, p_base, plan)
+    topology.transfer_blocks(
+        decode, prefill.name, d1, pl, [6, 7, 8], [0, 1, 2, 3, 4], computed_tokens=256, tokens_per_block=128
+    )
+    assert dbuf.raw == want
+
+    # Nothing to move: fine synchronously, no batch asynchronously.
+    topology.transfer_blocks(decode, prefill.name, d1, pl, [], [])
+    with pytest.raises(Error, match="no blocks to transfer"):
+        topology.transfer_blocks(decode, prefill.name, d1, pl, [], [], wait=False)
+
+    # Refusals move nothing.
+    before_d, before_p = dbuf.raw, pbuf.raw
+    with pytest.raises(Error, match="remote block id 16 at position 4") as e:
+        topology.transfer_blocks(decode, prefill.name, dl, pl, d_ids, [0, 1, 2, 7, 16], pulls=2)
+    assert e.value.status == Status.INVALID_ARGUMENT
+    with pytest.raises(Error, match="block_len 256 must equal 512"):
+        topology.transfer_blocks(decode, prefill.name, dl, pl, d_ids, p_ids)
+    stray = ctypes.create_string_buffer(LAYERS * CACHES * 0x10000)
+    with pytest.raises(Error) as e:
+        topology.transfer_blocks(decode, prefill.name, layout_in(stray, 2 * SLICE, 64), pl, d_ids, p_ids, pulls=2)
+    assert e.value.status == Status.LOCAL_OUT_OF_RANGE
+    with pytest.raises(Error) as e:
+        topology.transfer_blocks(decode, "127.0.0.1:1", d1, pl, d_ids, p_ids)
+    assert e.value.status == Status.PEER_UNREACHABLE
+    with pytest.raises(ValueError, match="opcode"):
+        topology.transfer_blocks(decode, prefill.name, d1, pl, d_ids, p_ids, opcode=2)
+    with pytest.raises(TypeError, match="session"):
+        topology.transfer_blocks(decode, None, d1, pl, d_ids, p_ids)
+    with pytest.raises(TypeError, match="engine"):
+        topology.transfer_blocks(object(), prefill.name, d1, pl, d_ids, p_ids)
+    assert dbuf.raw == before_d and pbuf.raw == before_p
+
+
+@pytest.mark.skipif(not HAVE_PACKAGE, reason="needs kvferry.TransferEngine (the Python package)")
+def test_transfer_blocks_through_the_mooncake_engine(pair):
+    _, prefill, dbuf, pbuf = pair
+    te = kvferry.TransferEngine()
+    with pytest.raises(Error, match="not initialized"):
+        topology.transfer_blocks(te, prefill.name, None, None, [], [])
+    assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    try:
+        buf = ctypes.create_string_buffer(1 << 20)
+        assert te.register_memory(ctypes.addressof(buf), len(buf)) == 0
+        local, remote = layout_in(buf, SLICE, 0), layout_in(pbuf, SLICE, 0)
+        pairs = list(zip([c for layer in local.caches for c in layer], [c for layer in remote.caches for c in layer]))
+        ids = list(range(BLOCKS))
+
+        def moved():
+            return all(ctypes.string_at(lb, n * BLOCKS) == ctypes.string_at(rb, n * BLOCKS) for (lb, n, _, _), (rb, *_) in pairs)
+
+        fill(pbuf, 7)
+        topology.transfer_blocks(te, prefill.name, local, remote, ids, ids)
+        assert moved()
+        # The methods the engines delegate with, once they have them.
+        if hasattr(te, "transfer_blocks"):
+            fill(pbuf, 8)
+            assert te.transfer_blocks(prefill.name, local, remote, ids, ids) == 0
+            assert moved()
+            assert te.transfer_blocks(prefill.name, local, remote, ids, [BLOCKS] * BLOCKS) == -1
+            assert "remote block id 16" in kvferry.last_error()
+            fill(pbuf, 9)
+            batch = te.transfer_blocks_async(prefill.name, local, remote, ids, ids)
+            assert batch
+            status = 0
+            while status == 0:
+                status = te.transfer_check_status(batch)
+            assert status == 1 and moved()
+            assert te.transfer_blocks_async(prefill.name, local, remote, [], []) == 0
+        engine = te.get_engine()
+        if hasattr(engine, "transfer_blocks"):
+            fill(pbuf, 10)
+            engine.transfer_blocks(prefill.name, local, remote, ids, ids)
+            assert moved()
+            fill(pbuf, 11)
+            with engine.submit_blocks(prefill.name, local, remote, ids, ids):
+                pass
+            assert moved()
+    finally:
+        te.close()
