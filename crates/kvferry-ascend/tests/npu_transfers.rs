@@ -41,7 +41,7 @@ fn same_host_npu_blocks_move_through_ipc_keys() {
     let (mut t, mut i) = pair(&[]);
     assert_eq!(i.transport(&t.name), ("cma".into(), "ascend-ipc".into()));
     npu_round_trip(&mut t, &mut i, 64 << 10);
-    let s = i.stats();
+    let s = i.stats_settled();
     assert_eq!(s["imports"], 1, "the region is imported once: {s:?}");
     assert_eq!(s["imports_made"], 1, "{s:?}");
     assert_eq!(
@@ -49,7 +49,7 @@ fn same_host_npu_blocks_move_through_ipc_keys() {
         "no staging on the IPC path: {s:?}"
     );
     assert_eq!(s["streams_aborted"], 0, "{s:?}");
-    let s = t.stats();
+    let s = t.stats_settled();
     assert_eq!(s["exports"], 1, "{s:?}");
     assert_eq!(s["staging_allocated"], 0, "{s:?}");
 
@@ -72,7 +72,10 @@ fn cross_host_npu_blocks_stage_through_pinned_pools_over_tcp() {
     let (mut t, mut i) = pair(&env);
     assert_eq!(i.transport(&t.name), ("tcp".into(), "tcp".into()));
     npu_round_trip(&mut t, &mut i, 256 << 10);
-    for (who, s) in [("initiator", i.stats()), ("target", t.stats())] {
+    for (who, s) in [
+        ("initiator", i.stats_settled()),
+        ("target", t.stats_settled()),
+    ] {
         assert!((1..=2).contains(&s["staging_allocated"]), "{who}: {s:?}");
         assert_eq!(s["staging_in_use"], 0, "{who}: buffers returned: {s:?}");
         assert_eq!(s["imports"], 0, "{who}: {s:?}");
@@ -89,7 +92,7 @@ fn same_host_without_ipc_stages_over_tcp() {
     let (mut t, mut i) = pair(&env);
     assert_eq!(i.transport(&t.name), ("cma".into(), "tcp".into()));
     npu_round_trip(&mut t, &mut i, 1 << 20);
-    assert_eq!(t.stats()["exports"], 0);
+    assert_eq!(t.stats_settled()["exports"], 0);
 }
 
 fn mixed(env: &[(&str, &str)], expect: (&str, &str)) {
@@ -124,7 +127,7 @@ fn mixed(env: &[(&str, &str)], expect: (&str, &str)) {
     t.check("host", 61, Q, Q);
     t.check("host", 60, 2 * Q, Q);
     t.check("npu", 61, 3 * Q, Q);
-    for s in [i.stats(), t.stats()] {
+    for s in [i.stats_settled(), t.stats_settled()] {
         assert_eq!(s["staging_in_use"], 0, "{s:?}");
     }
 }

@@ -7,8 +7,20 @@ use kvferry::{Engine, EngineConfig, Error, Location, Op};
 use kvferry_ascend::{AscendConfig, AscendRuntime};
 use kvferry_cann_standin::STANDIN_LIBRARY;
 
+/// The CANN stand-in, or the real runtime named by KVFERRY_TEST_ACL_LIBRARY.
+fn library() -> String {
+    std::env::var("KVFERRY_TEST_ACL_LIBRARY")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| STANDIN_LIBRARY.to_owned())
+}
+
+fn on_standin() -> bool {
+    library() == STANDIN_LIBRARY
+}
+
 fn runtime(ipc: bool) -> Arc<AscendRuntime> {
-    AscendRuntime::with_config(AscendConfig::new().library(STANDIN_LIBRARY).ipc(ipc)).unwrap()
+    AscendRuntime::with_config(AscendConfig::new().library(library()).ipc(ipc)).unwrap()
 }
 
 /// Registers test memory.
@@ -33,7 +45,11 @@ fn a_missing_runtime_is_reported_as_not_found() {
 #[test]
 fn npu_regions_are_checked_exported_and_detected() {
     let rt = runtime(true);
-    assert_eq!(rt.device_count(), 8);
+    let count = rt.device_count();
+    assert!(
+        count >= 2,
+        "these tests need two NPUs, the runtime sees {count}"
+    );
     let e = engine(&rt);
     let dev = rt.alloc_device(0, 4 << 20).unwrap();
     let mut host = vec![0u8; 1 << 20];
@@ -42,7 +58,10 @@ fn npu_regions_are_checked_exported_and_detected() {
     let r = seg.find(dev.addr(), 1).unwrap();
     assert_eq!(r.location, Location::Npu(0));
     let key = seg.export(dev.addr()).expect("an IPC key in the segment");
-    assert!(key.len() < 65 && key.starts_with(b"kvfsi:"), "{key:?}");
+    assert!(key.len() < 65, "{key:?}");
+    if on_standin() {
+        assert!(key.starts_with(b"kvfsi:"), "{key:?}");
+    }
 
     // Host memory is not device memory.
     let err = register(&e, host.as_mut_ptr() as u64, 4096, "npu:0").unwrap_err();

@@ -387,9 +387,14 @@ fn shared_library_exports_exactly_the_header() {
 #[test]
 fn c_program_moves_npu_memory_through_the_ascend_runtime() {
     let exe = build(Lang::C, "ascend_test", &["tests/c/ascend_test.c"], &[]);
+    // KVFERRY_TEST_ACL_LIBRARY=libascendcl.so runs it on an Ascend machine.
+    let library = std::env::var("KVFERRY_TEST_ACL_LIBRARY")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| kvferry_cann_standin::STANDIN_LIBRARY.to_owned());
     let attempt = |detect_leaks: bool| {
         let mut cmd = Command::new(&exe);
-        cmd.arg(kvferry_cann_standin::STANDIN_LIBRARY);
+        cmd.arg(&library);
         for (key, _) in std::env::vars_os() {
             let k = key.to_string_lossy();
             if ["KVFERRY_", "MC_", "ASCEND_", "KVF_STANDIN_"]

@@ -6,6 +6,14 @@
 
 use std::process::Command;
 
+/// The CANN stand-in, or a real runtime (KVFERRY_TEST_ACL_LIBRARY).
+fn library() -> String {
+    std::env::var("KVFERRY_TEST_ACL_LIBRARY")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| kvferry_cann_standin::STANDIN_LIBRARY.to_owned())
+}
+
 #[test]
 fn the_npu_demo_moves_and_verifies_a_kv_cache() {
     let out = Command::new(env!("CARGO_BIN_EXE_kvferry"))
@@ -28,7 +36,7 @@ fn the_npu_demo_moves_and_verifies_a_kv_cache() {
             "--blocks-per-request",
             "5",
         ])
-        .env("KVFERRY_ACL_LIBRARY", kvferry_cann_standin::STANDIN_LIBRARY)
+        .env("KVFERRY_ACL_LIBRARY", library())
         .env_remove("KVFERRY_TRANSPORT")
         .env_remove("KVF_STANDIN_FAIL")
         .env_remove("KVF_STANDIN_TIMEOUT")

@@ -571,6 +571,9 @@ impl TargetStager<'_> {
             CopyDirection::DeviceToHost,
             Self::flush_read,
         );
+        // The buffer goes back before the answer, so whoever sees the
+        // answer sees the pool whole.
+        self.buffer = None;
         match r {
             Err(e) if !self.header_sent => match staging_error(&e) {
                 Some(err) => {
@@ -633,6 +636,7 @@ impl TargetStager<'_> {
             }
         }
         net::discard(self.stream, self.left)?;
+        self.buffer = None;
         match self.failure.take() {
             Some(e) => {
                 let (h, msg) = wire::error_frame(self.rid, e.status(), &e.to_string());

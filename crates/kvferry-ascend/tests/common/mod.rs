@@ -44,6 +44,24 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
 /// Env var that turns the test binary into a child: `<device> <len> <seed>`.
 pub const CHILD: &str = "KVFERRY_ASCEND_TEST_CHILD";
 
+/// Set to a real ACL runtime (e.g. `libascendcl.so` on an Ascend machine)
+/// to run these tests against it instead of the CANN stand-in.
+pub const HARDWARE_ENV: &str = "KVFERRY_TEST_ACL_LIBRARY";
+
+/// The ACL runtime the children load: [`HARDWARE_ENV`], else the stand-in.
+pub fn acl_library() -> String {
+    std::env::var(HARDWARE_ENV)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| kvferry_cann_standin::STANDIN_LIBRARY.to_owned())
+}
+
+/// Whether the tests run against the stand-in (failure injection and the
+/// stand-in's own texts exist only there).
+pub fn on_standin() -> bool {
+    acl_library() == kvferry_cann_standin::STANDIN_LIBRARY
+}
+
 /// A running child engine.
 pub struct Peer {
     child: Child,
@@ -161,6 +179,20 @@ impl Peer {
                 Some((k.to_owned(), v.parse().ok()?))
             })
             .collect()
+    }
+
+    /// The child's counters once its staging buffers are all back in the
+    /// pool (a server thread may still be finishing the reply the caller
+    /// just read); fails after 5 s.
+    pub fn stats_settled(&mut self) -> std::collections::HashMap<String, u64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = self.stats();
+            if s.get("staging_in_use") == Some(&0) || std::time::Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `(host transport, device transport)` to `peer`.
