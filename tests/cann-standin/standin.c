@@ -1095,8 +1095,9 @@ struct si_task {
     size_t destMax;
     size_t count;
     aclrtMemcpyKind kind;
-    unsigned long call;   /* aclrtMemcpyAsync call number */
+    unsigned long call;   /* the submitting function's call number */
     aclError injected;    /* fails when it runs, if non-zero */
+    const char *fn;       /* the submitting function */
 };
 
 struct si_stream {
@@ -1256,7 +1257,7 @@ aclError aclrtMemcpyAsync(void *dst, size_t destMax, const void *src, size_t cou
             }
         }
         if (err == ACL_SUCCESS) {
-            st->tasks[st->ntasks++] = (struct si_task){dst, src, destMax, count, kind, call, injected};
+            st->tasks[st->ntasks++] = (struct si_task){dst, src, destMax, count, kind, call, injected, "aclrtMemcpyAsync"};
         }
     }
     pthread_mutex_unlock(&si_lock);
@@ -1370,7 +1371,8 @@ aclError aclrtMemcpyBatchAsync(void **dsts, size_t *destMaxs, void **srcs, size_
                 continue;
             }
             aclError fails = (injected != 0 && i == numBatches / 2) ? injected : 0;
-            st->tasks[st->ntasks++] = (struct si_task){dsts[i], srcs[i], destMaxs[i], sizes[i], kinds[i], call, fails};
+            st->tasks[st->ntasks++] = (struct si_task){dsts[i], srcs[i], destMaxs[i], sizes[i], kinds[i], call, fails,
+                "aclrtMemcpyBatchAsync"};
         }
     }
     pthread_mutex_unlock(&si_lock);
@@ -1438,9 +1440,9 @@ aclError aclrtSynchronizeStreamWithTimeout(aclrtStream stream, int32_t timeout)
         struct si_task *t = &tasks[i];
         if (t->injected != 0) {
             err = si_fail(t->injected,
-                "aclrtSynchronizeStreamWithTimeout: task %zu of %zu (aclrtMemcpyAsync call #%lu) failed on the "
+                "aclrtSynchronizeStreamWithTimeout: task %zu of %zu (%s call #%lu) failed on the "
                 "device: injected (KVF_STANDIN_FAIL=%s); the %zu later task(s) were discarded",
-                i + 1, pending, t->call, getenv("KVF_STANDIN_FAIL"), pending - i - 1);
+                i + 1, pending, t->fn, t->call, getenv("KVF_STANDIN_FAIL"), pending - i - 1);
         } else {
             err = si_copy("aclrtSynchronizeStreamWithTimeout (running a queued aclrtMemcpyAsync)", t->dst,
                 t->destMax, t->src, t->count, t->kind, 0);

@@ -96,6 +96,7 @@ impl StagingPool {
     /// A free buffer, allocating one while fewer than `count` exist, else
     /// waiting for one until `deadline`.
     pub fn acquire(&self, deadline: Instant) -> Result<StagingBuffer<'_>> {
+        let waited_from = Instant::now();
         let mut s = self.state.lock();
         loop {
             if let Some(b) = s.free.pop() {
@@ -124,7 +125,7 @@ impl StagingPool {
                         "waiting for a staging buffer (all {} of the pool are in use; ASCEND_BUFFER_POOL=count:MiB sets the pool)",
                         self.size.count
                     ),
-                    ms: 0,
+                    ms: deadline.saturating_duration_since(waited_from).as_millis() as u64,
                 });
             }
         }

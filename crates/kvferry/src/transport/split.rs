@@ -18,6 +18,7 @@
 //! untouched: one check of two flags.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Mutex, RwLock};
@@ -41,6 +42,8 @@ pub(crate) struct SplitTransport {
     /// The peer's segment as last fetched (the session's view): where its
     /// device regions are, and their exports.
     segment: RwLock<Arc<Segment>>,
+    /// Whether that segment has device regions (the fast path's check).
+    remote_device: AtomicBool,
 }
 
 impl SplitTransport {
@@ -69,6 +72,7 @@ impl SplitTransport {
             tcp,
             device,
             shared: Arc::clone(shared),
+            remote_device: AtomicBool::new(segment.has_device_regions()),
             segment: RwLock::new(Arc::new(segment.clone())),
         }
     }
@@ -107,7 +111,10 @@ impl Transport for SplitTransport {
         if let Some(d) = &self.device {
             d.segment_changed(&fresh);
         }
-        *self.segment.write() = Arc::new(fresh.clone());
+        let mut cached = self.segment.write();
+        self.remote_device
+            .store(fresh.has_device_regions(), Ordering::Release);
+        *cached = Arc::new(fresh.clone());
         Ok(fresh)
     }
 
@@ -116,10 +123,10 @@ impl Transport for SplitTransport {
     }
 
     fn run(&self, job: &Job<'_>, report: Report<'_>) {
-        let segment = Arc::clone(&self.segment.read());
-        if !self.shared.device.has_device_regions() && !segment.has_device_regions() {
+        if !self.shared.device.has_device_regions() && !self.remote_device.load(Ordering::Acquire) {
             return self.host.run(job, report);
         }
+        let segment = Arc::clone(&self.segment.read());
         let n = job.slices.len();
         let mut routes = Vec::with_capacity(n);
         let mut local_devices = Vec::with_capacity(n);
