@@ -141,3 +141,46 @@ fn mixed_host_and_npu_batches_same_host() {
 fn mixed_host_and_npu_batches_over_tcp() {
     mixed(&[("KVFERRY_TRANSPORT", "tcp")], ("tcp", "tcp"));
 }
+
+#[test]
+fn a_host_only_engine_reads_and_writes_a_peers_npu_memory_over_tcp() {
+    // No device runtime here: the peer's NPU regions must still never reach
+    // cma (its addresses are not host memory); tcp carries them and the
+    // peer stages.
+    let mut t = Peer::spawn("child", 1, LEN as usize, 10, &[]);
+    let mut h = Peer::spawn(
+        "child",
+        0,
+        LEN as usize,
+        50,
+        &[("KVFERRY_TEST_HOST_ONLY", "1")],
+    );
+    assert_eq!(h.transport(&t.name), ("cma".into(), "tcp".into()));
+    h.run(&format!(
+        "xfer read {} host {} {LEN} {}",
+        t.name,
+        t.npu,
+        128 << 10
+    ))
+    .unwrap();
+    h.check("host", 10, 0, LEN);
+    // The peer's host memory still goes over cma.
+    h.run(&format!(
+        "xfer read {} host {} {LEN} {}",
+        t.name,
+        t.host,
+        1 << 20
+    ))
+    .unwrap();
+    h.check("host", 11, 0, LEN);
+    assert_eq!(h.ask("fill host 33", "RESULT"), "RESULT ok");
+    h.run(&format!(
+        "xfer write {} host {} {LEN} {}",
+        t.name,
+        t.npu,
+        1 << 20
+    ))
+    .unwrap();
+    t.check("npu", 33, 0, LEN);
+    assert_eq!(t.stats_settled()["staging_in_use"], 0);
+}

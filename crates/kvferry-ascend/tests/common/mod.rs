@@ -406,21 +406,32 @@ pub fn child_main() -> bool {
         it.next().unwrap_or(0) as u8,
     );
     let rt = AscendRuntime::load().expect("load the stand-in");
-    let mut config = EngineConfig::new().port(0).device_runtime(rt.clone());
+    // KVFERRY_TEST_HOST_ONLY=1: an engine without a device runtime (and no
+    // device buffer), as a host-only peer of NPU engines.
+    let host_only = std::env::var_os("KVFERRY_TEST_HOST_ONLY").is_some();
+    let mut config = EngineConfig::new().port(0);
+    if !host_only {
+        config = config.device_runtime(rt.clone());
+    }
     if std::env::var_os("KVFERRY_TRANSFER_TIMEOUT_MS").is_none() {
         config = config.transfer_timeout(Duration::from_secs(20));
     }
     let engine = Engine::new(config).expect("child engine");
-    let npu = rt.alloc_device(device, len).expect("device buffer");
-    rt.upload(device, npu.addr(), &pattern(seed, len as usize))
-        .expect("fill the device buffer");
+    let npu = (!host_only).then(|| {
+        let npu = rt.alloc_device(device, len).expect("device buffer");
+        rt.upload(device, npu.addr(), &pattern(seed, len as usize))
+            .expect("fill the device buffer");
+        npu
+    });
     let mut host = pattern(seed.wrapping_add(1), len as usize);
     let host_addr = host.as_mut_ptr() as u64;
     // SAFETY: both buffers outlive the engine (dropped first, below).
     unsafe {
-        engine
-            .register_memory(npu.addr(), len, &format!("npu:{device}"))
-            .expect("register npu");
+        if let Some(npu) = &npu {
+            engine
+                .register_memory(npu.addr(), len, &format!("npu:{device}"))
+                .expect("register npu");
+        }
         engine
             .register_memory(host_addr, len, "cpu:0")
             .expect("register host");
@@ -429,7 +440,7 @@ pub fn child_main() -> bool {
     let mut state = State {
         rt,
         engine,
-        npu: Some(npu),
+        npu,
         device,
         host,
         host_addr,
