@@ -116,6 +116,7 @@ enum kvf_status
   KVF_STATUS_PEER_RESTARTED = -44,
   KVF_STATUS_PROTOCOL = -45,
   KVF_STATUS_AUTH_FAILED = -46,
+  KVF_STATUS_DEVICE = -50,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -277,6 +278,23 @@ kvf_status kvf_config_set_secret(struct kvf_config *config, const char *secret);
 // # Safety
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_lanes(struct kvf_config *config, uint32_t lanes);
+
+// Makes engines created from `config` handle Ascend NPU memory: memory
+// registered as `"npu:N"` (or found to be device memory for `"*"`) is
+// checked and exported for same-host peers, moved device-to-device with
+// same-host peers (ascend-ipc) and staged through pinned host buffers over
+// tcp otherwise (`ASCEND_BUFFER_POOL` = `count:MiB`).
+//
+// Loads the ACL runtime now: `KVFERRY_ACL_LIBRARY` if set, else
+// `libascendcl.so` from the loader's path (source CANN's `set_env.sh`).
+// Where there is none: `KVF_STATUS_UNSUPPORTED`, `kvf_last_error()` says
+// "Ascend runtime not found: ...", and the config is unchanged (an engine
+// made from it handles host memory only). A library built without the
+// `ascend` feature always answers `KVF_STATUS_UNSUPPORTED`.
+//
+// # Safety
+// `config` is NULL or from `kvf_config_new`.
+kvf_status kvf_config_use_ascend(struct kvf_config *config);
 
 // Creates an engine in `*out`: binds its port and starts its threads.
 // `config` may be NULL (everything from the environment and defaults); it

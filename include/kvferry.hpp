@@ -203,6 +203,13 @@ class Config {
     detail::check(kvf_config_set_lanes(config_, lanes), "kvf_config_set_lanes");
     return *this;
   }
+  /// Handle Ascend NPU memory ("npu:N" regions): loads the ACL runtime now;
+  /// throws Error (KVF_STATUS_UNSUPPORTED, "Ascend runtime not found: ...")
+  /// where there is none, leaving the config as it was.
+  Config &use_ascend() {
+    detail::check(kvf_config_use_ascend(config_), "kvf_config_use_ascend");
+    return *this;
+  }
 
   /// The C handle, still owned by this object (NULL when moved from).
   const kvf_config *get() const noexcept { return config_; }

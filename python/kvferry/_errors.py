@@ -44,6 +44,7 @@ class Status(enum.IntEnum):
     PEER_RESTARTED = -44
     PROTOCOL = -45
     AUTH_FAILED = -46
+    DEVICE = -50
 
     @classmethod
     def of(cls, code: int) -> "Status | int":

@@ -157,6 +157,7 @@ class _Status(enum.IntEnum):
     PEER_RESTARTED = -44
     PROTOCOL = -45
     AUTH_FAILED = -46
+    DEVICE = -50
 
 
 class _Error(Exception):

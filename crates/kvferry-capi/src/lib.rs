@@ -15,6 +15,7 @@
 
 mod boundary;
 mod config;
+mod device;
 mod engine;
 mod handle;
 mod notify;
@@ -22,6 +23,7 @@ mod topology;
 mod transfer;
 
 pub use config::*;
+pub use device::*;
 pub use engine::*;
 pub use notify::*;
 pub use topology::*;

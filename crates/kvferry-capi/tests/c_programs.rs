@@ -377,3 +377,44 @@ fn shared_library_exports_exactly_the_header() {
         "exported but not declared: {extra:?}; declared but not exported: {missing:?}"
     );
 }
+
+/// The C API with NPU memory (tests/c/ascend_test.c): `kvf_config_use_ascend`
+/// without a runtime ("Ascend runtime not found") and with the CANN
+/// stand-in, `"npu:N"` and `"*"` registration, a read between two engines'
+/// device buffers. Runs with and without the `ascend` feature's runtime
+/// being found, never with the caller's ACL environment.
+#[cfg(feature = "ascend")]
+#[test]
+fn c_program_moves_npu_memory_through_the_ascend_runtime() {
+    let exe = build(Lang::C, "ascend_test", &["tests/c/ascend_test.c"], &[]);
+    // KVFERRY_TEST_ACL_LIBRARY=libascendcl.so runs it on an Ascend machine.
+    let library = std::env::var("KVFERRY_TEST_ACL_LIBRARY")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| kvferry_cann_standin::STANDIN_LIBRARY.to_owned());
+    let attempt = |detect_leaks: bool| {
+        let mut cmd = Command::new(&exe);
+        cmd.arg(&library);
+        for (key, _) in std::env::vars_os() {
+            let k = key.to_string_lossy();
+            if ["KVFERRY_", "MC_", "ASCEND_", "KVF_STANDIN_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+            {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.env(
+            "ASAN_OPTIONS",
+            format!("detect_leaks={}", u8::from(detect_leaks)),
+        )
+        .env("UBSAN_OPTIONS", "print_stacktrace=1");
+        run_with_deadline(&mut cmd, "ascend_test", Duration::from_secs(300))
+    };
+    let (mut ok, mut output) = attempt(true);
+    if !ok && LSAN_CANNOT_RUN.iter().any(|m| output.contains(m)) {
+        (ok, output) = attempt(false);
+    }
+    assert!(ok, "{} failed:\n{output}", exe.display());
+    assert!(output.contains("ascend_test: ok"), "{output}");
+}

@@ -153,7 +153,7 @@ pub enum DemoTransport {
 }
 
 impl DemoTransport {
-    fn choices(self) -> Vec<TransportChoice> {
+    pub(crate) fn choices(self) -> Vec<TransportChoice> {
         match self {
             DemoTransport::Auto => vec![TransportChoice::Auto],
             DemoTransport::Tcp => vec![TransportChoice::Tcp],

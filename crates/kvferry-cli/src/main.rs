@@ -2,6 +2,8 @@
 
 mod demo;
 mod kv;
+#[cfg(feature = "ascend")]
+mod npu_demo;
 
 use clap::{Parser, Subcommand};
 
@@ -43,6 +45,17 @@ enum Command {
         /// auto (cma between processes of one host), tcp (forced), or both.
         #[arg(long, default_value = "both", value_parser = ["auto", "tcp", "both"])]
         transport: String,
+        /// Where the KV caches live: host memory, or NPU memory (needs the
+        /// Ascend runtime, or KVFERRY_ACL_LIBRARY pointing at the CANN
+        /// stand-in; see docs/ascend.md).
+        #[arg(long, default_value = "host", value_parser = ["host", "npu"])]
+        device: String,
+        /// With --device npu: the prefill side's NPU.
+        #[arg(long, default_value_t = 0)]
+        prefill_npu: u32,
+        /// With --device npu: the decode side's NPU.
+        #[arg(long, default_value_t = 1)]
+        decode_npu: u32,
     },
     /// The demo's prefill process (started by `kvferry demo`).
     #[command(hide = true)]
@@ -53,6 +66,10 @@ enum Command {
         blocks: usize,
         #[arg(long)]
         block_bytes: usize,
+        #[arg(long, default_value = "host")]
+        device: String,
+        #[arg(long, default_value_t = 0)]
+        npu: u32,
     },
 }
 
@@ -69,6 +86,9 @@ fn main() {
             requests,
             blocks_per_request,
             transport,
+            device,
+            prefill_npu,
+            decode_npu,
         } => {
             let block_bytes = block_tokens * kv_heads * head_dim * dtype_bytes;
             if block_bytes == 0
@@ -93,21 +113,68 @@ fn main() {
                     requests,
                     blocks_per_request,
                 };
-                demo::run(&args, transport)
+                match device.as_str() {
+                    "npu" => npu_demo(&args, transport, (prefill_npu, decode_npu)),
+                    _ => demo::run(&args, transport),
+                }
             }
         }
         Command::DemoPrefill {
             layers,
             blocks,
             block_bytes,
-        } => demo::run_prefill(kv::KvShape {
-            layers,
-            blocks,
-            block_bytes,
-        }),
+            device,
+            npu,
+        } => {
+            let shape = kv::KvShape {
+                layers,
+                blocks,
+                block_bytes,
+            };
+            match device.as_str() {
+                "npu" => npu_prefill(shape, npu),
+                _ => demo::run_prefill(shape),
+            }
+        }
     };
     if let Err(e) = result {
         eprintln!("kvferry: {e}");
         std::process::exit(1);
     }
+}
+
+#[cfg(feature = "ascend")]
+fn npu_demo(
+    args: &demo::DemoArgs,
+    transport: demo::DemoTransport,
+    (prefill, decode): (u32, u32),
+) -> Result<(), String> {
+    npu_demo::run(args, transport, npu_demo::Devices { prefill, decode })
+}
+
+#[cfg(feature = "ascend")]
+fn npu_prefill(shape: kv::KvShape, device: u32) -> Result<(), String> {
+    npu_demo::run_prefill(shape, device)
+}
+
+#[cfg(not(feature = "ascend"))]
+fn npu_demo(_: &demo::DemoArgs, _: demo::DemoTransport, _: (u32, u32)) -> Result<(), String> {
+    Err("this kvferry was built without Ascend support (cargo feature \"ascend\")".into())
+}
+
+#[cfg(not(feature = "ascend"))]
+fn npu_prefill(_: kv::KvShape, _: u32) -> Result<(), String> {
+    npu_demo(
+        &demo::DemoArgs {
+            shape: kv::KvShape {
+                layers: 0,
+                blocks: 0,
+                block_bytes: 0,
+            },
+            requests: 0,
+            blocks_per_request: 0,
+        },
+        demo::DemoTransport::Auto,
+        (0, 0),
+    )
 }

@@ -5,8 +5,10 @@
 //! variable; the variable Mooncake users already set (`ASCEND_*` in ms, then
 //! `MC_*`); the default. See docs/configuration.md.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::device::DeviceRuntime;
 use crate::error::{Error, Result};
 
 /// Which transport to use for remote peers.
@@ -32,6 +34,47 @@ pub struct EngineConfig {
     transport: Option<TransportChoice>,
     secret: Option<Vec<u8>>,
     lanes: Option<usize>,
+    device_runtime: Option<Arc<dyn DeviceRuntime>>,
+    staging_pool: Option<StagingPoolSize>,
+}
+
+/// The pinned host bounce pool that stages device memory through tcp:
+/// `count` buffers of `buffer_bytes` each (Mooncake's `ASCEND_BUFFER_POOL`
+/// = `count:MiB`). Buffers are allocated on first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StagingPoolSize {
+    pub count: usize,
+    pub buffer_bytes: u64,
+}
+
+/// `4:8`: four 8 MiB buffers, the value vllm-ascend's deployment guides set.
+pub const DEFAULT_STAGING_POOL: StagingPoolSize = StagingPoolSize {
+    count: 4,
+    buffer_bytes: 8 << 20,
+};
+
+impl StagingPoolSize {
+    /// Parses Mooncake's `count:MiB`. `0:0` (Mooncake: no pool) gives
+    /// `None`: kvferry then uses the default, since it has no unstaged path
+    /// for device memory between hosts yet.
+    pub fn parse(text: &str) -> Result<Option<StagingPoolSize>> {
+        let bad = || {
+            Error::invalid(format!(
+                "buffer pool {text:?}: expected \"count:MiB\" with both in 1..=1024 (or \"0:0\")"
+            ))
+        };
+        let (count, mib) = text.trim().split_once(':').ok_or_else(bad)?;
+        let count: usize = count.trim().parse().map_err(|_| bad())?;
+        let mib: u64 = mib.trim().parse().map_err(|_| bad())?;
+        match (count, mib) {
+            (0, 0) => Ok(None),
+            (1..=1024, 1..=1024) => Ok(Some(StagingPoolSize {
+                count,
+                buffer_bytes: mib << 20,
+            })),
+            _ => Err(bad()),
+        }
+    }
 }
 
 /// The resolved configuration an engine runs with.
@@ -58,6 +101,9 @@ pub struct Settings {
     pub secret: Option<Vec<u8>>,
     /// tcp connections per peer.
     pub lanes: usize,
+    /// The staging pool for device memory over tcp (used only with a
+    /// device runtime).
+    pub staging_pool: StagingPoolSize,
 }
 
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (15000, 17000);
@@ -119,6 +165,27 @@ impl EngineConfig {
     pub fn lanes(mut self, n: usize) -> Self {
         self.lanes = Some(n);
         self
+    }
+    /// The runtime that handles device (NPU) memory: registration of
+    /// `"npu:N"` regions, detection for `"*"`, staging, same-host device
+    /// transports. Without one the engine handles host memory only.
+    pub fn device_runtime(mut self, runtime: Arc<dyn DeviceRuntime>) -> Self {
+        self.device_runtime = Some(runtime);
+        self
+    }
+    /// The staging pool: `count` pinned buffers of `mib` MiB (default
+    /// `KVFERRY_STAGING_POOL`, then `ASCEND_BUFFER_POOL`, then 4:8).
+    pub fn staging_pool(mut self, count: usize, mib: u64) -> Self {
+        self.staging_pool = Some(StagingPoolSize {
+            count,
+            buffer_bytes: mib << 20,
+        });
+        self
+    }
+
+    /// The device runtime set with [`EngineConfig::device_runtime`].
+    pub(crate) fn runtime(&self) -> Option<&Arc<dyn DeviceRuntime>> {
+        self.device_runtime.as_ref()
     }
 
     /// Resolves against the process environment.
@@ -235,6 +302,29 @@ impl EngineConfig {
         if lanes == 0 || lanes > 64 {
             return Err(Error::invalid("lanes must be in 1..=64"));
         }
+        let staging_pool = match self.staging_pool {
+            Some(p) if p.count == 0 || p.buffer_bytes == 0 => {
+                return Err(Error::invalid(
+                    "the staging pool needs at least one buffer of 1 MiB",
+                ));
+            }
+            Some(p) => p,
+            None => {
+                let from = |key: &str| -> Result<Option<StagingPoolSize>> {
+                    match env(key) {
+                        Some(v) if !v.trim().is_empty() => {
+                            StagingPoolSize::parse(&v).map_err(|e| {
+                                Error::invalid(format!("environment variable {key}: {e}"))
+                            })
+                        }
+                        _ => Ok(None),
+                    }
+                };
+                from("KVFERRY_STAGING_POOL")?
+                    .or(from("ASCEND_BUFFER_POOL")?)
+                    .unwrap_or(DEFAULT_STAGING_POOL)
+            }
+        };
         Ok(Settings {
             hostname,
             port,
@@ -247,6 +337,7 @@ impl EngineConfig {
             transport,
             secret,
             lanes,
+            staging_pool,
         })
     }
 }
@@ -310,6 +401,39 @@ mod tests {
             .resolve_with(&env)
             .unwrap();
         assert_eq!(s.transfer_timeout, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn staging_pool_takes_mooncakes_count_colon_mib() {
+        let pool = |vars: &[(&str, &str)]| {
+            EngineConfig::new()
+                .resolve_with(with(vars))
+                .map(|s| s.staging_pool)
+        };
+        assert_eq!(pool(&[]).unwrap(), DEFAULT_STAGING_POOL);
+        assert_eq!(
+            pool(&[("ASCEND_BUFFER_POOL", "2:16")]).unwrap(),
+            StagingPoolSize {
+                count: 2,
+                buffer_bytes: 16 << 20
+            }
+        );
+        assert_eq!(
+            pool(&[("ASCEND_BUFFER_POOL", "0:0")]).unwrap(),
+            DEFAULT_STAGING_POOL
+        );
+        assert_eq!(
+            pool(&[
+                ("KVFERRY_STAGING_POOL", "1:1"),
+                ("ASCEND_BUFFER_POOL", "2:16")
+            ])
+            .unwrap()
+            .count,
+            1
+        );
+        for bad in ["4", "4:", ":8", "x:8", "0:8", "4:0", "2000:8"] {
+            assert!(pool(&[("ASCEND_BUFFER_POOL", bad)]).is_err(), "{bad}");
+        }
     }
 
     #[test]

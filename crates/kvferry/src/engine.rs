@@ -14,14 +14,16 @@ use parking_lot::Mutex;
 
 use crate::batch::{Batch, BatchId, BatchState, BatchTable, OpState};
 use crate::config::{EngineConfig, Settings, TransportChoice};
+use crate::device::{DeviceState, StagingStats};
 use crate::error::{Error, Result};
-use crate::memory::{Location, LocationHint, RegionDesc, Registry};
+use crate::memory::Registry;
 use crate::plan::{Op, Opcode, Plan, plan};
 use crate::segment::{Segment, host_identity, random_instance_id};
 use crate::server::Server;
 use crate::session::{PeerAddr, Session};
 use crate::transport::cma::CmaTransport;
 use crate::transport::local::LocalTransport;
+use crate::transport::split::SplitTransport;
 use crate::transport::tcp::{ClientIdentity, TcpTransport};
 use crate::transport::{Job, Transport};
 
@@ -47,17 +49,21 @@ pub(crate) struct Shared {
     pub(crate) secret: Option<Vec<u8>>,
     pub(crate) transfer_timeout: Duration,
     notifications: Mutex<VecDeque<Notification>>,
+    /// The device runtime (if any), its staging pool and device regions.
+    pub(crate) device: DeviceState,
 }
 
 impl Shared {
     pub(crate) fn segment(&self) -> Segment {
+        let (regions, exports) = self.device.snapshot(&self.registry);
         Segment {
             name: self.name.clone(),
             instance_id: self.instance_id,
             epoch: self.registry.epoch(),
             host_id: self.host_id.clone(),
             pid: std::process::id(),
-            regions: self.registry.descs(),
+            regions,
+            exports,
         }
     }
 
@@ -168,6 +174,7 @@ impl Core {
             .lock()
             .get(&segment.instance_id)
             .and_then(Weak::upgrade);
+        let (tcp_for_device, same_process) = (Arc::clone(&tcp), local.is_some());
         let transport: Arc<dyn Transport> = match (self.settings.transport, local) {
             (TransportChoice::Tcp, _) => tcp,
             (TransportChoice::Auto, Some(shared)) => Arc::new(LocalTransport::new(&shared)),
@@ -176,6 +183,15 @@ impl Core {
             }
             (TransportChoice::Auto, None) => tcp,
         };
+        // Slices touching device memory take the device paths.
+        let transport: Arc<dyn Transport> = Arc::new(SplitTransport::new(
+            &self.shared,
+            transport,
+            tcp_for_device,
+            &segment,
+            same_process,
+            self.settings.transport == TransportChoice::Auto,
+        ));
         log::debug!(
             "kvferry: {} reaches {peer} over {}",
             self.shared.name,
@@ -374,6 +390,7 @@ impl Engine {
             secret: settings.secret.clone(),
             transfer_timeout: settings.transfer_timeout,
             notifications: Mutex::new(VecDeque::new()),
+            device: DeviceState::new(config.runtime().cloned(), settings.staging_pool),
         });
         let server = Server::start(listener, Arc::clone(&shared))
             .map_err(|e| Error::io("cannot start the listener thread", e))?;
@@ -427,15 +444,6 @@ impl Engine {
         self.core.shared.segment()
     }
 
-    fn location(hint: &str) -> Result<Location> {
-        match hint.parse::<LocationHint>()? {
-            LocationHint::Detect | LocationHint::Exactly(Location::Host) => Ok(Location::Host),
-            LocationHint::Exactly(Location::Npu(n)) => Err(Error::Unsupported {
-                what: format!("location npu:{n}: this engine has no device runtime"),
-            }),
-        }
-    }
-
     /// Registers `[addr, addr + len)` so peers may read and write it.
     ///
     /// # Safety
@@ -456,16 +464,8 @@ impl Engine {
         regions: &[(u64, u64)],
         location: &str,
     ) -> Result<()> {
-        let location = Self::location(location)?;
-        let descs: Vec<RegionDesc> = regions
-            .iter()
-            .map(|&(addr, len)| RegionDesc {
-                addr,
-                len,
-                location,
-            })
-            .collect();
-        self.core.shared.registry.register(&descs)
+        // Device regions are checked and exported by the device runtime.
+        crate::device::register(&self.core.shared, regions, location)
     }
 
     /// Unregisters the region starting at `addr`. Waits (up to the transfer
@@ -477,10 +477,11 @@ impl Engine {
 
     /// Unregisters several regions, all or none.
     pub fn unregister_memory_batch(&self, addrs: &[u64]) -> Result<()> {
-        self.core
-            .shared
-            .registry
-            .unregister(addrs, self.core.settings.transfer_timeout)
+        crate::device::unregister(
+            &self.core.shared,
+            addrs,
+            self.core.settings.transfer_timeout,
+        )
     }
 
     /// Moves `ops` and returns when they are all done, or the first error.
@@ -630,6 +631,31 @@ impl Engine {
     pub fn transport_to(&self, peer: &str) -> Result<&'static str> {
         Ok(self.core.session(peer)?.transport().name())
     }
+
+    /// What carries slices that touch device memory with `peer`: the device
+    /// runtime's transport ("ascend-ipc") or "tcp" (staged through pinned
+    /// buffers), handshaking if this is the first contact.
+    pub fn device_transport_to(&self, peer: &str) -> Result<&'static str> {
+        let session = self.core.session(peer)?;
+        Ok(session.transport().device_path().unwrap_or("tcp"))
+    }
+
+    /// The device runtime this engine was created with, if any.
+    pub fn device_runtime(&self) -> Option<&Arc<dyn crate::device::DeviceRuntime>> {
+        self.core.shared.device.runtime.as_ref()
+    }
+
+    /// The staging pool's buffers: allocated, and in use right now (0 when
+    /// no transfer is staging).
+    pub fn staging_stats(&self) -> StagingStats {
+        self.core
+            .shared
+            .device
+            .pool
+            .as_ref()
+            .map(|p| p.stats())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for Engine {
@@ -657,5 +683,6 @@ impl Drop for Engine {
                 self.name()
             );
         }
+        crate::device::release_all(&self.core.shared);
     }
 }

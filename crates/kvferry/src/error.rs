@@ -111,6 +111,20 @@ pub enum Error {
 
     #[error("internal error: {what}")]
     Internal { what: String },
+
+    /// A device runtime call failed (for Ascend: an ACL function returned
+    /// an error). `detail` is the runtime's own text, e.g. `aclrtMemcpy
+    /// failed: ACL error 507013 (ACL_ERROR_RT_SYS_DMA): <aclGetRecentErrMsg>`.
+    #[error("{context}: {detail}")]
+    Device {
+        /// What kvferry was doing, with the region or peer involved.
+        context: String,
+        /// The runtime function that failed (`aclrtMemcpy`).
+        function: String,
+        /// The code it returned.
+        code: i64,
+        detail: String,
+    },
 }
 
 impl Error {
@@ -155,6 +169,7 @@ impl Error {
             Error::Io { .. } => Status::Io,
             Error::Unsupported { .. } => Status::Unsupported,
             Error::Internal { .. } => Status::Internal,
+            Error::Device { .. } => Status::Device,
         }
     }
 }
@@ -199,11 +214,13 @@ pub enum Status {
     PeerRestarted = -44,
     Protocol = -45,
     AuthFailed = -46,
+    // -50 .. -59: device memory (NPU)
+    Device = -50,
 }
 
 impl Status {
     /// Every status, for tables and tests.
-    pub fn all() -> [Status; 27] {
+    pub fn all() -> [Status; 28] {
         [
             Status::Ok,
             Status::InProgress,
@@ -232,6 +249,7 @@ impl Status {
             Status::PeerRestarted,
             Status::Protocol,
             Status::AuthFailed,
+            Status::Device,
         ]
     }
 
@@ -265,6 +283,7 @@ impl Status {
             Status::PeerRestarted => c"peer restarted",
             Status::Protocol => c"protocol error",
             Status::AuthFailed => c"authentication failed",
+            Status::Device => c"device runtime call failed",
         }
     }
 

@@ -27,6 +27,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod memory;
@@ -35,11 +36,16 @@ pub mod plan;
 pub mod segment;
 pub mod server;
 pub mod session;
+pub mod staging;
 pub mod transport;
 pub mod wire;
 
 pub use batch::{BatchId, BatchState, OpState};
-pub use config::{EngineConfig, Settings, TransportChoice};
+pub use config::{EngineConfig, Settings, StagingPoolSize, TransportChoice};
+pub use device::{
+    CopyDirection, CopyRange, DeviceJob, DevicePeer, DeviceRuntime, DeviceSlice, DeviceTransport,
+    PinnedBuffer,
+};
 pub use engine::{Engine, Notification};
 pub use error::{Error, Result, Status};
 pub use memory::{Location, LocationHint, RegionDesc};

@@ -214,6 +214,7 @@ mod tests {
             host_id: "h".into(),
             pid: 1,
             regions: vec![host(0x90000, 0x10000), host(0xa0000, 0x10000)],
+            exports: Default::default(),
         };
         (local, seg)
     }

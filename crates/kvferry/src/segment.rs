@@ -1,6 +1,8 @@
 //! What an engine publishes about itself to its peers.
 
-use crate::memory::RegionDesc;
+use std::collections::BTreeMap;
+
+use crate::memory::{Location, RegionDesc};
 
 /// An engine's public description: peers validate remote addresses against
 /// it and use its identity to notice restarts.
@@ -17,6 +19,10 @@ pub struct Segment {
     pub pid: u32,
     /// Registered regions, sorted by address, non-overlapping.
     pub regions: Vec<RegionDesc>,
+    /// Per device region (by start address), what its device runtime
+    /// exported for same-host peers to map it (an Ascend IPC key). Absent
+    /// for host regions and for device regions that were not exported.
+    pub exports: BTreeMap<u64, Vec<u8>>,
 }
 
 impl Segment {
@@ -26,6 +32,17 @@ impl Segment {
         let i = self.regions.partition_point(|r| r.addr <= addr);
         let r = self.regions.get(i.checked_sub(1)?)?;
         r.contains(addr, len).then_some(r)
+    }
+
+    /// Whether any region is device memory (such regions never go through
+    /// the host transports: their bytes are not in the owner's host memory).
+    pub fn has_device_regions(&self) -> bool {
+        self.regions.iter().any(|r| r.location != Location::Host)
+    }
+
+    /// The export of the region starting at `region_addr`, if it has one.
+    pub fn export(&self, region_addr: u64) -> Option<&[u8]> {
+        self.exports.get(&region_addr).map(Vec::as_slice)
     }
 }
 
@@ -69,7 +86,6 @@ pub(crate) fn host_identity() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::Location;
 
     #[test]
     fn find_needs_one_region() {
@@ -85,6 +101,7 @@ mod tests {
             host_id: String::new(),
             pid: 1,
             regions: vec![r(0x1000, 0x100), r(0x1100, 0x100), r(0x4000, 0x10)],
+            exports: BTreeMap::new(),
         };
         assert_eq!(s.find(0x1000, 0x100).map(|r| r.addr), Some(0x1000));
         assert_eq!(s.find(0x1150, 0xb0).map(|r| r.addr), Some(0x1100));

@@ -336,6 +336,24 @@ impl Handler {
                     self.send(&FrameHeader::new(Kind::Pong, rid, p.len() as u64), &[&p])
                         .map_err(io)?;
                 }
+                Kind::DeviceControl => {
+                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let reply = match &self.shared.device.runtime {
+                        Some(rt) => rt.serve_control(&p),
+                        None => Err(crate::error::Error::Unsupported {
+                            what: format!("{} has no device runtime", self.shared.name),
+                        }),
+                    };
+                    match reply {
+                        Ok(r) => {
+                            let h = FrameHeader::new(Kind::DeviceControlReply, rid, r.len() as u64);
+                            self.send(&h, &[&r]).map_err(io)?
+                        }
+                        Err(e) => self
+                            .send_error(rid, e.status(), &e.to_string())
+                            .map_err(io)?,
+                    }
+                }
                 Kind::Auth
                 | Kind::HelloReply
                 | Kind::AuthOk
@@ -345,6 +363,7 @@ impl Handler {
                 | Kind::NotifyAck
                 | Kind::PinOk
                 | Kind::Pong
+                | Kind::DeviceControlReply
                 | Kind::ErrorReply => {
                     return self.reject(
                         rid,
@@ -406,6 +425,12 @@ impl Handler {
                 return self.send_error(rid, status, &msg).map_err(io);
             }
         };
+        // Ranges in device memory are staged through pinned host buffers.
+        if let Some(served) =
+            crate::staging::serve(&self.shared, &mut self.stream, kind, rid, &ranges, &pins)
+        {
+            return served.map_err(io);
+        }
         let raw: Vec<RawRange> = ranges
             .iter()
             .map(|r| RawRange {

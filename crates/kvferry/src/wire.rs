@@ -87,6 +87,8 @@ kinds! {
     Unpin = 42, 8;
     Ping = 50, 64;
     Pong = 51, 64;
+    DeviceControl = 60, MAX_CONTROL;
+    DeviceControlReply = 61, MAX_CONTROL;
     ErrorReply = 127, MAX_ERROR;
 }
 
@@ -342,6 +344,98 @@ struct WireRegion {
 
 const MAX_REGIONS: usize = 1 << 16;
 
+/// Most bytes one region's export (an Ascend IPC key: 65) may have.
+pub const MAX_EXPORT: usize = 1024;
+
+/// "KVFX": the optional exports section after a segment's regions. Segments
+/// without exports end with their regions, as in the first version of the
+/// encoding, so host-only engines read each other's segments either way.
+const EXPORTS_MAGIC: u32 = u32::from_le_bytes(*b"KVFX");
+
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct ExportsHead {
+    magic: u32,
+    count: u32,
+}
+
+/// One export: the index of its region in the segment, then `len` bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+struct ExportHead {
+    region_index: u32,
+    len: u32,
+}
+
+fn encode_exports(s: &Segment, out: &mut Vec<u8>) {
+    let listed: Vec<(u32, &[u8])> = s
+        .regions
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i as u32, s.export(r.addr)?)))
+        .filter(|(_, e)| e.len() <= MAX_EXPORT)
+        .collect();
+    if listed.is_empty() {
+        return;
+    }
+    let head = ExportsHead {
+        magic: EXPORTS_MAGIC,
+        count: listed.len() as u32,
+    };
+    out.extend_from_slice(bytemuck::bytes_of(&head));
+    for (region_index, export) in listed {
+        let h = ExportHead {
+            region_index,
+            len: export.len() as u32,
+        };
+        out.extend_from_slice(bytemuck::bytes_of(&h));
+        out.extend_from_slice(export);
+    }
+}
+
+fn decode_exports(
+    bytes: &[u8],
+    regions: &[RegionDesc],
+) -> std::result::Result<std::collections::BTreeMap<u64, Vec<u8>>, String> {
+    let mut exports = std::collections::BTreeMap::new();
+    if bytes.is_empty() {
+        return Ok(exports);
+    }
+    let hl = std::mem::size_of::<ExportsHead>();
+    let head: ExportsHead = pod_from(bytes.get(..hl).ok_or("truncated segment exports")?)?;
+    if head.magic != EXPORTS_MAGIC || head.count as usize > regions.len() {
+        return Err("segment exports section is malformed".into());
+    }
+    let mut rest = &bytes[hl..];
+    let mut next_index = 0u32;
+    for _ in 0..head.count {
+        let el = std::mem::size_of::<ExportHead>();
+        let h: ExportHead = pod_from(rest.get(..el).ok_or("truncated segment export")?)?;
+        let len = h.len as usize;
+        if h.region_index < next_index || h.region_index as usize >= regions.len() {
+            return Err("segment exports name regions out of order or out of range".into());
+        }
+        if len == 0 || len > MAX_EXPORT {
+            return Err(format!(
+                "segment export of {len} bytes (allowed 1..={MAX_EXPORT})"
+            ));
+        }
+        let blob = rest
+            .get(el..el + len)
+            .ok_or("segment export runs past the payload")?;
+        exports.insert(regions[h.region_index as usize].addr, blob.to_vec());
+        next_index = h.region_index + 1;
+        rest = &rest[el + len..];
+    }
+    if !rest.is_empty() {
+        return Err(format!(
+            "{} stray bytes after the segment exports",
+            rest.len()
+        ));
+    }
+    Ok(exports)
+}
+
 pub fn encode_segment(s: &Segment) -> Vec<u8> {
     let head = SegmentHead {
         instance_id: s.instance_id,
@@ -368,6 +462,7 @@ pub fn encode_segment(s: &Segment) -> Vec<u8> {
         };
         out.extend_from_slice(bytemuck::bytes_of(&w));
     }
+    encode_exports(s, &mut out);
     out
 }
 
@@ -383,7 +478,8 @@ pub fn decode_segment(bytes: &[u8]) -> std::result::Result<Segment, String> {
         return Err("segment head announces oversized fields".into());
     }
     let need = hl + nl + hl2 + rc * std::mem::size_of::<WireRegion>();
-    if bytes.len() != need {
+    // Anything after the regions is the optional exports section.
+    if bytes.len() < need {
         return Err(format!(
             "segment of {} bytes, its head announces {need}",
             bytes.len()
@@ -396,7 +492,7 @@ pub fn decode_segment(bytes: &[u8]) -> std::result::Result<Segment, String> {
     let host_id = text(&bytes[hl + nl..hl + nl + hl2])?;
     let mut regions = Vec::with_capacity(rc);
     let mut prev_end = 0u64;
-    for c in bytes[hl + nl + hl2..].chunks_exact(std::mem::size_of::<WireRegion>()) {
+    for c in bytes[hl + nl + hl2..need].chunks_exact(std::mem::size_of::<WireRegion>()) {
         let w: WireRegion = bytemuck::pod_read_unaligned(c);
         let location = match w.kind {
             0 => Location::Host,
@@ -414,6 +510,7 @@ pub fn decode_segment(bytes: &[u8]) -> std::result::Result<Segment, String> {
             location,
         });
     }
+    let exports = decode_exports(&bytes[need..], &regions)?;
     Ok(Segment {
         name,
         instance_id: head.instance_id,
@@ -421,6 +518,7 @@ pub fn decode_segment(bytes: &[u8]) -> std::result::Result<Segment, String> {
         host_id,
         pid: head.pid,
         regions,
+        exports,
     })
 }
 
@@ -517,10 +615,33 @@ mod tests {
                     location: Location::Npu(3),
                 },
             ],
+            exports: Default::default(),
         };
         let b = encode_segment(&s);
         assert_eq!(decode_segment(&b).unwrap(), s);
         assert!(decode_segment(&b[..b.len() - 1]).is_err());
+        // With an export: the section follows the regions and round-trips;
+        // truncated, padded or oversized forms are refused.
+        let mut with = s.clone();
+        with.exports
+            .insert(0x2000, b"kvfsi:/kvfsi-1-0:0:256".to_vec());
+        let e = encode_segment(&with);
+        assert_eq!(e.len(), b.len() + 8 + 8 + 22);
+        assert_eq!(decode_segment(&e).unwrap(), with);
+        assert!(decode_segment(&e[..e.len() - 1]).is_err());
+        let mut padded = e.clone();
+        padded.push(0);
+        assert!(decode_segment(&padded).is_err());
+        let mut stray = b.clone();
+        stray.extend_from_slice(&[0; 8]);
+        assert!(decode_segment(&stray).is_err(), "no magic");
+        let mut huge = with.clone();
+        huge.exports.insert(0x2000, vec![1; MAX_EXPORT + 1]);
+        assert_eq!(
+            encode_segment(&huge),
+            b,
+            "an oversized export is not published"
+        );
         assert!(decode_segment(&[0xff; 40]).is_err());
         let mut bad = b.clone();
         let n = bad.len();

@@ -92,7 +92,7 @@ fn forced_tcp_between_processes() {
 }
 
 fn killed_mid_batch(transport: TransportChoice) {
-    const LEN: usize = 256 << 20;
+    const LEN: usize = 64 << 20;
     let mut victim = Target::spawn("child_target", 0, LEN, 3, &[]);
     let bystander = Target::spawn("child_target", 0, 1 << 20, 4, &[]);
     let timeout = Duration::from_secs(5);

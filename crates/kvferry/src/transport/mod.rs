@@ -13,6 +13,7 @@ use crate::segment::Segment;
 
 pub mod cma;
 pub mod local;
+pub(crate) mod split;
 pub mod tcp;
 
 /// Work handed to a transport: every slice of one plan, in one direction.
@@ -45,4 +46,11 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// transport (or the target) checks the remote side against the peer's
     /// live registry before touching it.
     fn run(&self, job: &Job<'_>, report: Report<'_>);
+
+    /// What carries slices that touch device memory: `Some("ascend-ipc")`,
+    /// `Some("tcp")` (staged), or `None` for a transport that does not
+    /// split by memory kind.
+    fn device_path(&self) -> Option<&'static str> {
+        None
+    }
 }

@@ -16,6 +16,10 @@ use crate::session::PeerAddr;
 use crate::transport::{Job, Report, Transport};
 use crate::wire::{self, FrameHeader, Kind};
 
+// DEVICE_CONTROL requests (device runtimes), kept apart from the data path.
+#[path = "tcp_device.rs"]
+mod device;
+
 /// Data bytes per request: large enough to amortise a round trip, small
 /// enough to spread a batch over lanes.
 const REQUEST_BYTES: u64 = 8 << 20;
