@@ -4,6 +4,7 @@ bytearrays, ctypes objects, mmaps) into an address and a size."""
 from __future__ import annotations
 
 import ctypes
+import numbers
 from typing import Any, NamedTuple
 
 
@@ -41,7 +42,8 @@ def span(obj: Any, what: str) -> Span:
     """
     if isinstance(obj, bool):
         raise TypeError(f"{what}: expected an address or a buffer, got bool")
-    if isinstance(obj, int):
+    if isinstance(obj, numbers.Integral):  # int, numpy integer scalars
+        obj = int(obj)
         if not 0 <= obj < 1 << 64:
             raise ValueError(f"{what}: address {obj} is not an unsigned 64-bit value")
         return Span(obj, None, "*", None)

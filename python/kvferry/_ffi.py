@@ -242,6 +242,36 @@ def u64_array(values, what: str):
     return t.from_buffer(arr) if n else t()
 
 
+def u64_columns(columns, names) -> tuple[list, list[int], object]:
+    """Several lists of unsigned 64-bit ints packed back to back in one
+    `array('Q')`: a typed pointer (`uint64_t *`) to each, each list's length,
+    and the object that keeps the memory alive. One buffer instead of one
+    ctypes array per list keeps a 32-op batch around a microsecond."""
+    arr = array.array("Q")
+    counts = []
+    for values, what in zip(columns, names):
+        if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
+            raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
+        before = len(arr)
+        try:
+            arr.extend(values)
+        except TypeError:
+            bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), values)
+            raise TypeError(f"{what}: expected a list of ints, got {type(bad).__name__} {bad!r}") from None
+        except OverflowError:
+            bad = next((v for v in values if isinstance(v, int) and not 0 <= v < 1 << 64), None)
+            raise ValueError(f"{what}: {bad!r} is not an unsigned 64-bit value") from None
+        counts.append(len(arr) - before)
+    if not arr:
+        return [None] * len(counts), counts, None
+    first = ctypes.c_uint64.from_buffer(arr)
+    pointers, offset = [], 0
+    for n in counts:
+        pointers.append(ctypes.byref(first, offset))
+        offset += 8 * n
+    return pointers, counts, first
+
+
 # ctypes array types by length: building `c_uint64 * n` on every call costs
 # as much as filling it.
 _U64_ARRAYS: dict[int, type] = {}

@@ -157,16 +157,22 @@ class ManagedAllocator:
                     Status.INVALID_ARGUMENT,
                     f"managed buffer {addr:#x} was allocated with {asked} bytes, freed with {length}",
                 )
-            if arena.dedicated:
-                # Unregistering waits for in-flight transfers; it fails (and
-                # the buffer stays allocated) if they do not end.
-                self._unregister(arena.addr)
-                del self._blocks[addr]
-                self._arenas.remove(arena)
-                arena.unmap()
-                return
             del self._blocks[addr]
-            arena.give_back(addr, size)
+            if not arena.dedicated:
+                arena.give_back(addr, size)
+                return
+            self._arenas.remove(arena)
+        # Unregistering waits for in-flight transfers (up to the transfer
+        # timeout): not under the lock, so other threads keep allocating. If
+        # they do not end, it fails and the buffer stays allocated.
+        try:
+            self._unregister(arena.addr)
+        except BaseException:
+            with self._lock:
+                self._arenas.append(arena)
+                self._blocks[addr] = block
+            raise
+        arena.unmap()
 
     def contains(self, addr: int, length: int) -> bool:
         """Whether `[addr, addr+length)` lies inside one allocated block."""

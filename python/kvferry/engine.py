@@ -396,33 +396,29 @@ class Engine:
     # -- transfers --------------------------------------------------------------
 
     def _ops(self, locals_, remotes, lengths, what: str):
-        """Three ctypes arrays, the op count, and what must stay alive while
-        they are used. Lists of ints (the Mooncake API) take the fast path:
-        one C-level conversion per list."""
+        """Pointers to the local addresses, remote addresses and lengths (one
+        buffer), the op count, and what must stay alive while they are used.
+        Lists of ints (the Mooncake API) take the fast path: one C-level
+        conversion. Otherwise tensors and buffers among the locals are
+        resolved to addresses (and default lengths) first."""
+        names = ("local addresses", "remote addresses", "lengths")
+        keep = None
         try:
-            local_arr = _ffi.u64_array(locals_, "local addresses")
-            keep = None
+            if lengths is None:
+                raise TypeError("lengths: required for int addresses")
+            ptrs, counts, buf = _ffi.u64_columns((locals_, remotes, lengths), names)
         except TypeError:
-            if isinstance(locals_, (str, bytes)) or not hasattr(locals_, "__len__"):
-                raise TypeError(f"local addresses: expected a list, got {type(locals_).__name__}") from None
             ss = spans(locals_, "local addresses")
-            local_arr = _ffi.u64_array([s.addr for s in ss], "local addresses")
             keep = ss
             if lengths is None:
                 if any(s.nbytes is None for s in ss):
                     raise TypeError("lengths: required for int addresses") from None
                 lengths = [s.nbytes for s in ss]
-        if lengths is None:
-            raise TypeError("lengths: required for int addresses")
-        remote_arr = _ffi.u64_array(remotes, "remote addresses")
-        len_arr = _ffi.u64_array(lengths, "lengths")
-        n = len(local_arr)
-        if not (len(remote_arr) == n == len(len_arr)):
-            raise ValueError(
-                f"{what}: {n} local addresses, {len(remote_arr)} remote addresses and "
-                f"{len(len_arr)} lengths; they must match"
-            )
-        return local_arr, remote_arr, len_arr, n, keep
+            ptrs, counts, buf = _ffi.u64_columns(([s.addr for s in ss], remotes, lengths), names)
+        n, nr, nl = counts
+        if not (nr == n == nl):
+            raise ValueError(f"{what}: {n} local addresses, {nr} remote addresses and {nl} lengths; they must match")
+        return ptrs[0], ptrs[1], ptrs[2], n, (buf, keep)
 
     @staticmethod
     def _one(local, remote, length):

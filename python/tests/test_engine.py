@@ -267,3 +267,11 @@ def test_forked_child_does_not_free_the_parents_engine():
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     assert e.transport_to(e.name) == "local"  # the parent's engine still works
     e.close()
+
+
+def test_numpy_integers_as_addresses(engine, peer):
+    dst = np.zeros(64, dtype=np.uint8)
+    with engine.register(dst):
+        peer.fill(0, b"numpy ints")
+        engine.read_batch(peer.session, [np.uint64(dst.ctypes.data)], [np.int64(peer.addr)], [np.uint32(10)])
+        assert dst[:10].tobytes() == b"numpy ints"
