@@ -259,8 +259,8 @@ kvf_status kvf_config_set_slice_size(struct kvf_config *config, uint64_t bytes);
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_async_workers(struct kvf_config *config, uint32_t workers);
 
-// `"auto"` (the best path per peer) or `"tcp"` (tcp for every peer outside
-// this process).
+// `"auto"` (the best path per peer) or `"tcp"` (tcp for every peer, also
+// engines of this process: useful to test the network path).
 //
 // # Safety
 // `config` is NULL or from `kvf_config_new`; `transport` is NULL or a NUL-terminated string.

@@ -182,8 +182,8 @@ pub unsafe extern "C" fn kvf_config_set_async_workers(
     }
 }
 
-/// `"auto"` (the best path per peer) or `"tcp"` (tcp for every peer outside
-/// this process).
+/// `"auto"` (the best path per peer) or `"tcp"` (tcp for every peer, also
+/// engines of this process: useful to test the network path).
 ///
 /// # Safety
 /// `config` is NULL or from `kvf_config_new`; `transport` is NULL or a NUL-terminated string.

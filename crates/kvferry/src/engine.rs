@@ -245,9 +245,10 @@ impl Core {
         }
     }
 
-    /// Runs a batch to the end: when the peer turns out to have restarted
-    /// (nothing was sent to the new instance), the batch is planned again
-    /// against the new segment and run once more.
+    /// Runs a batch to the end, by `deadline` (set when it was submitted,
+    /// so time queued behind other batches counts): when the peer turns out
+    /// to have restarted (nothing was sent to the new instance), the batch
+    /// is planned again against the new segment and run once more.
     fn execute(
         &self,
         peer: &str,
@@ -255,8 +256,8 @@ impl Core {
         plan: Plan,
         batch: &Batch,
         notify: Option<&[u8]>,
+        deadline: Instant,
     ) {
-        let deadline = self.deadline();
         let (session, plan) = match run_plan(&session, &plan, deadline) {
             Err(Error::PeerRestarted { .. }) => {
                 self.forget(&session);
@@ -488,7 +489,9 @@ impl Engine {
     pub fn transfer_sync(&self, peer: &str, opcode: Opcode, ops: &[Op]) -> Result<()> {
         let (session, plan) = self.core.prepare(peer, opcode, ops)?;
         let batch = Batch::new(plan.num_ops, plan.slices.len());
-        self.core.execute(peer, session, plan, &batch, None);
+        let deadline = self.core.deadline();
+        self.core
+            .execute(peer, session, plan, &batch, None, deadline);
         batch.wait(Duration::MAX)
     }
 
@@ -532,9 +535,10 @@ impl Engine {
         let id = self.batches.insert(Arc::clone(&batch))?;
         let core = Arc::clone(&self.core);
         let peer = peer.to_owned();
+        let deadline = self.core.deadline();
         let task: Task = Box::new(move || {
             let ran = catch_unwind(AssertUnwindSafe(|| {
-                core.execute(&peer, session, plan, &batch, notify.as_deref())
+                core.execute(&peer, session, plan, &batch, notify.as_deref(), deadline)
             }));
             if ran.is_err() {
                 batch.fail_all(Error::Internal {
