@@ -1,5 +1,6 @@
 //! The `kvferry` command.
 
+mod bench;
 mod demo;
 mod kv;
 
@@ -44,6 +45,9 @@ enum Command {
         #[arg(long, default_value = "both", value_parser = ["auto", "tcp", "both"])]
         transport: String,
     },
+    /// Throughput and latency of batched reads or writes between two
+    /// engines, like Mooncake's transfer_engine_bench.
+    Bench(bench::BenchArgs),
     /// The demo's prefill process (started by `kvferry demo`).
     #[command(hide = true)]
     DemoPrefill {
@@ -96,6 +100,7 @@ fn main() {
                 demo::run(&args, transport)
             }
         }
+        Command::Bench(args) => bench::run(&args),
         Command::DemoPrefill {
             layers,
             blocks,
