@@ -37,6 +37,8 @@ pub struct ClientIdentity {
 pub struct Conn {
     stream: TcpStream,
     next_id: u64,
+    /// The socket timeout last set by `arm`.
+    armed: Option<std::time::Duration>,
 }
 
 impl Conn {
@@ -71,7 +73,11 @@ impl Conn {
         })?;
         let _ = stream.set_nodelay(true);
         let deadline = Instant::now() + me.connect_timeout;
-        let mut conn = Conn { stream, next_id: 1 };
+        let mut conn = Conn {
+            stream,
+            next_id: 1,
+            armed: None,
+        };
         let instance = conn.hello(&name, me, deadline)?;
         Ok((conn, instance))
     }
@@ -88,6 +94,24 @@ impl Conn {
                 reason: format!("{what}: {e}"),
             }
         }
+    }
+
+    /// Sets the socket timeouts to what is left before `deadline`, like
+    /// `net::arm`, but skips the two setsockopt calls when the timeout set
+    /// last time is within 1/64 of it: back-to-back batches with the same
+    /// transfer timeout then pay no syscall for it.
+    fn arm(&mut self, deadline: Instant) -> std::io::Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if let Some(a) = self.armed
+            && !left.is_zero()
+            && a.abs_diff(left) <= left / 64
+        {
+            return Ok(());
+        }
+        self.armed = None;
+        net::arm(&self.stream, deadline)?;
+        self.armed = Some(left);
+        Ok(())
     }
 
     fn send(&mut self, h: &FrameHeader, payload: &[&[u8]]) -> std::io::Result<()> {
@@ -138,7 +162,7 @@ impl Conn {
     }
 
     fn hello(&mut self, peer: &str, me: &ClientIdentity, deadline: Instant) -> Result<u64> {
-        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "hello", e))?;
+        self.arm(deadline).map_err(|e| self.io(peer, "hello", e))?;
         let nonce: [u8; 16] = net::random_bytes();
         let hello = wire::Hello {
             min_version: wire::VERSION,
@@ -194,7 +218,8 @@ impl Conn {
     }
 
     pub fn get_segment(&mut self, peer: &str, deadline: Instant) -> Result<Segment> {
-        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "get segment", e))?;
+        self.arm(deadline)
+            .map_err(|e| self.io(peer, "get segment", e))?;
         let rid = self.id();
         self.send(&FrameHeader::new(Kind::GetSegment, rid, 0), &[])
             .map_err(|e| self.io(peer, "get segment", e))?;
@@ -212,7 +237,7 @@ impl Conn {
         message: &[u8],
         deadline: Instant,
     ) -> Result<()> {
-        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "notify", e))?;
+        self.arm(deadline).map_err(|e| self.io(peer, "notify", e))?;
         let p = wire::encode_notify(from, message);
         let rid = self.id();
         self.send(&FrameHeader::new(Kind::Notify, rid, p.len() as u64), &[&p])
@@ -229,7 +254,7 @@ impl Conn {
         ranges: &[wire::Range],
         deadline: Instant,
     ) -> Result<u64> {
-        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "pin", e))?;
+        self.arm(deadline).map_err(|e| self.io(peer, "pin", e))?;
         let t = wire::encode_table(instance, ranges);
         let rid = self.id();
         self.send(&FrameHeader::new(Kind::Pin, rid, t.len() as u64), &[&t])
@@ -436,7 +461,8 @@ impl TcpTransport {
         let instance = self.instance();
         let mut finished = 0usize;
         let r = self.with_lane(lane, |conn| {
-            net::arm(&conn.stream, job.deadline).map_err(|e| conn.io(&self.name, "transfer", e))?;
+            conn.arm(job.deadline)
+                .map_err(|e| conn.io(&self.name, "transfer", e))?;
             let first_rid = conn.next_id + 1;
             let mut sent = 0;
             while finished < requests.len() {
