@@ -115,7 +115,10 @@ fn bench(c: &mut Criterion) {
         {
             let owner = engine(TransportChoice::Auto);
             register(&owner, &mut src);
-            for (name, choice) in [("local", TransportChoice::Auto), ("tcp", TransportChoice::Tcp)] {
+            for (name, choice) in [
+                ("local", TransportChoice::Auto),
+                ("tcp", TransportChoice::Tcp),
+            ] {
                 let reader = engine(choice);
                 register(&reader, &mut dst);
                 assert_eq!(reader.transport_to(owner.name()).expect("session"), name);

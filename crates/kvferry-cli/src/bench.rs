@@ -261,7 +261,8 @@ fn check(args: &BenchArgs) -> Result<(), String> {
     if args.batch_size == 0 || args.threads == 0 {
         return Err("--batch-size and --threads must be at least 1".into());
     }
-    if !(args.duration > 0.0) || !(args.warmup >= 0.0) {
+    let positive = |x: f64| x.is_finite() && x > 0.0;
+    if !positive(args.duration) || !(positive(args.warmup) || args.warmup == 0.0) {
         return Err("--duration must be > 0 and --warmup >= 0".into());
     }
     if args.reference && args.transport != BenchTransport::Local {
