@@ -43,6 +43,9 @@ TRANSPORTS = ["local", "cma", "tcp"]
 OPS = ["read", "write"]
 # A cell moves threads x batch x block bytes per round; larger is skipped.
 MAX_ROUND = 256 * MIB
+# Cells shaped like iperf3 (1 MiB buffers, small footprint), to tell the
+# engine's cost from the cache's: (transport, block, batch), 1 thread.
+EXTRA = [(t, MIB, n) for t in ["cma", "tcp"] for n in [1, 4]]
 HEADLINE_BATCH = 32
 
 
@@ -184,6 +187,8 @@ def grid(duration, quick):
     cells = {}
     todo = [(t, op, b, n, th) for t in TRANSPORTS for op in OPS for b in blocks for n in batches for th in threads
             if b * n * th <= MAX_ROUND]
+    if not quick:
+        todo += [(t, op, b, n, 1) for t, b, n in EXTRA for op in OPS]
     for i, (t, op, b, n, th) in enumerate(todo):
         key = f"{t}/{op}/{b}/{n}/{th}"
         r = kvferry_cell(t, op, b, n, th, duration)
@@ -550,6 +555,10 @@ def main():
         log("limits: cma_limit (hot)")
         limits["cma"] = cma_limit(a.tools, [HEADLINE_BATCH] if a.quick else BATCHES,
                                   [16 * KIB, 1 * MIB] if a.quick else BLOCKS, 0.05 if a.quick else 0.2)
+        if not a.quick:
+            extra = cma_limit(a.tools, sorted({n for _, _, n in EXTRA}), [MIB], 0.2)
+            limits["cma"]["cells"].update(extra["cells"])
+            limits["cma"]["raw"] += "\n" + extra["raw"]
         log("limits: iperf3")
         limits["iperf3"] = {str(s): iperf3(s, 2 if a.quick else 4) for s in ([1] if a.quick else [1, 2])}
         log("iperf3: " + ", ".join(f"{k} stream(s) {v['gbps']:.2f} GB/s" for k, v in limits["iperf3"].items()))
