@@ -192,6 +192,7 @@ def grid(duration, quick):
     for i, (t, op, b, n, th) in enumerate(todo):
         key = f"{t}/{op}/{b}/{n}/{th}"
         r = kvferry_cell(t, op, b, n, th, duration)
+        r["load"] = loadavg()
         cells[key] = r
         if "error" in r:
             log(f"[{i + 1}/{len(todo)}] {key}: ERROR {r['error']}")
@@ -428,6 +429,9 @@ def report(results, args_line):
                 w(f"| {t} | {op} | {fmt_size(b)} | {g(c['gbps'])} | {g(c['lat_p50_us'], 0)} | {g(c['lat_p99_us'], 0)} "
                   f"| {g(lim)} | {mark(rl, 'limit')} | {g(moon)} | {mark(rm, 'mooncake')} |")
     w("")
+    w("The *load* column of the last table is the 1-minute load average when the cell ended: the machine has 2 "
+      "cores, so a load above 1 means other processes competed for them during the cell.")
+    w("")
     w("Bold: below 0.9 of the limit, or below Mooncake; discussed below. Mooncake's figure is its engine over "
       "tcp driven by te_pingpong (batches of 32 contiguous blocks): the path a Mooncake user without RDMA gets, "
       "between processes of one host as across hosts.")
@@ -470,8 +474,8 @@ def report(results, args_line):
     # ---- full grid
     w("## Every cell")
     w("")
-    w("| transport | op | block | batch | threads | GB/s | ops/s | p50 µs | p99 µs | p999 µs | limit GB/s | / limit |")
-    w("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    w("| transport | op | block | batch | threads | GB/s | ops/s | p50 µs | p99 µs | p999 µs | limit GB/s | / limit | load |")
+    w("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, c in results["grid"].items():
         t, op, b, n, th = key.split("/")
         b, n, th = int(b), int(n), int(th)
@@ -485,7 +489,8 @@ def report(results, args_line):
         if fl:
             flagged.append((t, op, b, n, th, rl, fl))
         w(f"| {t} | {op} | {fmt_size(b)} | {n} | {th} | {g(c['gbps'])} | {g(c['ops_per_s'], 0)} | {g(c['lat_p50_us'], 0)} "
-          f"| {g(c['lat_p99_us'], 0)} | {g(c['lat_p999_us'], 0)} | {g(lim)} | {('**' + g(rl) + '**') if 'limit' in fl else g(rl)} |")
+          f"| {g(c['lat_p99_us'], 0)} | {g(c['lat_p999_us'], 0)} | {g(lim)} | {('**' + g(rl) + '**') if 'limit' in fl else g(rl)} "
+          f"| {g(c.get('load'), 1)} |")
     w("")
 
     # ---- limits
@@ -562,6 +567,7 @@ def main():
         results["commit"] = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
         results["load"]["start"] = wait_quiet(a.max_load, a.wait_quiet)
         log("limits: memcpy_limit")
+        results["load"]["limits start"] = wait_quiet(a.max_load, 60)
         limits = {"memcpy": memcpy_limit(a.tools, 0.1 if a.quick else 0.2)}
         log("limits: cma_limit (hot)")
         limits["cma"] = cma_limit(a.tools, [HEADLINE_BATCH] if a.quick else BATCHES,
@@ -576,9 +582,11 @@ def main():
         results["limits"] = limits
         results["load"]["after limits"] = loadavg()
         log("kvferry bench grid")
+        results["load"]["grid start"] = wait_quiet(a.max_load, 60)
         results["grid"] = grid(a.duration, a.quick)
         results["load"]["after grid"] = loadavg()
         log("te_pingpong")
+        results["load"]["te_pingpong start"] = wait_quiet(a.max_load, 60)
         results["pingpong"] = pingpongs(a.python, a.pingpong_seconds, a.quick)
         results["load"]["end"] = loadavg()
         json.dump(results, open(raw_path, "w"), indent=1)
