@@ -1,5 +1,6 @@
 //! The `kvferry` command.
 
+mod bench;
 mod demo;
 mod kv;
 #[cfg(feature = "ascend")]
@@ -57,6 +58,9 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         decode_npu: u32,
     },
+    /// Throughput and latency of batched reads or writes between two
+    /// engines, like Mooncake's transfer_engine_bench.
+    Bench(bench::BenchArgs),
     /// The demo's prefill process (started by `kvferry demo`).
     #[command(hide = true)]
     DemoPrefill {
@@ -119,6 +123,7 @@ fn main() {
                 }
             }
         }
+        Command::Bench(args) => bench::run(&args),
         Command::DemoPrefill {
             layers,
             blocks,

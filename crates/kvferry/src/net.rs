@@ -69,6 +69,29 @@ pub fn arm(stream: &TcpStream, deadline: Instant) -> io::Result<()> {
     stream.set_write_timeout(t)
 }
 
+/// Waits up to `timeout` for `stream` to have something to read (data, or
+/// the peer's end of stream). One `poll`, instead of changing the socket's
+/// timeout around a peek: the server's idle wait costs one syscall per frame.
+pub fn wait_readable(stream: &TcpStream, timeout: Duration) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: `pfd` is one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(false)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(n > 0)
+}
+
 /// A raw memory range for vectored I/O.
 #[derive(Debug, Clone, Copy)]
 pub struct RawRange {

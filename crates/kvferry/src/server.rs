@@ -155,6 +155,10 @@ type Close = String;
 impl Handler {
     fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Self {
         let _ = stream.set_nodelay(true);
+        // Once a frame has started, the rest must follow within the
+        // deadline; set once, so the per-frame path makes no setsockopt.
+        let _ = stream.set_read_timeout(Some(shared.transfer_timeout));
+        let _ = stream.set_write_timeout(Some(shared.transfer_timeout));
         Handler {
             stream,
             shared,
@@ -164,36 +168,18 @@ impl Handler {
         }
     }
 
-    fn timeout(&self) -> Duration {
-        self.shared.transfer_timeout
-    }
-
     /// Waits for the next frame's first byte, looking at the stop flag
-    /// every tick. `false` when the peer closed or the engine stops.
+    /// every tick. `false` when the engine stops; a peer that closed is
+    /// seen by the header read that follows (a clean end of stream).
     fn wait_for_frame(&self) -> io::Result<bool> {
-        self.stream.set_read_timeout(Some(TICK))?;
-        let mut b = [0u8; 1];
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(false);
             }
-            match self.stream.peek(&mut b) {
-                Ok(0) => return Ok(false),
-                Ok(_) => break,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(e),
+            if net::wait_readable(&self.stream, TICK)? {
+                return Ok(true);
             }
         }
-        // A frame has started: the rest must follow within the deadline.
-        self.stream.set_read_timeout(Some(self.timeout()))?;
-        self.stream.set_write_timeout(Some(self.timeout()))?;
-        Ok(true)
     }
 
     fn send(&mut self, h: &FrameHeader, payload: &[&[u8]]) -> io::Result<()> {

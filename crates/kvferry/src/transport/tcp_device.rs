@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use super::{Conn, TcpTransport};
 use crate::error::Result;
-use crate::net;
 use crate::wire::{self, FrameHeader, Kind};
 
 impl Conn {
@@ -19,7 +18,8 @@ impl Conn {
         request: &[u8],
         deadline: Instant,
     ) -> Result<Vec<u8>> {
-        net::arm(&self.stream, deadline).map_err(|e| self.io(peer, "device control", e))?;
+        self.arm(deadline)
+            .map_err(|e| self.io(peer, "device control", e))?;
         let rid = self.id();
         let h = FrameHeader::new(Kind::DeviceControl, rid, request.len() as u64);
         self.send(&h, &[request])
