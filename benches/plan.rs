@@ -29,6 +29,7 @@ fn setup() -> (Registry, Segment) {
         host_id: "bench".into(),
         pid: 1,
         regions: vec![host(REMOTE)],
+        exports: Default::default(),
     };
     (local, seg)
 }

@@ -59,6 +59,7 @@ fn bench(c: &mut Criterion) {
                 location: Location::Host,
             })
             .collect(),
+        exports: Default::default(),
     };
     let bytes = wire::encode_segment(&seg);
     g.throughput(Throughput::Elements(128));
