@@ -406,6 +406,13 @@ def report(results, args_line):
       "`iperf3` on loopback (one stream `-l 1M` for 1 thread, two streams for 2 threads).")
     w("")
 
+    w("One cell by hand: `target/release/kvferry bench --transport cma --operation read --block-size 128K "
+      "--batch-size 32 --threads 1 --duration 1.5 --buffer-size 4M` (the buffer holds one batch per thread; "
+      "add `--reference` with `--transport local`). The limits: `tools/cma_limit.c 32 0.2 256 hot 16,128,1024,4096`, "
+      "`tools/memcpy_limit.c 0.2`, `iperf3 -c 127.0.0.1 -l 1M -P 1`. Criterion benches of the hot paths "
+      "(planning, wire encoding, each transport beside memcpy of the same ranges): `cargo bench -p kvferry`.")
+    w("")
+
     # ---- headline
     w(f"## Headline: batches of {HEADLINE_BATCH}, 1 thread")
     w("")

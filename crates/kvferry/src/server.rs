@@ -172,6 +172,9 @@ impl Handler {
     /// every tick. `false` when the engine stops; a peer that closed is
     /// seen by the header read that follows (a clean end of stream).
     fn wait_for_frame(&self) -> io::Result<bool> {
+        if net::spin_until_readable(&self.stream)? {
+            return Ok(true);
+        }
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(false);

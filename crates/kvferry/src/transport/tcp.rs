@@ -134,6 +134,8 @@ impl Conn {
     /// Reads a reply header, with its payload if it is small (control) or
     /// an error; checks it is `expect` for request `rid`.
     fn reply(&mut self, peer: &str, expect: Kind, rid: u64) -> Result<(FrameHeader, Vec<u8>)> {
+        // Poll briefly before the blocking read sleeps (see SPIN_BEFORE_SLEEP).
+        net::spin_until_readable(&self.stream).map_err(|e| self.io(peer, "reading a reply", e))?;
         let h = wire::read_header(&mut self.stream)
             .map_err(|e| self.io(peer, "reading a reply", e))?
             .ok_or_else(|| Error::TransferFailed {
