@@ -11,22 +11,31 @@
 - every refusal, and `transfer_blocks` between two engines in this process
   with the bytes checked.
 
-Runs with the kvferry package (installed or in python/) or, before it is
-merged, on its own: `KVFERRY_LIBRARY=/path/to/libkvferry.so pytest
-python/tests/test_topology.py` (see _topology_support.py).
+Runs against the installed kvferry package, like the rest of the suite.
 """
 
 import ctypes
+from pathlib import Path
 import importlib.util
 import random
 import re
 
 import pytest
 
-from _topology_support import HAVE_PACKAGE, REPO, Error, Status, kvferry, make_engine, topology
 import compat_plan
 
+import kvferry
+from kvferry import Error, Status, topology
+
 from kvferry import _topology_ffi
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_engine():
+    """An engine on 127.0.0.1."""
+    return kvferry.Engine(hostname="127.0.0.1")
+
 
 ORACLE = REPO / "crates" / "kvferry-topology" / "tests" / "oracle" / "rules.py"
 HEADER = REPO / "include" / "kvferry.h"
@@ -559,7 +568,6 @@ def test_transfer_blocks_pull_and_push(pair):
     assert dbuf.raw == before_d and pbuf.raw == before_p
 
 
-@pytest.mark.skipif(not HAVE_PACKAGE, reason="needs kvferry.TransferEngine (the Python package)")
 def test_transfer_blocks_through_the_mooncake_engine(pair):
     _, prefill, dbuf, pbuf = pair
     te = kvferry.TransferEngine()
