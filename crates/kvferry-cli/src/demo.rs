@@ -196,7 +196,7 @@ pub fn run_prefill(shape: KvShape) -> Result<(), String> {
 }
 
 /// The prefill child process, killed if the demo ends early.
-struct PrefillChild(Child);
+pub(crate) struct PrefillChild(pub(crate) Child);
 
 impl Drop for PrefillChild {
     fn drop(&mut self) {
@@ -225,13 +225,18 @@ impl WaitTimeout for Child {
     }
 }
 
-/// The demo: this process decodes, a child process prefills.
-pub fn run(args: &DemoArgs, transport: DemoTransport) -> Result<(), String> {
+/// Starts `kvferry demo-prefill` (with `extra` arguments before the shape)
+/// and reads its announcement: the child, its session id and the base
+/// address of every tensor.
+pub(crate) fn spawn_prefill(
+    extra: &[String],
+    s: KvShape,
+) -> Result<(PrefillChild, String, Vec<u64>), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let s = args.shape;
     let mut child = Command::new(exe)
+        .arg("demo-prefill")
+        .args(extra)
         .args([
-            "demo-prefill",
             "--layers",
             &s.layers.to_string(),
             "--blocks",
@@ -263,6 +268,13 @@ pub fn run(args: &DemoArgs, transport: DemoTransport) -> Result<(), String> {
     let bases: Vec<u64> = words
         .map(|w| w.parse().map_err(|_| format!("bad base {w}")))
         .collect::<Result<_, _>>()?;
+    Ok((child, peer, bases))
+}
+
+/// The demo: this process decodes, a child process prefills.
+pub fn run(args: &DemoArgs, transport: DemoTransport) -> Result<(), String> {
+    let s = args.shape;
+    let (child, peer, bases) = spawn_prefill(&[], s)?;
     println!(
         "prefill (pid {}) at {peer}: KV cache of {} layers x K/V x {} blocks x {} KiB = {:.1} MiB",
         child.0.id(),

@@ -11,10 +11,9 @@
 //! Without an Ascend machine, point `KVFERRY_ACL_LIBRARY` at the CANN
 //! stand-in (docs/ascend.md): the same code runs against it.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kvferry::{Engine, EngineConfig, Op, TransportChoice};
 use kvferry_ascend::{AscendRuntime, DeviceBuffer};
@@ -184,68 +183,18 @@ fn decode(
     Ok(stats)
 }
 
-/// The prefill child process, ended when the demo ends.
-struct PrefillChild(Child);
-
-impl Drop for PrefillChild {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if matches!(self.0.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The demo: this process decodes on `devices.decode`, a child process
 /// prefills on `devices.prefill`.
 pub fn run(args: &DemoArgs, transport: DemoTransport, devices: Devices) -> Result<(), String> {
     let rt = runtime()?;
     let s = args.shape;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut child = Command::new(exe)
-        .args([
-            "demo-prefill",
-            "--device",
-            "npu",
-            "--npu",
-            &devices.prefill.to_string(),
-            "--layers",
-            &s.layers.to_string(),
-            "--blocks",
-            &s.blocks.to_string(),
-            "--block-bytes",
-            &s.block_bytes.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start the prefill process: {e}"))?;
-    let stdout = child
-        .stdout
-        .take()
-        .ok_or("no stdout from the prefill process")?;
-    let child = PrefillChild(child);
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading from the prefill process: {e}"))?;
-    let mut words = line.split_whitespace();
-    if words.next() != Some("PREFILL") {
-        return Err(format!("the prefill process said {line:?}"));
-    }
-    let peer = words
-        .next()
-        .ok_or("the prefill process gave no name")?
-        .to_owned();
-    let bases: Vec<u64> = words
-        .map(|w| w.parse().map_err(|_| format!("bad base {w}")))
-        .collect::<Result<_, _>>()?;
+    let extra = [
+        "--device".to_string(),
+        "npu".into(),
+        "--npu".into(),
+        devices.prefill.to_string(),
+    ];
+    let (child, peer, bases) = crate::demo::spawn_prefill(&extra, s)?;
     println!(
         "prefill (pid {}) at {peer}: KV cache on npu:{} of {} layers x K/V x {} blocks x {} KiB = {:.1} MiB (ACL: {})",
         child.0.id(),
