@@ -30,78 +30,8 @@
 
 /* ---- checks ---------------------------------------------------------- */
 
-static int checks;
-static int failures;
-
-static int check_(int ok, int line, const char *fmt, ...) {
-  checks++;
-  if (!ok) {
-    va_list ap;
-    failures++;
-    fprintf(stderr, "topology_test.c:%d: check failed: ", line);
-    va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-  }
-  return ok;
-}
-
-#define CHECK(cond) check_((cond) != 0, __LINE__, "%s", #cond)
-#define REQUIRE(cond)                                            \
-  do {                                                           \
-    if (!CHECK(cond)) {                                          \
-      fprintf(stderr, "topology_test.c:%d: fatal\n", __LINE__); \
-      exit(1);                                                   \
-    }                                                            \
-  } while (0)
-
-/* Sets the last error to a marker (a refused transport name), so a message
- * checked afterwards is known to come from the call under test. */
-static kvf_config *marker_config;
-#define MARKER "kvferry-test-marker"
-static void prime_last_error(void) {
-  (void)kvf_config_set_transport(marker_config, MARKER);
-}
-
-static int expect_(kvf_status got, kvf_status want, int line, const char *call,
-                   const char *const *frags) {
-  const char *msg;
-  checks++;
-  if (got != want) {
-    failures++;
-    fprintf(stderr,
-            "topology_test.c:%d: %s\n  returned %d (%s), expected %d (%s)\n  last error: %s\n",
-            line, call, (int)got, kvf_status_str(got), (int)want, kvf_status_str(want),
-            kvf_last_error());
-    return 0;
-  }
-  if (want == KVF_STATUS_OK || want == KVF_STATUS_IN_PROGRESS) {
-    return 1;
-  }
-  msg = kvf_last_error();
-  if (msg == NULL || msg[0] == '\0' || strstr(msg, MARKER) != NULL) {
-    failures++;
-    fprintf(stderr, "topology_test.c:%d: %s\n  left no message of its own: \"%s\"\n", line, call,
-            msg ? msg : "(NULL)");
-    return 0;
-  }
-  for (; *frags != NULL; frags++) {
-    if (strstr(msg, *frags) == NULL) {
-      failures++;
-      fprintf(stderr, "topology_test.c:%d: %s\n  message \"%s\" does not mention \"%s\"\n", line,
-              call, msg, *frags);
-      return 0;
-    }
-  }
-  return 1;
-}
-
-/* EXPECT(call, status, fragment...): NULL as the only fragment when the
- * message is not looked at. */
-#define EXPECT(call, want, ...)                                  \
-  (prime_last_error(),                                           \
-   expect_((call), (want), __LINE__, #call, (const char *const[]){__VA_ARGS__, NULL}))
+#define CHECK_FILE "topology_test.c"
+#include "check.h"
 
 static void *xmalloc(size_t n) {
   void *p = malloc(n);
