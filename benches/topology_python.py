@@ -80,9 +80,9 @@ def seconds_per_call(*fns, budget: float = 0.6, rounds: int = 7) -> list[float]:
 
 
 def load_api():
-    """kvferry.topology, or None with the reason."""
+    """kvferry.topology (the installed package, or python/ with
+    KVFERRY_LIBRARY set), or None with the reason."""
     try:
-        import _topology_support  # noqa: F401  (stand-ins when the package is absent)
         from kvferry import topology
 
         topology.pulls_per_rank(1, 1, 1)
