@@ -190,7 +190,7 @@ pub unsafe fn send_ranges(
     ranges: &[RawRange],
 ) -> io::Result<()> {
     let fd = stream.as_raw_fd();
-    let mut iov: Vec<libc::iovec> = head
+    let iov: Vec<libc::iovec> = head
         .iter()
         .filter(|h| !h.is_empty())
         .map(|h| libc::iovec {
@@ -202,28 +202,9 @@ pub unsafe fn send_ranges(
             iov_len: r.len as usize,
         }))
         .collect();
-    let mut start = 0;
-    while start < iov.len() {
-        let n_iov = (iov.len() - start).min(IOV_MAX);
-        // SAFETY: the iovecs point at `head` (borrowed for the call) and at
-        // ranges the caller guarantees readable; writev only reads them.
-        let n = unsafe { transfer(fd, &iov[start..start + n_iov], true) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(timeout_error(e));
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                "peer stopped reading",
-            ));
-        }
-        advance(&mut iov, &mut start, n as usize);
-    }
-    Ok(())
+    // SAFETY: the iovecs point at `head` (borrowed for the call) and at
+    // ranges the caller guarantees readable; sending only reads them.
+    unsafe { transfer_all(fd, iov, true) }
 }
 
 /// Receives exactly the bytes of `ranges` with readv, straight into them.
@@ -233,18 +214,28 @@ pub unsafe fn send_ranges(
 /// registered memory) and not be read by Rust code meanwhile.
 pub unsafe fn recv_ranges(stream: &TcpStream, ranges: &[RawRange]) -> io::Result<()> {
     let fd = stream.as_raw_fd();
-    let mut iov: Vec<libc::iovec> = ranges
+    let iov: Vec<libc::iovec> = ranges
         .iter()
         .map(|r| libc::iovec {
             iov_base: r.addr as *mut libc::c_void,
             iov_len: r.len as usize,
         })
         .collect();
+    // SAFETY: the iovecs point at ranges the caller guarantees writable.
+    unsafe { transfer_all(fd, iov, false) }
+}
+
+/// Moves every byte of `iov` (send or receive), up to `IOV_MAX` iovecs per
+/// call, resuming after partial transfers.
+///
+/// # Safety
+/// As `transfer`, for the whole call.
+unsafe fn transfer_all(fd: libc::c_int, mut iov: Vec<libc::iovec>, send: bool) -> io::Result<()> {
     let mut start = 0;
     while start < iov.len() {
         let n_iov = (iov.len() - start).min(IOV_MAX);
-        // SAFETY: the iovecs point at ranges the caller guarantees writable.
-        let n = unsafe { transfer(fd, &iov[start..start + n_iov], false) };
+        // SAFETY: forwarded to the caller.
+        let n = unsafe { transfer(fd, &iov[start..start + n_iov], send) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -253,10 +244,14 @@ pub unsafe fn recv_ranges(stream: &TcpStream, ranges: &[RawRange]) -> io::Result
             return Err(timeout_error(e));
         }
         if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "peer closed the connection mid-transfer",
-            ));
+            return Err(if send {
+                io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading")
+            } else {
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "peer closed the connection mid-transfer",
+                )
+            });
         }
         advance(&mut iov, &mut start, n as usize);
     }
