@@ -51,6 +51,9 @@ P2P_HANDSHAKE = "P2PHANDSHAKE"
 # Protocols Mooncake users pass; every one but "tcp" lets kvferry pick the
 # best path per peer (in-process, same host, tcp).
 KNOWN_PROTOCOLS = {"", "auto", "tcp", "rdma", "ascend", "ascend_direct", "hccs", "cma", "shm", "local"}
+# The ones vllm-ascend passes on NPU hosts: the engine also handles NPU
+# memory when the Ascend runtime is installed (host memory only elsewhere).
+ASCEND_PROTOCOLS = {"ascend", "ascend_direct", "hccs"}
 
 
 def _encode_notify(own_name: str, notify: Any) -> bytes:
@@ -205,7 +208,7 @@ class TransferEngine:
                 protocol,
             )
         if device_name:
-            logger.debug("kvferry: device_name %r is not used (no device runtime)", device_name)
+            logger.debug("kvferry: device_name %r is not used (devices are found per registration)", device_name)
         host, port = _parse_local_hostname((local_hostname or "").strip())
         with self._init_lock:
             if self._engine is not None:
@@ -214,6 +217,7 @@ class TransferEngine:
                 hostname=host,
                 port=port,
                 transport="tcp" if proto == "tcp" else None,
+                ascend=None if proto in ASCEND_PROTOCOLS else False,
             )
         logger.info("kvferry: engine %s is listening (protocol %r)", self._engine.name, proto or "auto")
         return 0

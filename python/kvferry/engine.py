@@ -162,6 +162,13 @@ class Engine:
 
     `transport`: "auto" (the best path per peer: in-process copy, then
     process_vm_readv on the same host, then tcp) or "tcp".
+
+    `ascend`: whether the engine handles Ascend NPU memory (the ACL runtime:
+    `KVFERRY_ACL_LIBRARY`, else `libascendcl.so` from the loader's path).
+    False (default): host memory only. True: the runtime is required
+    (`Error` with `Status.UNSUPPORTED` where there is none). None: use it
+    where it is installed, host memory only elsewhere (what
+    `TransferEngine.initialize` does for protocol "ascend").
     """
 
     def __init__(
@@ -177,6 +184,7 @@ class Engine:
         async_workers: int | None = None,
         lanes: int | None = None,
         secret: str | None = None,
+        ascend: bool | None = False,
     ):
         lib = _ffi.load()
         cfg = ctypes.c_void_p()
@@ -208,6 +216,16 @@ class Engine:
                 setting(lib.kvf_config_set_lanes, self._u32(lanes, "lanes"))
             if secret is not None:
                 setting(lib.kvf_config_set_secret, _c_str(secret, "secret"))
+            if ascend not in (True, False, None):
+                raise TypeError(f"ascend: expected True, False or None, got {ascend!r}")
+            if ascend is not False:
+                status = lib.kvf_config_use_ascend(cfg)
+                if status == Status.UNSUPPORTED and ascend is None:
+                    _errors.logger.info(
+                        "kvferry: %s; this engine handles host memory only", _lib_error(lib, status).message
+                    )
+                else:
+                    self._check(status)
             ptr = ctypes.c_void_p()
             self._check(lib.kvf_engine_new(cfg, ctypes.byref(ptr)))
         finally:
