@@ -75,6 +75,10 @@ def expected(ctype):
         return {ctypes.POINTER(ctypes.c_void_p)}
     if t.replace("const ", "") in _topology_ffi.STRUCT_POINTERS:
         return {_topology_ffi.STRUCT_POINTERS[t]}
+    if ctype.startswith("const ") and t == "uint64_t*":
+        # A batch's input columns go as the int address of an array('Q')
+        # (_ffi.u64_columns): void * has the same ABI as uint64_t *.
+        return {ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p}
     if t.endswith("*") and t[:-1] in SCALARS:
         return {ctypes.POINTER(SCALARS[t[:-1]])}
     raise AssertionError(f"the test does not know C type {ctype!r}: teach it")
