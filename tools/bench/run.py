@@ -199,6 +199,30 @@ def iperf3(streams, seconds):
             server.wait()
 
 
+def tcp_limit(tools, footprints, seconds, streams=(1, 2, 4)):
+    """tools/tcp_limit.c: loopback TCP streams of 1 MiB sends, whose senders
+    and receivers walk through buffers that add up to `footprint` bytes on
+    each side, as one batch of that many bytes does (iperf3 reuses one 1 MiB
+    buffer, which stays in the caches). 1, 2 and 4 streams (kvferry spreads
+    large batches over its lanes); the limit is the best of them."""
+    kib = ",".join(str(f // KIB) for f in footprints)
+    out = run([os.path.join(tools, "tcp_limit"), str(seconds), kib, ",".join(map(str, streams))], timeout=900).stdout
+    best, by_streams = {}, {}
+    for line in out.splitlines():
+        m = re.match(r"tcp_limit footprint_KiB=(\d+) streams=(\d+) GB/s=([\d.]+)", line)
+        if m:
+            f, n, v = str(int(m.group(1)) * KIB), int(m.group(2)), float(m.group(3))
+            by_streams.setdefault(f, {})[str(n)] = v
+            best[f] = max(best.get(f, 0.0), v)
+    return {"raw": out, "gbps": best, "by_streams": by_streams}
+
+
+def tcp_footprint_limit(results, block, batch=None):
+    """tcp_limit at the footprint of one batch of `block`-sized ops."""
+    batch = batch or HEADLINE_BATCH
+    return results["limits"].get("tcp_footprint", {}).get("gbps", {}).get(str(block * batch))
+
+
 # ---- kvferry bench --------------------------------------------------------------
 
 def kvferry_cell(transport, op, block, batch, threads, duration, layout="scattered"):
@@ -440,21 +464,27 @@ def report(results, args_line):
       "the very same ops in the same process and run (`--reference`); **cma** against `tools/cma_limit.c` "
       "with as many iovecs per call as the batch has ops, same block size and threads (the median of its 5 trials, "
       "as kvferry's figure is the mean of its run; the best trial is in the raw results); **tcp** against "
-      "`iperf3` on loopback (one stream `-l 1M` for 1 thread, two streams for 2 threads).")
+      "`iperf3` on loopback (one stream `-l 1M` for 1 thread, two streams for 2 threads). iperf3 keeps its "
+      "data in the CPU caches (one 1 MiB buffer sent over and over); a batch's bytes are as many as the batch. "
+      "So tcp cells also show **tcp_limit**: `tools/tcp_limit.c`, loopback streams of 1 MiB sends like "
+      "iperf3's, whose senders and receivers walk through buffers that add up to one batch (32 blocks) on each "
+      "side; the best of 1, 2 and 4 streams (kvferry spreads batches of 4 MiB and more over its lanes). "
+      "With one stream and a 1 MiB footprint it measures what iperf3 does.")
     w("")
 
     w("One cell by hand: `target/release/kvferry bench --transport cma --operation read --block-size 128K "
       "--batch-size 32 --threads 1 --duration 1.5 --buffer-size 4M` (the buffer holds one batch per thread; "
       "add `--reference` with `--transport local`). The limits: `tools/cma_limit.c 32 0.2 256 hot 16,128,1024,4096`, "
-      "`tools/memcpy_limit.c 0.2`, `iperf3 -c 127.0.0.1 -l 1M -P 1`. Criterion benches of the hot paths "
+      "`tools/memcpy_limit.c 0.2`, `iperf3 -c 127.0.0.1 -l 1M -P 1`, `tools/tcp_limit.c 1 1024,512,4096,32768,131072 1,2,4`. Criterion benches of the hot paths "
       "(planning, wire encoding, each transport beside memcpy of the same ranges): `cargo bench -p kvferry`.")
     w("")
 
     # ---- headline
     w(f"## Headline: batches of {HEADLINE_BATCH}, 1 thread")
     w("")
-    w("| transport | op | block | kvferry GB/s | p50 µs | p99 µs | limit GB/s | kvferry / limit | Mooncake tcp GB/s | kvferry / Mooncake |")
-    w("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    w("| transport | op | block | kvferry GB/s | p50 µs | p99 µs | limit GB/s | kvferry / limit | Mooncake tcp GB/s "
+      "| kvferry / Mooncake | tcp_limit at the batch's footprint GB/s | kvferry / tcp_limit |")
+    w("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     flagged = []
     for t in TRANSPORTS:
         for op in OPS:
@@ -463,15 +493,16 @@ def report(results, args_line):
                 if not c:
                     continue
                 if "error" in c:
-                    w(f"| {t} | {op} | {fmt_size(b)} | error: {c['error'][:80]} | | | | | | |")
+                    w(f"| {t} | {op} | {fmt_size(b)} | error: {c['error'][:80]} | | | | | | | | |")
                     continue
                 lim, _ = limit_for(results, t, op, b, HEADLINE_BATCH, 1)
+                tl = tcp_footprint_limit(results, b) if t == "tcp" else None
                 moon = mooncake_for(results, op, b) if t != "local" else None
                 rl, rm = ratio(c["gbps"], lim), ratio(c["gbps"], moon)
                 fl = flag(rl, rm)
                 mark = lambda r, k: f"**{g(r)}**" if k in fl else g(r)  # noqa: E731
                 w(f"| {t} | {op} | {fmt_size(b)} | {g(c['gbps'])} | {g(c['lat_p50_us'], 0)} | {g(c['lat_p99_us'], 0)} "
-                  f"| {g(lim)} | {mark(rl, 'limit')} | {g(moon)} | {mark(rm, 'mooncake')} |")
+                  f"| {g(lim)} | {mark(rl, 'limit')} | {g(moon)} | {mark(rm, 'mooncake')} | {g(tl)} | {g(ratio(c['gbps'], tl))} |")
     w("")
     w("The machine is shared. For every measurement the script computes *others' CPU*: the cores kept busy by "
       "processes other than the benchmark's own during it (machine-wide busy time from /proc/stat less the "
@@ -498,8 +529,9 @@ def report(results, args_line):
         w("")
     ip1 = results["limits"]["iperf3"].get("1", {}).get("gbps")
     w("| op | block | iperf3 GB/s | Mooncake tcp GB/s (p50 µs) | kvferry py tcp GB/s (p50 µs) | kvferry py same-host GB/s (p50 µs) "
-      "| kvferry CLI tcp GB/s | kvferry CLI cma GB/s | py tcp / Mooncake | py tcp / iperf3 | py tcp / CLI tcp | cma_limit GB/s | py same-host / cma_limit |")
-    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+      "| kvferry CLI tcp GB/s | kvferry CLI cma GB/s | py tcp / Mooncake | py tcp / iperf3 | py tcp / CLI tcp "
+      "| tcp_limit (footprint) GB/s | py tcp / tcp_limit | cma_limit GB/s | py same-host / cma_limit |")
+    w("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for op in OPS:
         for b in BLOCKS:
             mo = pp.get("mooncake", {}).get(f"tcp/{op}/{b}", {})
@@ -510,10 +542,11 @@ def report(results, args_line):
             if not any([mo, pt, ct]):
                 continue
             cl = results["limits"]["cma"]["cells"].get(f"{op}/{b}/{HEADLINE_BATCH}/1", {}).get("median")
+            tl = tcp_footprint_limit(results, b)
             cell = lambda r: f"{g(r.get('gbps'))} ({g(r.get('lat_p50_us'), 0)})" if "gbps" in r else ("error" if r else "–")  # noqa: E731
             w(f"| {op} | {fmt_size(b)} | {g(ip1)} | {cell(mo)} | {cell(pt)} | {cell(pa)} | {g(ct.get('gbps'))} | {g(cc.get('gbps'))} "
               f"| {g(ratio(pt.get('gbps'), mo.get('gbps')))} | {g(ratio(pt.get('gbps'), ip1))} | {g(ratio(pt.get('gbps'), ct.get('gbps')))} "
-              f"| {g(cl)} | {g(ratio(pa.get('gbps'), cl))} |")
+              f"| {g(tl)} | {g(ratio(pt.get('gbps'), tl))} | {g(cl)} | {g(ratio(pa.get('gbps'), cl))} |")
     w("")
     w("![GB/s against block size](benchmarks.png)")
     w("")
@@ -545,6 +578,10 @@ def report(results, args_line):
     w("")
     for k, v in sorted(results["limits"]["iperf3"].items()):
         w(f"- iperf3 on 127.0.0.1, {k} stream(s), `-l 1M`: **{v['gbps']:.2f} GB/s**")
+    tf = results["limits"].get("tcp_footprint", {})
+    for f, v in sorted(tf.get("gbps", {}).items(), key=lambda kv: int(kv[0])):
+        per = ", ".join(f"{n} stream(s) {x:.2f}" for n, x in sorted(tf.get("by_streams", {}).get(f, {}).items()))
+        w(f"- tcp_limit, 1 MiB sends through {fmt_size(int(f))} on each side: **{v:.2f} GB/s** (best of: {per})")
     w("- memcpy_limit (context: one memcpy of the whole size, repeated):")
     w("")
     w("| size | threads | best GB/s | median GB/s |")
@@ -626,6 +663,9 @@ def main():
         log("limits: iperf3")
         limits["iperf3"] = {str(s): measured(lambda: iperf3(s, 2 if a.quick else 4)) for s in ([1] if a.quick else [1, 2])}
         log("iperf3: " + ", ".join(f"{k} stream(s) {v['gbps']:.2f} GB/s" for k, v in limits["iperf3"].items()))
+        log("limits: tcp_limit (one stream at each batch footprint)")
+        limits["tcp_footprint"] = tcp_limit(a.tools, [MIB] + [b * HEADLINE_BATCH for b in BLOCKS], 0.5 if a.quick else 1)
+        log("tcp_limit: " + ", ".join(f"{fmt_size(int(k))} {v:.2f} GB/s" for k, v in limits["tcp_footprint"]["gbps"].items()))
         results["limits"] = limits
         results["load"]["after limits"] = loadavg()
         log("kvferry bench grid")
