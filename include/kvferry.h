@@ -540,6 +540,30 @@ kvf_status kvf_plan_blocks(const struct kvf_layout *local_layout,
                            size_t capacity,
                            size_t *out_num_ops);
 
+// `kvf_plan_blocks` where either side's ids may be a span: a NULL id array
+// with a nonzero count means the consecutive ids `first .. first + count`
+// (a caller that holds ids as a range passes two integers instead of an
+// array). With an id array, `first` must be 0. A span must lie inside its
+// layout (`first + count <= num_blocks`), even where a prefix hit would
+// skip part of it. Everything else, outputs included, is `kvf_plan_blocks`.
+//
+// # Safety
+// As `kvf_plan_blocks`.
+kvf_status kvf_plan_blocks_spans(const struct kvf_layout *local_layout,
+                                 const struct kvf_layout *remote_layout,
+                                 const uint64_t *local_ids,
+                                 uint64_t local_first,
+                                 size_t n_local,
+                                 const uint64_t *remote_ids,
+                                 uint64_t remote_first,
+                                 size_t n_remote,
+                                 const struct kvf_plan_options *options,
+                                 uint64_t *local_addrs,
+                                 uint64_t *remote_addrs,
+                                 uint64_t *lens,
+                                 size_t capacity,
+                                 size_t *out_num_ops);
+
 // Plans a request's blocks (as `kvf_plan_blocks`) and moves them to or
 // from `session` (as `kvf_transfer_sync`): `KVF_OP_READ` copies the remote
 // blocks into the local ones, `KVF_OP_WRITE` the other way. Returns when

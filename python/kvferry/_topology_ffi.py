@@ -1,5 +1,5 @@
 """ctypes declarations of the topology part of include/kvferry.h: the structs
-and the signatures of `kvf_topology_*`, `kvf_layout_*`, `kvf_plan_blocks`,
+and the signatures of `kvf_topology_*`, `kvf_layout_*`, `kvf_plan_blocks*`,
 `kvf_transfer_blocks` and `kvf_batch_submit_blocks`.
 
 Kept apart from `_ffi.SIGNATURES` so that it imports nothing; `_ffi` merges
@@ -107,6 +107,25 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
             _u64_p,
             ctypes.c_size_t,
             _u64_p,
+            ctypes.c_size_t,
+            _options_p,
+            _u64_p,
+            _u64_p,
+            _u64_p,
+            ctypes.c_size_t,
+            _size_p,
+        ],
+    ),
+    "kvf_plan_blocks_spans": (
+        c_status,
+        [
+            c_layout_p,
+            c_layout_p,
+            _u64_p,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+            _u64_p,
+            ctypes.c_uint64,
             ctypes.c_size_t,
             _options_p,
             _u64_p,
