@@ -516,6 +516,10 @@ def test_plan_numpy_ids():
     for f in forms:
         got = topology.plan_blocks(local, remote, np.array(local_ids, dtype=np.uint64), f)
         assert plan_lists(got) == want, f.dtype
+    # Read-only arrays are read in place too.
+    frozen = np.array(local_ids, dtype=np.uint64)
+    frozen.flags.writeable = False
+    assert plan_lists(topology.plan_blocks(local, remote, frozen, remote_ids)) == want
     # A strided view is copied, not misread.
     got = topology.plan_blocks(local, remote, wide[1::2], remote_ids)
     assert plan_lists(got) == want
