@@ -170,32 +170,80 @@ def pull_ranks(
     per decode rank, stage 0's `n` ranks first. The `j`-th entry fills head
     slice `j % n` of the decode block; the decode rank reaches it at
     `remote_port + rank`."""
-    lib = _lib()
+    fn = _PULL or _pull_function()
     sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp)
-    rid = _text(request_id, "request_id")
-    # Every list has n * S <= P * S entries in all; small shapes fit the
-    # first guess, larger ones are sized by the library's answer.
-    n_ranks = ctypes.c_size_t(min(prefill_tp * prefill_pp, 4096))
-    n_offsets = ctypes.c_size_t(decode_tp + 1)
-    while True:
-        ranks = (ctypes.c_uint32 * n_ranks.value)()
-        offsets = (ctypes.c_size_t * n_offsets.value)()
-        status = lib.kvf_topology_pull_ranks(
-            ctypes.byref(sh),
+    rid = request_id.encode() if type(request_id) is str and "\0" not in request_id else None
+    if rid is None:
+        rid = _text(request_id, "request_id")
+    scratch = _PULL_SCRATCH
+    status = fn(
+        ctypes.addressof(sh),
+        rid,
+        scratch.ranks_address,
+        len(scratch.ranks),
+        scratch.counts_address,
+        scratch.offsets_address,
+        len(scratch.offsets),
+        scratch.counts_address + _SIZE_T_BYTES,
+    )
+    if status == Status.BUFFER_TOO_SMALL:
+        # A shape larger than any so far on this thread: grow and retry.
+        scratch.grow(scratch.counts[0], scratch.counts[1])
+        status = fn(
+            ctypes.addressof(sh),
             rid,
-            ranks,
-            len(ranks),
-            ctypes.byref(n_ranks),
-            offsets,
-            len(offsets),
-            ctypes.byref(n_offsets),
+            scratch.ranks_address,
+            len(scratch.ranks),
+            scratch.counts_address,
+            scratch.offsets_address,
+            len(scratch.offsets),
+            scratch.counts_address + _SIZE_T_BYTES,
         )
-        if status != Status.BUFFER_TOO_SMALL:
-            break
-    _check(lib, status)
-    flat = ranks[: n_ranks.value]
-    starts = offsets[: n_offsets.value]
-    return [flat[starts[i] : starts[i + 1]] for i in range(len(starts) - 1)]
+    if status:
+        raise _error(_lib(), status)
+    n_ranks, n_offsets = scratch.counts
+    flat = scratch.ranks[:n_ranks].tolist()
+    starts = scratch.offsets[:n_offsets].tolist()
+    return [flat[starts[i] : starts[i + 1]] for i in range(n_offsets - 1)]
+
+
+class _PullScratch(threading.local):
+    """Per-thread arrays `pull_ranks` receives the lists in (`uint32_t`
+    ranks, `size_t` offsets, and the two counts), grown on demand."""
+
+    def __init__(self) -> None:
+        self.counts = array.array(_SIZE_T, (0, 0))
+        self.counts_address = self.counts.buffer_info()[0]
+        self.grow(256, 65)
+
+    def grow(self, ranks: int, offsets: int) -> None:
+        self.ranks = array.array("I", (0,)) * max(ranks, 1)
+        self.offsets = array.array(_SIZE_T, (0,)) * max(offsets, 1)
+        self.ranks_address = self.ranks.buffer_info()[0]
+        self.offsets_address = self.offsets.buffer_info()[0]
+
+
+_PULL = None
+_PULL_SCRATCH: _PullScratch | None = None
+# array typecodes of uint32_t and size_t.
+_SIZE_T_BYTES = ctypes.sizeof(ctypes.c_size_t)
+_SIZE_T = next(code for code in "QLI" if array.array(code).itemsize == _SIZE_T_BYTES)
+if array.array("I").itemsize != 4:  # pragma: no cover - every supported host
+    raise ImportError("kvferry needs a 4-byte C unsigned int")
+
+
+def _pull_function():
+    """`kvf_topology_pull_ranks` with pointers as plain addresses, as
+    `_plan_function`."""
+    global _PULL, _PULL_SCRATCH
+    fn = _PULL
+    if fn is None:
+        lib = _lib()
+        v, n = ctypes.c_void_p, ctypes.c_size_t
+        fn = ctypes.CFUNCTYPE(ctypes.c_int32, v, ctypes.c_char_p, v, n, v, v, n, v)(("kvf_topology_pull_ranks", lib))
+        _PULL_SCRATCH = _PullScratch()
+        _PULL = fn
+    return fn
 
 
 def prefill_union(

@@ -157,6 +157,16 @@ def test_mappings_match_the_rules_oracle(rules, attention):
     assert checked > 500
 
 
+def test_large_shapes_grow_the_pull_buffers(rules):
+    # More ranks and decode ranks than the first per-thread buffers hold
+    # (256 ranks, 65 offsets): the library sizes them, and the lists still
+    # match the oracle; a small shape afterwards too.
+    for shape in [(1024, 2, 1024, "gqa", 1), (512, 128, 8, "mla", 2), (128, 128, 4, "gqa", 3)]:
+        for rid in REQUEST_IDS[:2]:
+            assert topology.pull_ranks(rid, *shape) == rules.pull_lists(*shape, rid), shape
+    assert topology.pull_ranks("req-0", 8, 4, 4) == [[1], [3], [5], [7]]
+
+
 # ---- refusals -----------------------------------------------------------------------------
 
 
