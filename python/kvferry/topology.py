@@ -56,6 +56,14 @@ __all__ = [
 
 _LIB: ctypes.CDLL | None = None
 
+_V = ctypes.c_void_p
+# Integer arguments (uint64_t, size_t) declared as c_void_p too where they
+# are passed alike (64-bit pointers, as on every host kvferry supports):
+# ctypes converts an int for c_void_p about twice as fast as for c_size_t
+# or c_uint64. Values are non-negative and below 2**64 by construction.
+_N = _V if ctypes.sizeof(ctypes.c_void_p) == ctypes.sizeof(ctypes.c_size_t) == 8 else ctypes.c_size_t
+_U = _V if ctypes.sizeof(ctypes.c_void_p) == 8 else ctypes.c_uint64
+
 
 def _lib() -> ctypes.CDLL:
     """The library with the topology signatures declared (idempotent)."""
@@ -239,7 +247,7 @@ def _pull_function():
     fn = _PULL
     if fn is None:
         lib = _lib()
-        v, n = ctypes.c_void_p, ctypes.c_size_t
+        v, n = _V, _N
         fn = ctypes.CFUNCTYPE(ctypes.c_int32, v, ctypes.c_char_p, v, n, v, v, n, v)(("kvf_topology_pull_ranks", lib))
         _PULL_SCRATCH = _PullScratch()
         _PULL = fn
@@ -598,9 +606,6 @@ def _plan_function():
     return fn
 
 
-_V = ctypes.c_void_p
-_N = ctypes.c_size_t
-_U = ctypes.c_uint64
 # kvf_plan_blocks_spans with every pointer as a plain address (the typed
 # declaration, checked against the header, is `_t.SIGNATURES`).
 _PLAN_ARGTYPES = (_V, _V, _V, _U, _N, _V, _U, _N, _V, _V, _V, _V, _N, _V)
