@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import struct
 import threading
 import weakref
 from typing import Any, Sequence
@@ -57,12 +58,11 @@ __all__ = [
 _LIB: ctypes.CDLL | None = None
 
 _V = ctypes.c_void_p
-# Integer arguments (uint64_t, size_t) declared as c_void_p too where they
+# Integer arguments (size_t) declared as c_void_p too where they
 # are passed alike (64-bit pointers, as on every host kvferry supports):
 # ctypes converts an int for c_void_p about twice as fast as for c_size_t
 # or c_uint64. Values are non-negative and below 2**64 by construction.
 _N = _V if ctypes.sizeof(ctypes.c_void_p) == ctypes.sizeof(ctypes.c_size_t) == 8 else ctypes.c_size_t
-_U = _V if ctypes.sizeof(ctypes.c_void_p) == 8 else ctypes.c_uint64
 
 
 def _lib() -> ctypes.CDLL:
@@ -464,9 +464,9 @@ def _layout_ptr(layout: Any, what: str) -> int:
     return ptr
 
 
-def _ids(values: Any, what: str) -> tuple[int | None, int, int, Any]:
-    """Block ids as `kvf_plan_blocks_spans` takes them: `(address, first,
-    count, keepalive)`, the address of `count` uint64 ids (None for a span
+def _ids(values: Any, what: str) -> tuple[int, int, int, Any]:
+    """Block ids as `kvf_plan_call` takes them: `(address, first, count,
+    keepalive)`, the address of `count` uint64 ids (0, NULL, for the span
     `first .. first + count`), and the object owning that memory.
 
     - a list (the connectors' form): one `array('Q')` conversion, checked
@@ -491,13 +491,13 @@ def _ids(values: Any, what: str) -> tuple[int | None, int, int, Any]:
         count = len(values)
         if values.step == 1 or count < 2:
             if count == 0:
-                return None, 0, 0, None
+                return 0, 0, 0, None
             start = values.start
             if start < 0:
                 raise ValueError(f"{what}: {start} is not an unsigned 64-bit value")
             if start + count > 1 << 64:
                 raise ValueError(f"{what}: {start + count - 1} is not an unsigned 64-bit value")
-            return None, start, count, None
+            return 0, start, count, None
         return _ffi_ids(values, what)
     if t is array.array:
         if values.typecode in "QL" and values.itemsize == 8:
@@ -518,7 +518,7 @@ _NDARRAY: type | None = None  # numpy.ndarray, once one was passed
 _U8: Any = None  # numpy.dtype("<u8"), likewise
 
 
-def _ndarray_ids(values: Any, what: str) -> tuple[int | None, int, int, Any]:
+def _ndarray_ids(values: Any, what: str) -> tuple[int, int, int, Any]:
     """A numpy array, its address taken without `__array_interface__` (a
     dict built per access, about 1 us) when it can be used in place: 1-D,
     uint64, contiguous, aligned and writable (a read-only or odd array takes
@@ -543,14 +543,14 @@ def _ndarray_ids(values: Any, what: str) -> tuple[int | None, int, int, Any]:
     return _numpy_ids(values, values.__array_interface__, what)
 
 
-def _ffi_ids(values: Any, what: str) -> tuple[int | None, int, int, Any]:
+def _ffi_ids(values: Any, what: str) -> tuple[int, int, int, Any]:
     """Any iterable of ints, converted (with `_ffi.u64_array`'s checks and
     messages)."""
     arr = _ffi.u64_array(values, what)
-    return (ctypes.addressof(arr) if len(arr) else None), 0, len(arr), arr
+    return (ctypes.addressof(arr) if len(arr) else 0), 0, len(arr), arr
 
 
-def _numpy_ids(values: Any, interface: dict, what: str) -> tuple[int | None, int, int, Any]:
+def _numpy_ids(values: Any, interface: dict, what: str) -> tuple[int, int, int, Any]:
     """A numpy array (anything with `__array_interface__`): a 1-D, contiguous,
     aligned, little-endian uint64 array is used in place; other integer
     arrays are checked and converted (a copy)."""
@@ -562,7 +562,7 @@ def _numpy_ids(values: Any, interface: dict, what: str) -> tuple[int | None, int
         raise TypeError(f"{what}: expected integer ids, got an array of dtype {typestr!r}")
     count = shape[0]
     if count == 0:
-        return None, 0, 0, None
+        return 0, 0, 0, None
     address = interface["data"][0]
     if typestr == "<u8" and interface.get("strides") is None and address % 8 == 0:
         return address, 0, count, values
@@ -574,41 +574,42 @@ def _numpy_ids(values: Any, interface: dict, what: str) -> tuple[int | None, int
 
 
 class _Scratch(threading.local):
-    """Per-thread output buffers of `plan_blocks`: a plan of up to
-    `_SCRATCH_OPS` ops is written there and copied out (slices of exactly
-    its size), so no call zero-fills arrays it then shrinks; larger plans
-    are sized by the library's answer and written straight into their
-    result arrays."""
+    """Per-thread state of `plan_blocks`: its `kvf_plan_call` and output
+    arrays. A plan of up to `_SCRATCH_OPS` ops is written there and copied
+    out (slices of exactly its size), so no call zero-fills arrays it then
+    shrinks; larger plans are sized by the library's answer and written
+    straight into their result arrays."""
 
     def __init__(self) -> None:
         self.arrays = tuple(array.array("Q", _ZERO) * _SCRATCH_OPS for _ in range(3))
         self.addresses = tuple(a.buffer_info()[0] for a in self.arrays)
-        self.count = ctypes.c_size_t()
-        self.count_address = ctypes.addressof(self.count)
+        self.call = _t.PlanCall()
+        self.call_address = ctypes.addressof(self.call)
 
 
 _SCRATCH_OPS = 8192
 _ZERO = (0,)
 _SCRATCH: _Scratch | None = None
 _PLAN = None
+# `kvf_plan_call` as `struct` packs it: native sizes and alignment, as C
+# lays it out (checked against the ctypes declaration below). Packing the
+# fourteen fields in one call and passing one pointer costs less than
+# ctypes converting fourteen arguments.
+_CALL = struct.Struct("@PPPQNPQNPPPPNN")
+if _CALL.size != ctypes.sizeof(_t.PlanCall):  # pragma: no cover - C and struct agree everywhere
+    raise ImportError("struct and ctypes disagree on the layout of kvf_plan_call")
 
 
 def _plan_function():
-    """`kvf_plan_blocks_spans`, its arguments declared as raw addresses and
-    sizes (`_PLAN_ARGTYPES`), so that ctypes converts nothing but ints."""
+    """`kvf_plan_blocks_call`, its argument declared as a plain address."""
     global _PLAN, _SCRATCH
     fn = _PLAN
     if fn is None:
         lib = _lib()
-        fn = ctypes.CFUNCTYPE(ctypes.c_int32, *_PLAN_ARGTYPES)(("kvf_plan_blocks_spans", lib))
+        fn = ctypes.CFUNCTYPE(ctypes.c_int32, _V)(("kvf_plan_blocks_call", lib))
         _SCRATCH = _Scratch()
         _PLAN = fn
     return fn
-
-
-# kvf_plan_blocks_spans with every pointer as a plain address (the typed
-# declaration, checked against the header, is `_t.SIGNATURES`).
-_PLAN_ARGTYPES = (_V, _V, _V, _U, _N, _V, _U, _N, _V, _V, _V, _V, _N, _V)
 
 
 def plan_blocks(
@@ -671,11 +672,13 @@ def plan_blocks(
     else:
         la, lf, ln, _lkeep = _ids(local_ids, "local_ids")
         ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")
-    opts = _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
+    opts, _okeep = _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
     scratch = _SCRATCH
+    call = scratch.call
     a, b, c = scratch.addresses
-    status = fn(lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, _SCRATCH_OPS, scratch.count_address)
-    n = scratch.count.value
+    _CALL.pack_into(call, 0, lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, _SCRATCH_OPS, 0)
+    status = fn(scratch.call_address)
+    n = call.num_ops
     if status == 0:
         x, y, z = scratch.arrays
         return x[:n], y[:n], z[:n]
@@ -684,16 +687,17 @@ def plan_blocks(
     # Larger than the scratch arrays: exactly sized ones, planned again.
     out = (array.array("Q", _ZERO) * n, array.array("Q", _ZERO) * n, array.array("Q", _ZERO) * n)
     a, b, c = (o.buffer_info()[0] for o in out)
-    status = fn(lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, n, scratch.count_address)
+    _CALL.pack_into(call, 0, lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, n, 0)
+    status = fn(scratch.call_address)
     if status:
         raise _error(_lib(), status)
     return out
 
 
-def _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head) -> Any:
-    """`_options` as the address of a cached `kvf_plan_options` (the
-    library only reads it; None for the defaults), or, for arguments not
-    worth caching, a `byref` that keeps its struct alive through the call."""
+def _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head):
+    """`_options` as `(address, owner)`: the address of a `kvf_plan_options`
+    (the library only reads it; 0 for the defaults) and the object that
+    keeps it alive (cached for exact ints, str, None and bool)."""
     if (
         pulls == 1
         and offset_index == 0
@@ -702,9 +706,9 @@ def _options_address(pulls, offset_index, split, computed_tokens, tokens_per_blo
         and tokens_per_block is None
         and not trim_remote_head
     ):
-        return None
+        return 0, None
     key = (pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
-    # Only exact ints, str, None and bool are cached: True == 1 as keys.
+    # Only exact types are cached: True == 1 as keys.
     cacheable = (
         type(pulls) is int
         and type(offset_index) is int
@@ -716,14 +720,14 @@ def _options_address(pulls, offset_index, split, computed_tokens, tokens_per_blo
     if cacheable:
         hit = _OPTIONS.get(key)
         if hit is not None:
-            return hit[1]
+            return hit
     ref = _options(*key)
-    if ref is None or not cacheable or len(_OPTIONS) >= 1024:
-        return ref
-    struct = ref._obj
-    address = ctypes.addressof(struct)
-    _OPTIONS[key] = (struct, address)
-    return address
+    if ref is None:
+        return 0, None
+    entry = (ctypes.addressof(ref._obj), ref._obj)
+    if cacheable and len(_OPTIONS) < 1024:
+        _OPTIONS[key] = entry
+    return entry
 
 
 _OPTIONS: dict = {}

@@ -271,10 +271,11 @@ def test_structs_and_constants_match_the_header(header):
         ("kvf_pd_shape", _topology_ffi.PdShape),
         ("kvf_cache_layout", _topology_ffi.CacheLayout),
         ("kvf_plan_options", _topology_ffi.PlanOptions),
+        ("kvf_plan_call", _topology_ffi.PlanCall),
     ]:
         body = re.search(r"typedef struct %s \{(.*?)\}" % struct, header, re.S).group(1)
-        fields = re.findall(r"^\s*(\w+) (\w+);", re.sub(r"//[^\n]*", "", body), re.M)
-        assert [(n, _SCALARS[t]) for t, n in fields] == cls._fields_, struct
+        fields = re.findall(r"^\s*(?:const )?([\w ]+?) (\**)(\w+);", re.sub(r"//[^\n]*", "", body), re.M)
+        assert [(n, _expected(t + p)) for t, p, n in fields] == cls._fields_, struct
 
 
 # ---- COMPAT.md section 2 ------------------------------------------------------------------

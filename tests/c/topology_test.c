@@ -521,6 +521,45 @@ static void test_plan_spans(void) {
   kvf_layout_free(remote);
 }
 
+/* kvf_plan_blocks_call: kvf_plan_blocks_spans' arguments in one struct. */
+static void test_plan_call(void) {
+  uint64_t la[8], ra[8], ln[8];
+  const uint64_t frag[] = {10, 11, 12, 14, 15};
+  kvf_layout *local = one_cache(16, 0x1000, 1024, 1024);
+  kvf_layout *remote = one_cache(16, 0x3000, 1024, 1024);
+  kvf_plan_call c;
+  memset(&c, 0, sizeof c);
+  c.local_layout = local;
+  c.remote_layout = remote;
+  c.local_ids = frag;
+  c.n_local = 5;
+  c.remote_first = 1; /* remote 1 .. 6: runs [10,11,12]<-[1,2,3], [14,15]<-[4,5] */
+  c.n_remote = 5;
+  c.num_ops = 77;
+  /* Sizing first: the count lands in num_ops. */
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_BUFFER_TOO_SMALL, "capacity 0, but 2 entries");
+  CHECK(c.num_ops == 2);
+  c.local_addrs = la;
+  c.remote_addrs = ra;
+  c.lens = ln;
+  c.capacity = 8;
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_OK, NULL);
+  CHECK(c.num_ops == 2 && la[0] == 0x1000 + 10 * 1024 && ra[0] == 0x3000 + 1024 && ln[0] == 3072);
+  CHECK(la[1] == 0x1000 + 14 * 1024 && ra[1] == 0x3000 + 4 * 1024 && ln[1] == 2048);
+  /* Refusals: the library's message, num_ops untouched. */
+  c.num_ops = 77;
+  c.remote_first = 14;
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_INVALID_ARGUMENT, "remote_ids: the span 14 .. 14 + 5");
+  CHECK(c.num_ops == 77);
+  c.remote_first = 1;
+  c.local_layout = NULL;
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_NULL_POINTER, "local_layout");
+  EXPECT(kvf_plan_blocks_call(NULL), KVF_STATUS_NULL_POINTER, "call");
+  CHECK(c.num_ops == 77);
+  kvf_layout_free(local);
+  kvf_layout_free(remote);
+}
+
 static void test_layout_and_plan_errors(void) {
   kvf_cache_layout c = {0x1000, 1024, 1024, 1};
   kvf_layout *sentinel = (kvf_layout *)&checks; /* never dereferenced */
@@ -834,6 +873,7 @@ int main(void) {
   test_topology_errors();
   test_plan_examples();
   test_plan_spans();
+  test_plan_call();
   test_layout_and_plan_errors();
 
   dbuf = xmalloc(LEN);

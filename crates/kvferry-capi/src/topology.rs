@@ -796,6 +796,83 @@ pub unsafe extern "C" fn kvf_plan_blocks_spans(
     })
 }
 
+/// Every argument of `kvf_plan_blocks_spans` in one struct, for
+/// `kvf_plan_blocks_call`: a caller whose cost is per argument (Python's
+/// ctypes converts each one) passes one pointer instead of fourteen, and
+/// may keep the struct between calls, rewriting only what changed.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kvf_plan_call {
+    /// As `kvf_plan_blocks_spans`.
+    pub local_layout: *const kvf_layout,
+    /// As `kvf_plan_blocks_spans`.
+    pub remote_layout: *const kvf_layout,
+    /// Local ids, or NULL for the span `local_first .. local_first + n_local`.
+    pub local_ids: *const u64,
+    /// First id of a local span (0 with an array).
+    pub local_first: u64,
+    /// Local id count.
+    pub n_local: usize,
+    /// Remote ids, or NULL for the span `remote_first .. remote_first + n_remote`.
+    pub remote_ids: *const u64,
+    /// First id of a remote span (0 with an array).
+    pub remote_first: u64,
+    /// Remote id count.
+    pub n_remote: usize,
+    /// As `kvf_plan_blocks` (NULL: the defaults).
+    pub options: *const kvf_plan_options,
+    /// Output: local address of each op.
+    pub local_addrs: *mut u64,
+    /// Output: remote address of each op.
+    pub remote_addrs: *mut u64,
+    /// Output: bytes of each op.
+    pub lens: *mut u64,
+    /// Capacity of each output array, in elements.
+    pub capacity: usize,
+    /// Written by the call: the op count, on success and on
+    /// `KVF_STATUS_BUFFER_TOO_SMALL`.
+    pub num_ops: usize,
+}
+
+/// `kvf_plan_blocks_spans(c->local_layout, ..., &c->num_ops)`: the same
+/// plan, checks and statuses, with the arguments read from `*call` and the
+/// op count written to `call->num_ops`.
+///
+/// # Safety
+/// `call` NULL or valid for reads and writes of a `kvf_plan_call` whose
+/// fields satisfy `kvf_plan_blocks_spans`; `num_ops` may not lie inside an
+/// output array.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_plan_blocks_call(call: *mut kvf_plan_call) -> Status {
+    ffi!({
+        // A copy: no reference into `*call` lives while `num_ops` is written.
+        // SAFETY: forwarded to the caller; every field is a plain value.
+        let c: kvf_plan_call = *unsafe { handle::struct_arg(call, "call") }?;
+        // SAFETY: `call` is non-NULL and aligned (checked above); this only
+        // takes the field's address.
+        let num_ops = unsafe { &raw mut (*call).num_ops };
+        // SAFETY: forwarded to the caller (the fields of `*call`).
+        Ok(unsafe {
+            kvf_plan_blocks_spans(
+                c.local_layout,
+                c.remote_layout,
+                c.local_ids,
+                c.local_first,
+                c.n_local,
+                c.remote_ids,
+                c.remote_first,
+                c.n_remote,
+                c.options,
+                c.local_addrs,
+                c.remote_addrs,
+                c.lens,
+                c.capacity,
+                num_ops,
+            )
+        })
+    })
+}
+
 /// The engine ops of a plan. `None` when there is nothing to move (no ids).
 fn engine_ops(args: &BlockArgs<'_>) -> Result<Option<Vec<Op>>, Error> {
     let plan = args.prepare()?;
