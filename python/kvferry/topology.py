@@ -585,10 +585,13 @@ class _Scratch(threading.local):
         self.addresses = tuple(a.buffer_info()[0] for a in self.arrays)
         self.call = _t.PlanCall()
         self.call_address = ctypes.addressof(self.call)
+        # What every call reads, in one attribute.
+        self.fast = (self.call, self.call_address, *self.addresses, *self.arrays)
 
 
 _SCRATCH_OPS = 8192
 _ZERO = (0,)
+_ARRAY = array.array
 _SCRATCH: _Scratch | None = None
 _PLAN = None
 # `kvf_plan_call` as `struct` packs it: native sizes and alignment, as C
@@ -649,8 +652,9 @@ def plan_blocks(
     the lists pair one to one.
     """
     fn = _PLAN or _plan_function()
-    # The common case inline (two lists, open layouts); `_layout_ptr` and
-    # `_ids` handle every other form and refusal.
+    # The common cases inline (open layouts; ids as lists or array('Q'); the
+    # default options): `_layout_ptr`, `_ids` and `_options_address` handle
+    # every other form and every refusal.
     lp = local_layout._ptr if type(local_layout) is Layout else None
     if lp is None:
         lp = _layout_ptr(local_layout, "local_layout")
@@ -658,29 +662,48 @@ def plan_blocks(
     if rp is None:
         rp = _layout_ptr(remote_layout, "remote_layout")
     # `_lkeep` and `_rkeep` own the id memory: alive until the return.
-    if type(local_ids) is list and type(remote_ids) is list:
+    t = type(local_ids)
+    if t is list or (t is _ARRAY and local_ids.typecode == "Q"):
         try:
-            _lkeep = array.array("Q", local_ids)
-            _rkeep = array.array("Q", remote_ids)
+            _lkeep = _ARRAY("Q", local_ids) if t is list else local_ids
         except (TypeError, OverflowError):
-            _ids(local_ids, "local_ids")
-            _ids(remote_ids, "remote_ids")
-            raise  # pragma: no cover - _ids raises the clearer error
-        la, ln = _lkeep.buffer_info()
-        ra, rn = _rkeep.buffer_info()
-        lf = rf = 0
+            _lkeep = None
+        if _lkeep is None:
+            la, lf, ln, _lkeep = _ids(local_ids, "local_ids")  # raises the clear error
+        else:
+            la, ln = _lkeep.buffer_info()
+            lf = 0
     else:
         la, lf, ln, _lkeep = _ids(local_ids, "local_ids")
+    t = type(remote_ids)
+    if t is list or (t is _ARRAY and remote_ids.typecode == "Q"):
+        try:
+            _rkeep = _ARRAY("Q", remote_ids) if t is list else remote_ids
+        except (TypeError, OverflowError):
+            _rkeep = None
+        if _rkeep is None:
+            ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")  # raises the clear error
+        else:
+            ra, rn = _rkeep.buffer_info()
+            rf = 0
+    else:
         ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")
-    opts, _okeep = _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
-    scratch = _SCRATCH
-    call = scratch.call
-    a, b, c = scratch.addresses
+    if (
+        pulls == 1
+        and offset_index == 0
+        and split == "local"
+        and computed_tokens is None
+        and tokens_per_block is None
+        and not trim_remote_head
+    ):
+        opts = 0
+    else:
+        opts, _okeep = _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
+    call, address, a, b, c, x, y, z = _SCRATCH.fast
     _CALL.pack_into(call, 0, lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, _SCRATCH_OPS, 0)
-    status = fn(scratch.call_address)
+    status = fn(address)
     n = call.num_ops
     if status == 0:
-        x, y, z = scratch.arrays
         return x[:n], y[:n], z[:n]
     if status != Status.BUFFER_TOO_SMALL:
         raise _error(_lib(), status)
@@ -688,7 +711,7 @@ def plan_blocks(
     out = (array.array("Q", _ZERO) * n, array.array("Q", _ZERO) * n, array.array("Q", _ZERO) * n)
     a, b, c = (o.buffer_info()[0] for o in out)
     _CALL.pack_into(call, 0, lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, n, 0)
-    status = fn(scratch.call_address)
+    status = fn(address)
     if status:
         raise _error(_lib(), status)
     return out

@@ -53,6 +53,8 @@ impl CacheLayout {
 pub struct SideLayout {
     num_blocks: u64,
     layers: Vec<Vec<CacheLayout>>,
+    /// `layers` flattened, layer by layer: what planning walks.
+    flat: Vec<CacheLayout>,
 }
 
 impl SideLayout {
@@ -90,7 +92,12 @@ impl SideLayout {
                 }
             }
         }
-        Ok(SideLayout { num_blocks, layers })
+        let flat = layers.iter().flatten().copied().collect();
+        Ok(SideLayout {
+            num_blocks,
+            layers,
+            flat,
+        })
     }
 
     /// Logical blocks per cache.
@@ -404,12 +411,11 @@ impl<'a> PreparedPlan<'a> {
     /// [`PreparedPlan::op_count`] of them unless an internal check fires,
     /// see [`plan_blocks_each`]).
     pub fn for_each(&self, mut sink: impl FnMut(PlannedOp)) -> Result<()> {
-        for (local_caches, remote_caches) in self.local.layers.iter().zip(&self.remote.layers) {
-            for (l, r) in local_caches.iter().zip(remote_caches) {
-                // Every pair passed `check_cache` in `new`.
-                let c = cache_plan(*l, *r, self.pulls, self.offset_index, self.split);
-                emit(&c, &self.runs, &mut sink)?;
-            }
+        // Every pair passed `check_cache` in `new`; the layer and cache
+        // counts agree, so the flattened lists pair up.
+        for (l, r) in self.local.flat.iter().zip(&self.remote.flat) {
+            let c = cache_plan(*l, *r, self.pulls, self.offset_index, self.split);
+            emit(&c, &self.runs, &mut sink)?;
         }
         Ok(())
     }
