@@ -592,6 +592,7 @@ class _Scratch(threading.local):
 _SCRATCH_OPS = 8192
 _ZERO = (0,)
 _ARRAY = array.array
+_U64_END = 1 << 64
 _SCRATCH: _Scratch | None = None
 _PLAN = None
 # `kvf_plan_call` as `struct` packs it: native sizes and alignment, as C
@@ -652,9 +653,9 @@ def plan_blocks(
     the lists pair one to one.
     """
     fn = _PLAN or _plan_function()
-    # The common cases inline (open layouts; ids as lists or array('Q'); the
-    # default options): `_layout_ptr`, `_ids` and `_options_address` handle
-    # every other form and every refusal.
+    # The common cases inline (open layouts; ids as lists, array('Q') or
+    # non-empty step-1 ranges; the default options): `_layout_ptr`, `_ids`
+    # and `_options_address` handle every other form and every refusal.
     lp = local_layout._ptr if type(local_layout) is Layout else None
     if lp is None:
         lp = _layout_ptr(local_layout, "local_layout")
@@ -673,6 +674,8 @@ def plan_blocks(
         else:
             la, ln = _lkeep.buffer_info()
             lf = 0
+    elif t is range and local_ids.step == 1 and 0 <= local_ids.start < local_ids.stop <= _U64_END:
+        la, lf, ln, _lkeep = 0, local_ids.start, len(local_ids), None
     else:
         la, lf, ln, _lkeep = _ids(local_ids, "local_ids")
     t = type(remote_ids)
@@ -686,6 +689,8 @@ def plan_blocks(
         else:
             ra, rn = _rkeep.buffer_info()
             rf = 0
+    elif t is range and remote_ids.step == 1 and 0 <= remote_ids.start < remote_ids.stop <= _U64_END:
+        ra, rf, rn, _rkeep = 0, remote_ids.start, len(remote_ids), None
     else:
         ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")
     if (
