@@ -358,15 +358,26 @@ impl<'a> PreparedPlan<'a> {
         }
         let local_ids = request.local_ids;
         let remote_ids = pair_remote_ids(local_ids, request.remote_ids, request.prefix)?;
-        check_ids(Side::Local, local_ids, local.num_blocks)?;
-        check_ids(Side::Remote, remote_ids, remote.num_blocks)?;
+        // One pass finds the runs and whether any id is out of range; the
+        // error, naming the first such id, only then.
+        let (runs, in_range) = runs(
+            local_ids,
+            remote_ids,
+            pulls,
+            local.num_blocks,
+            remote.num_blocks,
+        );
+        if !in_range {
+            check_ids(Side::Local, local_ids, local.num_blocks)?;
+            check_ids(Side::Remote, remote_ids, remote.num_blocks)?;
+        }
         let mut plan = PreparedPlan {
             local,
             remote,
             pulls,
             offset_index,
             split: request.split,
-            runs: runs(local_ids, remote_ids, pulls),
+            runs,
             op_count: 0,
         };
 
@@ -421,35 +432,50 @@ impl<'a> PreparedPlan<'a> {
     }
 }
 
-/// Runs of consecutive ids on both sides, shared by every cache. With
-/// n > 1 the connectors never merge blocks, so every pair stands alone.
-fn runs(local_ids: &[u64], remote_ids: &[u64], pulls: u64) -> Vec<(u64, u64, u64)> {
+/// Runs of consecutive ids on both sides, shared by every cache, and
+/// whether every id is below its side's block count (the runs are
+/// meaningless otherwise). With n > 1 the connectors never merge blocks, so
+/// every pair stands alone. The lists have equal lengths (paired first).
+fn runs(
+    local_ids: &[u64],
+    remote_ids: &[u64],
+    pulls: u64,
+    local_blocks: u64,
+    remote_blocks: u64,
+) -> (Vec<(u64, u64, u64)>, bool) {
+    let n = local_ids.len().min(remote_ids.len());
+    let (local_ids, remote_ids) = (&local_ids[..n], &remote_ids[..n]);
+    let mut bad = false;
     if pulls != 1 {
-        return local_ids
+        let runs = local_ids
             .iter()
             .zip(remote_ids)
-            .map(|(&l, &r)| (l, r, 1))
+            .map(|(&l, &r)| {
+                bad |= (l >= local_blocks) | (r >= remote_blocks);
+                (l, r, 1)
+            })
             .collect();
+        return (runs, !bad);
     }
     let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-    let n = local_ids.len().min(remote_ids.len());
-    if n == 0 {
-        return runs;
-    }
-    let (local_ids, remote_ids) = (&local_ids[..n], &remote_ids[..n]);
+    let (Some(&l0), Some(&r0)) = (local_ids.first(), remote_ids.first()) else {
+        return (runs, true);
+    };
+    bad |= (l0 >= local_blocks) | (r0 >= remote_blocks);
     let mut start = 0;
     for i in 1..n {
-        // Ids are below num_blocks <= u64::MAX (checked first), so + 1
-        // cannot wrap; wrapping_add only keeps the check out of the loop.
-        if local_ids[i] != local_ids[i - 1].wrapping_add(1)
-            || remote_ids[i] != remote_ids[i - 1].wrapping_add(1)
-        {
+        let (l, r) = (local_ids[i], remote_ids[i]);
+        bad |= (l >= local_blocks) | (r >= remote_blocks);
+        // In range, ids are below num_blocks <= u64::MAX, so + 1 cannot
+        // wrap; out of range, the runs are dropped. wrapping_add only keeps
+        // a check out of the loop.
+        if l != local_ids[i - 1].wrapping_add(1) || r != remote_ids[i - 1].wrapping_add(1) {
             runs.push((local_ids[start], remote_ids[start], (i - start) as u64));
             start = i;
         }
     }
     runs.push((local_ids[start], remote_ids[start], (n - start) as u64));
-    runs
+    (runs, !bad)
 }
 
 /// The ops of one cache, run by run.
