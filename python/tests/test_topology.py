@@ -727,6 +727,21 @@ def test_transfer_blocks_pull_and_push(pair):
     )
     assert dbuf.raw == want
 
+    # The same with ids as a range and an array('Q') (plan_blocks' forms).
+    fill(dbuf, 5)
+    want = apply_plan(dbuf, d_base, pbuf, p_base, plan)
+    topology.transfer_blocks(
+        decode,
+        prefill.name,
+        d1,
+        pl,
+        range(6, 9),
+        array.array("Q", [0, 1, 2, 3, 4]),
+        computed_tokens=256,
+        tokens_per_block=128,
+    )
+    assert dbuf.raw == want
+
     # Nothing to move: fine synchronously, no batch asynchronously.
     topology.transfer_blocks(decode, prefill.name, d1, pl, [], [])
     with pytest.raises(Error, match="no blocks to transfer"):
