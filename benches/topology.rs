@@ -11,7 +11,9 @@
 //! with the ids as lists (as the connectors hold them), and as array('Q'),
 //! range and numpy ids (no conversion), next to the list conversion alone.
 //!
-//! The Python side needs `python3`; its API column needs libkvferry.so
+//! The Python side needs `python3` (the first on PATH: put a virtualenv
+//! with numpy first for the numpy column) and imports this checkout's
+//! `python/kvferry`; its API column needs libkvferry.so
 //! (`KVFERRY_LIBRARY`, else target/release/libkvferry.so: run
 //! `cargo build --release -p kvferry-capi` first). Without them the Rust
 //! numbers still come out. `KVFERRY_BENCH_NO_PYTHON=1` skips the comparison.
@@ -167,8 +169,15 @@ fn library() -> Option<PathBuf> {
 
 fn python_side() -> Result<Value, String> {
     let mut cmd = Command::new("python3");
+    // This checkout's package, not an installed copy (which may be older).
+    let mut path = std::ffi::OsString::from(repo().join("python"));
+    if let Some(old) = std::env::var_os("PYTHONPATH") {
+        path.push(":");
+        path.push(old);
+    }
     cmd.arg(repo().join("benches/topology_python.py"))
-        .arg("--json");
+        .arg("--json")
+        .env("PYTHONPATH", path);
     match library() {
         Some(lib) => {
             cmd.env("KVFERRY_LIBRARY", lib);
