@@ -501,8 +501,10 @@ def _ids(values: Any, what: str) -> tuple[int, int, int, Any]:
         return _ffi_ids(values, what)
     if t is array.array:
         if values.typecode in "QL" and values.itemsize == 8:
+            # The export keeps the array from being resized during the call.
+            view = memoryview(values)
             address, count = values.buffer_info()
-            return address, 0, count, values
+            return address, 0, count, view
         if values.typecode in "fdu" or values.typecode == "w":
             raise TypeError(f"{what}: expected integer ids, got an array of typecode {values.typecode!r}")
         return _ffi_ids(values, what)
@@ -664,9 +666,9 @@ def plan_blocks(
         rp = _layout_ptr(remote_layout, "remote_layout")
     # `_lkeep` and `_rkeep` own the id memory: alive until the return.
     t = type(local_ids)
-    if t is list or (t is _ARRAY and local_ids.typecode == "Q"):
+    if t is list:
         try:
-            _lkeep = _ARRAY("Q", local_ids) if t is list else local_ids
+            _lkeep = _ARRAY("Q", local_ids)
         except (TypeError, OverflowError):
             _lkeep = None
         if _lkeep is None:
@@ -674,14 +676,20 @@ def plan_blocks(
         else:
             la, ln = _lkeep.buffer_info()
             lf = 0
+    elif t is _ARRAY and local_ids.typecode == "Q":
+        # The export keeps another thread from resizing (moving) the
+        # caller's array while the library reads it.
+        _lkeep = memoryview(local_ids)
+        la, ln = local_ids.buffer_info()
+        lf = 0
     elif t is range and local_ids.step == 1 and 0 <= local_ids.start < local_ids.stop <= _U64_END:
         la, lf, ln, _lkeep = 0, local_ids.start, len(local_ids), None
     else:
         la, lf, ln, _lkeep = _ids(local_ids, "local_ids")
     t = type(remote_ids)
-    if t is list or (t is _ARRAY and remote_ids.typecode == "Q"):
+    if t is list:
         try:
-            _rkeep = _ARRAY("Q", remote_ids) if t is list else remote_ids
+            _rkeep = _ARRAY("Q", remote_ids)
         except (TypeError, OverflowError):
             _rkeep = None
         if _rkeep is None:
@@ -689,6 +697,12 @@ def plan_blocks(
         else:
             ra, rn = _rkeep.buffer_info()
             rf = 0
+    elif t is _ARRAY and remote_ids.typecode == "Q":
+        # The export keeps another thread from resizing (moving) the
+        # caller's array while the library reads it.
+        _rkeep = memoryview(remote_ids)
+        ra, rn = remote_ids.buffer_info()
+        rf = 0
     elif t is range and remote_ids.step == 1 and 0 <= remote_ids.start < remote_ids.stop <= _U64_END:
         ra, rf, rn, _rkeep = 0, remote_ids.start, len(remote_ids), None
     else:

@@ -512,6 +512,20 @@ def test_plan_id_form_refusals():
     assert plan_lists(topology.plan_blocks(local, remote, [2, 3, 4], [7, 8, 9])) == good
 
 
+def test_caller_arrays_are_held_during_the_call():
+    # The library reads a caller's array('Q') in place, with the GIL
+    # released: the call holds a buffer export on it meanwhile, so another
+    # thread cannot resize (move) it. The export, seen through the helper
+    # every non-list form goes through:
+    ids = array.array("Q", [1, 2, 3])
+    address, first, count, keep = topology._ids(ids, "local_ids")
+    assert (address, first, count) == (ids.buffer_info()[0], 0, 3)
+    with pytest.raises(BufferError):
+        ids.append(4)
+    del keep
+    ids.append(4)
+
+
 def test_plan_numpy_ids():
     np = pytest.importorskip("numpy")
     local, remote = one_cache(64, 0x100000, 256), one_cache(64, 0x200000, 256)
