@@ -263,6 +263,24 @@ def test_signatures_match_the_header(header):
         assert [_expected(p) for p in params] == list(argtypes), name
 
 
+def test_fast_prototypes_match_the_header(header):
+    # plan_blocks and pull_ranks call the library through prototypes of
+    # their own, with pointers (and sizes) as plain addresses: same arity,
+    # a pointer wherever C has one, same widths elsewhere.
+    topology.pull_ranks("r", 8, 4, 4)
+    topology.plan_blocks(one_cache(4, 0, 64), one_cache(4, 64 * 4, 64), [1], [2])
+    decls = _declarations(header)
+    for fn, name in [(topology._PLAN, "kvf_plan_blocks_call"), (topology._PULL, "kvf_topology_pull_ranks")]:
+        ret, params = decls[name]
+        assert ret == "kvf_status" and fn.restype is ctypes.c_int32, name
+        assert len(fn.argtypes) == len(params), name
+        for c, py in zip(params, fn.argtypes):
+            if c.endswith("*"):
+                assert py in (ctypes.c_void_p, ctypes.c_char_p), (name, c, py)
+            else:
+                assert ctypes.sizeof(py) == ctypes.sizeof(_expected(c)), (name, c, py)
+
+
 def test_structs_and_constants_match_the_header(header):
     defines = dict(re.findall(r"#define (KVF_\w+) (\S+)", header))
     for name in [n for n in dir(_topology_ffi) if n.startswith("KVF_")]:
