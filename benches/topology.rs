@@ -7,9 +7,13 @@
 //! contiguous (one op per cache), fragmented (a hole after every 8 blocks:
 //! one op per run of 8) and split (n = 2 pulls per rank: one op per block).
 //! Pull lists: one request's lists for four deployment shapes (SHA-256 of
-//! the request id and CPython's `sample` included).
+//! the request id and CPython's `sample` included). The Python API is timed
+//! with the ids as lists (as the connectors hold them), and as array('Q'),
+//! range and numpy ids (no conversion), next to the list conversion alone.
 //!
-//! The Python side needs `python3`; its API column needs libkvferry.so
+//! The Python side needs `python3` (the first on PATH: put a virtualenv
+//! with numpy first for the numpy column) and imports this checkout's
+//! `python/kvferry`; its API column needs libkvferry.so
 //! (`KVFERRY_LIBRARY`, else target/release/libkvferry.so: run
 //! `cargo build --release -p kvferry-capi` first). Without them the Rust
 //! numbers still come out. `KVFERRY_BENCH_NO_PYTHON=1` skips the comparison.
@@ -165,8 +169,15 @@ fn library() -> Option<PathBuf> {
 
 fn python_side() -> Result<Value, String> {
     let mut cmd = Command::new("python3");
+    // This checkout's package, not an installed copy (which may be older).
+    let mut path = std::ffi::OsString::from(repo().join("python"));
+    if let Some(old) = std::env::var_os("PYTHONPATH") {
+        path.push(":");
+        path.push(old);
+    }
     cmd.arg(repo().join("benches/topology_python.py"))
-        .arg("--json");
+        .arg("--json")
+        .env("PYTHONPATH", path);
     match library() {
         Some(lib) => {
             cmd.env("KVFERRY_LIBRARY", lib);
@@ -251,7 +262,42 @@ fn compare_with_python() {
         }
     }
     println!(
-        "{:<34}{:>8} {:>13} {:>13} {:>13} {:>9} {:>9}",
+        "\nthe same plans with ids a connector could keep without conversion (loop/x as above),\n\
+         and the two list-to-array('Q') conversions alone: the ceiling of loop/api with lists"
+    );
+    println!(
+        "{:<34}{:>13} {:>9} {:>13} {:>9} {:>13} {:>9} {:>13} {:>9}",
+        "plan",
+        "array('Q')",
+        "loop/x",
+        "range",
+        "loop/x",
+        "numpy",
+        "loop/x",
+        "conversion",
+        "loop/x"
+    );
+    for blocks in BLOCKS {
+        for kind in KINDS {
+            let name = format!("{LAYERS}x{CACHES}x{blocks}/{kind}");
+            let Some(row) = python.get("plan").and_then(|p| p.get(&name)) else {
+                continue;
+            };
+            let loop_s = row.get("loop").and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+            let mut line = format!("{name:<34}");
+            for key in ["api_array", "api_range", "api_numpy", "convert"] {
+                let t = row.get(key).and_then(|v| v.as_f64());
+                line.push_str(&format!(
+                    "{} {}",
+                    t.map_or_else(|| format!("{:>13}", "-"), us),
+                    ratio(loop_s, t)
+                ));
+            }
+            println!("{line}");
+        }
+    }
+    println!(
+        "\n{:<34}{:>8} {:>13} {:>13} {:>13} {:>9} {:>9}",
         "pull_ranks", "", "rust", "python api", "python loop", "loop/rust", "loop/api"
     );
     for (name, shape) in pull_shapes() {

@@ -6,19 +6,26 @@ connectors run today against kvferry's Python API, on the same scenarios.
   contiguous, fragmented (runs of 8) or split (n = 2: every block its own
   op). The loop is python/tests/compat_plan.py (COMPAT.md section 2 in the
   connectors' shape); the API call is `kvferry.topology.plan_blocks`, the
-  whole call (ids in, three address arrays out).
+  whole call (ids in, three address arrays out), with the ids as the
+  connectors hold them (`api`: Python lists) and as a connector could
+  keep them at no conversion cost: `array('Q')` (`api_array`), `range`
+  objects where the ids are one (`api_range`: contiguous and split), numpy
+  uint64 arrays when numpy is installed (`api_numpy`). `convert` is the
+  time of the two `array('Q', list)` conversions alone: the least any call
+  taking lists can cost, so `loop / convert` bounds the list ratio.
 - pull: the decode rank lists of one request: the rules in Python with
   CPython's `random` and `hashlib` (the crate's oracle, the connectors'
   code path) against `kvferry.topology.pull_ranks`.
 
 Prints one JSON document: per scenario the op count and seconds per call
-of each side (`api` is null when libkvferry.so cannot be loaded: set
+of each side (the `api*` entries are null when libkvferry.so cannot be loaded: set
 KVFERRY_LIBRARY, or `cargo build --release -p kvferry-capi`). Standalone:
 `python3 benches/topology_python.py` prints a table instead.
 """
 
 from __future__ import annotations
 
+import array
 import functools
 import importlib.util
 import json
@@ -91,6 +98,11 @@ def load_api():
         return None, f"{type(e).__name__}: {e}"
 
 
+def convert_both(local_ids, remote_ids):
+    """What any call taking the ids as lists does first."""
+    return array.array("Q", local_ids), array.array("Q", remote_ids)
+
+
 def load_rules():
     spec = importlib.util.spec_from_file_location(
         "rules", REPO / "crates" / "kvferry-topology" / "tests" / "oracle" / "rules.py"
@@ -104,6 +116,10 @@ def main() -> None:
     topology, why = load_api()
     rules = load_rules()
     out = {"python": sys.version.split()[0], "api_error": why, "plan": {}, "pull": {}}
+    try:
+        import numpy
+    except ImportError:
+        numpy = None
     for blocks in (256, 2048):
         for kind in ("contiguous", "fragmented", "split"):
             local, remote, num_blocks, lids, rids, pulls = scenario(blocks, kind)
@@ -111,15 +127,26 @@ def main() -> None:
             ref = compat_plan.plan(local, remote, lids, rids, pulls=pulls)
             row = {"ops": len(ref[0]), "loop": None, "api": None}
             loop = functools.partial(compat_plan.plan, local, remote, lids, rids, pulls=pulls)
+            convert = functools.partial(convert_both, lids, rids)
             if topology is None:
-                (row["loop"],) = seconds_per_call(loop)
-            else:
-                ll = topology.Layout([local[i : i + CACHES] for i in range(0, len(local), CACHES)], num_blocks)
-                rl = topology.Layout([remote[i : i + CACHES] for i in range(0, len(remote), CACHES)], num_blocks)
-                got = topology.plan_blocks(ll, rl, lids, rids, pulls=pulls)
-                assert [list(a) for a in got] == [list(a) for a in ref], f"{name}: the API and the loop disagree"
-                api = functools.partial(topology.plan_blocks, ll, rl, lids, rids, pulls=pulls)
-                row["loop"], row["api"] = seconds_per_call(loop, api)
+                row["loop"], row["convert"] = seconds_per_call(loop, convert)
+                out["plan"][name] = row
+                continue
+            ll = topology.Layout([local[i : i + CACHES] for i in range(0, len(local), CACHES)], num_blocks)
+            rl = topology.Layout([remote[i : i + CACHES] for i in range(0, len(remote), CACHES)], num_blocks)
+            forms = {"api": (lids, rids), "api_array": (array.array("Q", lids), array.array("Q", rids))}
+            if lids == list(range(blocks)):
+                forms["api_range"] = (range(blocks), range(blocks))
+            if numpy is not None:
+                forms["api_numpy"] = (numpy.array(lids, dtype=numpy.uint64), numpy.array(rids, dtype=numpy.uint64))
+            calls = {}
+            for key, (li, ri) in forms.items():
+                got = topology.plan_blocks(ll, rl, li, ri, pulls=pulls)
+                assert [list(a) for a in got] == [list(a) for a in ref], f"{name} {key}: the API and the loop disagree"
+                calls[key] = functools.partial(topology.plan_blocks, ll, rl, li, ri, pulls=pulls)
+            times = seconds_per_call(loop, convert, *calls.values())
+            row["loop"], row["convert"] = times[:2]
+            row.update(zip(calls, times[2:]))
             out["plan"][name] = row
     for p, d, h, kind, s in PULL_SHAPES:
         name = f"P{p}-D{d}-H{h}-{kind}-S{s}"
@@ -138,12 +165,19 @@ def main() -> None:
         return
     if why:
         print(f"kvferry.topology not loaded ({why}): loop times only")
-    for section in ("plan", "pull"):
-        for name, row in out[section].items():
-            api = row["api"]
-            ratio = f"{row['loop'] / api:7.1f}x" if api else "      -"
-            api_us = f"{api * 1e6:10.1f}" if api else "         -"
-            print(f"{section:5} {name:28} loop {row['loop'] * 1e6:10.1f} us  api {api_us} us  {ratio}")
+    for name, row in out["plan"].items():
+        loop = row["loop"]
+        cells = [f"plan  {name:26} loop {loop * 1e6:9.1f} us"]
+        for key, label in (("api", "list"), ("api_array", "array"), ("api_range", "range"), ("api_numpy", "numpy")):
+            t = row.get(key)
+            cells.append(f"{label} {t * 1e6:7.1f} us {loop / t:5.1f}x" if t else f"{label} {'-':>18}")
+        cells.append(f"lists->arrays {row['convert'] * 1e6:5.1f} us (<= {loop / row['convert']:.0f}x)")
+        print(" | ".join(cells))
+    for name, row in out["pull"].items():
+        api = row["api"]
+        ratio = f"{row['loop'] / api:5.1f}x" if api else "    -"
+        api_us = f"{api * 1e6:7.1f}" if api else "      -"
+        print(f"pull  {name:26} loop {row['loop'] * 1e6:9.1f} us | api {api_us} us {ratio}")
 
 
 if __name__ == "__main__":

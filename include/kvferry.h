@@ -187,6 +187,42 @@ typedef struct kvf_plan_options {
   uint64_t tokens_per_block;
 } kvf_plan_options;
 
+// Every argument of `kvf_plan_blocks_spans` in one struct, for
+// `kvf_plan_blocks_call`: a caller whose cost is per argument (Python's
+// ctypes converts each one) passes one pointer instead of fourteen, and
+// may keep the struct between calls, rewriting only what changed.
+typedef struct kvf_plan_call {
+  // As `kvf_plan_blocks_spans`.
+  const struct kvf_layout *local_layout;
+  // As `kvf_plan_blocks_spans`.
+  const struct kvf_layout *remote_layout;
+  // Local ids, or NULL for the span `local_first .. local_first + n_local`.
+  const uint64_t *local_ids;
+  // First id of a local span (0 with an array).
+  uint64_t local_first;
+  // Local id count.
+  size_t n_local;
+  // Remote ids, or NULL for the span `remote_first .. remote_first + n_remote`.
+  const uint64_t *remote_ids;
+  // First id of a remote span (0 with an array).
+  uint64_t remote_first;
+  // Remote id count.
+  size_t n_remote;
+  // As `kvf_plan_blocks` (NULL: the defaults).
+  const struct kvf_plan_options *options;
+  // Output: local address of each op.
+  uint64_t *local_addrs;
+  // Output: remote address of each op.
+  uint64_t *remote_addrs;
+  // Output: bytes of each op.
+  uint64_t *lens;
+  // Capacity of each output array, in elements.
+  size_t capacity;
+  // Written by the call: the op count, on success and on
+  // `KVF_STATUS_BUFFER_TOO_SMALL`.
+  size_t num_ops;
+} kvf_plan_call;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -539,6 +575,40 @@ kvf_status kvf_plan_blocks(const struct kvf_layout *local_layout,
                            uint64_t *lens,
                            size_t capacity,
                            size_t *out_num_ops);
+
+// `kvf_plan_blocks` where either side's ids may be a span: a NULL id array
+// with a nonzero count means the consecutive ids `first .. first + count`
+// (a caller that holds ids as a range passes two integers instead of an
+// array). With an id array, `first` must be 0. A span must lie inside its
+// layout (`first + count <= num_blocks`), even where a prefix hit would
+// skip part of it. Everything else, outputs included, is `kvf_plan_blocks`.
+//
+// # Safety
+// As `kvf_plan_blocks`.
+kvf_status kvf_plan_blocks_spans(const struct kvf_layout *local_layout,
+                                 const struct kvf_layout *remote_layout,
+                                 const uint64_t *local_ids,
+                                 uint64_t local_first,
+                                 size_t n_local,
+                                 const uint64_t *remote_ids,
+                                 uint64_t remote_first,
+                                 size_t n_remote,
+                                 const struct kvf_plan_options *options,
+                                 uint64_t *local_addrs,
+                                 uint64_t *remote_addrs,
+                                 uint64_t *lens,
+                                 size_t capacity,
+                                 size_t *out_num_ops);
+
+// `kvf_plan_blocks_spans(c->local_layout, ..., &c->num_ops)`: the same
+// plan, checks and statuses, with the arguments read from `*call` and the
+// op count written to `call->num_ops`.
+//
+// # Safety
+// `call` NULL or valid for reads and writes of a `kvf_plan_call` whose
+// fields satisfy `kvf_plan_blocks_spans`; `num_ops` may not lie inside an
+// output array.
+kvf_status kvf_plan_blocks_call(struct kvf_plan_call *call);
 
 // Plans a request's blocks (as `kvf_plan_blocks`) and moves them to or
 // from `session` (as `kvf_transfer_sync`): `KVF_OP_READ` copies the remote

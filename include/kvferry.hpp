@@ -9,8 +9,8 @@
  *   the failure. Read them from the exception, not from kvf_last_error()
  *   afterwards: a destructor running during unwinding may overwrite the
  *   thread's last error.
- * - Ownership: Config, Engine and Batch each own one C handle and free it in
- *   their destructor. They are move-only. A moved-from object owns nothing:
+ * - Ownership: Config, Engine, Batch and Layout each own one C handle and
+ *   free it in their destructor. They are move-only. A moved-from object owns nothing:
  *   destroying or assigning it is fine, and any other call throws Error with
  *   KVF_STATUS_NULL_POINTER (the C API refuses the NULL handle) instead of
  *   misbehaving.
@@ -22,7 +22,8 @@
  * - Threads: an Engine may be used from many threads at once (every const
  *   member function is thread-safe); moving, assigning or destroying it must
  *   not race with other calls. Config and Batch objects are not thread-safe:
- *   use each from one thread at a time.
+ *   use each from one thread at a time. A Layout is immutable: its const
+ *   member functions (and plan_blocks over it) are thread-safe.
  */
 
 #ifndef KVFERRY_HPP
@@ -218,6 +219,79 @@ class Config {
  private:
   kvf_config *config_ = nullptr;
 };
+
+/// One side's KV cache layout (owns a kvf_layout): for every layer, every
+/// cache's (base, block_len, stride, scale), each cache holding `num_blocks`
+/// logical blocks (see kvf_layout_new). Move-only; immutable once made, so
+/// const calls may run on many threads at once. A moved-from Layout owns
+/// nothing, and planning with it throws Error (KVF_STATUS_NULL_POINTER).
+class Layout {
+ public:
+  /// `caches` holds `num_layers * caches_per_layer` entries, layer-major.
+  /// Throws Error (KVF_STATUS_INVALID_ARGUMENT) for any other count, and for
+  /// everything kvf_layout_new refuses.
+  Layout(std::uint64_t num_blocks, std::size_t num_layers, std::size_t caches_per_layer,
+         const std::vector<kvf_cache_layout> &caches) {
+    if (caches_per_layer != 0 && (num_layers > caches.size() / caches_per_layer ||
+                                  num_layers * caches_per_layer != caches.size())) {
+      throw Error(KVF_STATUS_INVALID_ARGUMENT, "kvf_layout_new",
+                  std::to_string(caches.size()) + " caches given for " +
+                      std::to_string(num_layers) + " layers x " +
+                      std::to_string(caches_per_layer) + " caches");
+    }
+    detail::check(kvf_layout_new(num_blocks, num_layers, caches_per_layer, caches.data(),
+                                 &layout_),
+                  "kvf_layout_new");
+  }
+  ~Layout() { kvf_layout_free(layout_); }
+
+  Layout(Layout &&other) noexcept : layout_(std::exchange(other.layout_, nullptr)) {}
+  Layout &operator=(Layout &&other) noexcept {
+    if (this != &other) {
+      kvf_layout_free(layout_);
+      layout_ = std::exchange(other.layout_, nullptr);
+    }
+    return *this;
+  }
+  Layout(const Layout &) = delete;
+  Layout &operator=(const Layout &) = delete;
+
+  /// The C handle, still owned by this object (NULL when moved from).
+  const kvf_layout *get() const noexcept { return layout_; }
+
+ private:
+  kvf_layout *layout_ = nullptr;
+};
+
+/// The copies that move `remote_ids` into `local_ids` (or back) between two
+/// layouts (kvf_plan_blocks): for each layer, cache and run, one Op.
+/// `options` nullptr means one pull, offset 0, no prefix hit. Throws Error
+/// when the library refuses the request; nothing is returned then.
+inline std::vector<Op> plan_blocks(const Layout &local, const Layout &remote,
+                                   const std::vector<std::uint64_t> &local_ids,
+                                   const std::vector<std::uint64_t> &remote_ids,
+                                   const kvf_plan_options *options = nullptr) {
+  std::size_t n = 0;
+  kvf_status s = kvf_plan_blocks(local.get(), remote.get(), local_ids.data(), local_ids.size(),
+                                 remote_ids.data(), remote_ids.size(), options, nullptr, nullptr,
+                                 nullptr, 0, &n);
+  std::vector<std::uint64_t> la, ra, len;
+  if (s == KVF_STATUS_BUFFER_TOO_SMALL) {
+    la.resize(n);
+    ra.resize(n);
+    len.resize(n);
+    s = kvf_plan_blocks(local.get(), remote.get(), local_ids.data(), local_ids.size(),
+                        remote_ids.data(), remote_ids.size(), options, la.data(), ra.data(),
+                        len.data(), n, &n);
+  }
+  detail::check(s, "kvf_plan_blocks");
+  std::vector<Op> ops;
+  ops.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    ops.push_back(Op{la[i], ra[i], len[i]});
+  }
+  return ops;
+}
 
 class Engine;
 
@@ -435,6 +509,22 @@ class Engine {
                       message.size(), &id),
                   "kvf_batch_submit_write_notify");
     return Batch(engine_, id);
+  }
+
+  /// Plans a request's blocks between two layouts (as plan_blocks) and moves
+  /// them to or from `session` in one call (kvf_transfer_blocks): read copies
+  /// the remote blocks into the local ones. `local`'s memory must be
+  /// registered here, `remote`'s with the peer. Nothing moves unless the
+  /// whole plan is valid; no ids is nothing to do.
+  void transfer_blocks(Opcode opcode, const std::string &session, const Layout &local,
+                       const Layout &remote, const std::vector<std::uint64_t> &local_ids,
+                       const std::vector<std::uint64_t> &remote_ids,
+                       const kvf_plan_options *options = nullptr) const {
+    detail::check(kvf_transfer_blocks(engine_, session.c_str(), static_cast<std::uint32_t>(opcode),
+                                      local.get(), remote.get(), local_ids.data(),
+                                      local_ids.size(), remote_ids.data(), remote_ids.size(),
+                                      options),
+                  "kvf_transfer_blocks");
   }
 
   /// Sends `message` to `session`; returns once the peer has queued it.

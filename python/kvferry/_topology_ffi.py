@@ -1,5 +1,5 @@
 """ctypes declarations of the topology part of include/kvferry.h: the structs
-and the signatures of `kvf_topology_*`, `kvf_layout_*`, `kvf_plan_blocks`,
+and the signatures of `kvf_topology_*`, `kvf_layout_*`, `kvf_plan_blocks*`,
 `kvf_transfer_blocks` and `kvf_batch_submit_blocks`.
 
 Kept apart from `_ffi.SIGNATURES` so that it imports nothing; `_ffi` merges
@@ -63,6 +63,27 @@ class PlanOptions(ctypes.Structure):
     ]
 
 
+class PlanCall(ctypes.Structure):
+    """`kvf_plan_call`."""
+
+    _fields_ = [
+        ("local_layout", c_layout_p),
+        ("remote_layout", c_layout_p),
+        ("local_ids", ctypes.POINTER(ctypes.c_uint64)),
+        ("local_first", ctypes.c_uint64),
+        ("n_local", ctypes.c_size_t),
+        ("remote_ids", ctypes.POINTER(ctypes.c_uint64)),
+        ("remote_first", ctypes.c_uint64),
+        ("n_remote", ctypes.c_size_t),
+        ("options", ctypes.POINTER(PlanOptions)),
+        ("local_addrs", ctypes.POINTER(ctypes.c_uint64)),
+        ("remote_addrs", ctypes.POINTER(ctypes.c_uint64)),
+        ("lens", ctypes.POINTER(ctypes.c_uint64)),
+        ("capacity", ctypes.c_size_t),
+        ("num_ops", ctypes.c_size_t),
+    ]
+
+
 _shape_p = ctypes.POINTER(PdShape)
 _options_p = ctypes.POINTER(PlanOptions)
 _u32_p = ctypes.POINTER(ctypes.c_uint32)
@@ -74,6 +95,7 @@ STRUCT_POINTERS = {
     "struct kvf_pd_shape*": _shape_p,
     "struct kvf_cache_layout*": ctypes.POINTER(CacheLayout),
     "struct kvf_plan_options*": _options_p,
+    "struct kvf_plan_call*": ctypes.POINTER(PlanCall),
     "struct kvf_layout*": c_layout_p,
     "struct kvf_layout**": ctypes.POINTER(c_layout_p),
 }
@@ -116,6 +138,26 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
             _size_p,
         ],
     ),
+    "kvf_plan_blocks_spans": (
+        c_status,
+        [
+            c_layout_p,
+            c_layout_p,
+            _u64_p,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+            _u64_p,
+            ctypes.c_uint64,
+            ctypes.c_size_t,
+            _options_p,
+            _u64_p,
+            _u64_p,
+            _u64_p,
+            ctypes.c_size_t,
+            _size_p,
+        ],
+    ),
+    "kvf_plan_blocks_call": (c_status, [ctypes.POINTER(PlanCall)]),
     "kvf_transfer_blocks": (
         c_status,
         [

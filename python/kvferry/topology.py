@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import array
 import ctypes
+import struct
+import threading
 import weakref
 from typing import Any, Sequence
 
@@ -54,6 +56,13 @@ __all__ = [
 ]
 
 _LIB: ctypes.CDLL | None = None
+
+_V = ctypes.c_void_p
+# Integer arguments (size_t) declared as c_void_p too where they
+# are passed alike (64-bit pointers, as on every host kvferry supports):
+# ctypes converts an int for c_void_p about twice as fast as for c_size_t
+# or c_uint64. Values are non-negative and below 2**64 by construction.
+_N = _V if ctypes.sizeof(ctypes.c_void_p) == ctypes.sizeof(ctypes.c_size_t) == 8 else ctypes.c_size_t
 
 
 def _lib() -> ctypes.CDLL:
@@ -169,32 +178,80 @@ def pull_ranks(
     per decode rank, stage 0's `n` ranks first. The `j`-th entry fills head
     slice `j % n` of the decode block; the decode rank reaches it at
     `remote_port + rank`."""
-    lib = _lib()
+    fn = _PULL or _pull_function()
     sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp)
-    rid = _text(request_id, "request_id")
-    # Every list has n * S <= P * S entries in all; small shapes fit the
-    # first guess, larger ones are sized by the library's answer.
-    n_ranks = ctypes.c_size_t(min(prefill_tp * prefill_pp, 4096))
-    n_offsets = ctypes.c_size_t(decode_tp + 1)
-    while True:
-        ranks = (ctypes.c_uint32 * n_ranks.value)()
-        offsets = (ctypes.c_size_t * n_offsets.value)()
-        status = lib.kvf_topology_pull_ranks(
-            ctypes.byref(sh),
+    rid = request_id.encode() if type(request_id) is str and "\0" not in request_id else None
+    if rid is None:
+        rid = _text(request_id, "request_id")
+    scratch = _PULL_SCRATCH
+    status = fn(
+        ctypes.addressof(sh),
+        rid,
+        scratch.ranks_address,
+        len(scratch.ranks),
+        scratch.counts_address,
+        scratch.offsets_address,
+        len(scratch.offsets),
+        scratch.counts_address + _SIZE_T_BYTES,
+    )
+    if status == Status.BUFFER_TOO_SMALL:
+        # A shape larger than any so far on this thread: grow and retry.
+        scratch.grow(scratch.counts[0], scratch.counts[1])
+        status = fn(
+            ctypes.addressof(sh),
             rid,
-            ranks,
-            len(ranks),
-            ctypes.byref(n_ranks),
-            offsets,
-            len(offsets),
-            ctypes.byref(n_offsets),
+            scratch.ranks_address,
+            len(scratch.ranks),
+            scratch.counts_address,
+            scratch.offsets_address,
+            len(scratch.offsets),
+            scratch.counts_address + _SIZE_T_BYTES,
         )
-        if status != Status.BUFFER_TOO_SMALL:
-            break
-    _check(lib, status)
-    flat = ranks[: n_ranks.value]
-    starts = offsets[: n_offsets.value]
-    return [flat[starts[i] : starts[i + 1]] for i in range(len(starts) - 1)]
+    if status:
+        raise _error(_lib(), status)
+    n_ranks, n_offsets = scratch.counts
+    flat = scratch.ranks[:n_ranks].tolist()
+    starts = scratch.offsets[:n_offsets].tolist()
+    return [flat[starts[i] : starts[i + 1]] for i in range(n_offsets - 1)]
+
+
+class _PullScratch(threading.local):
+    """Per-thread arrays `pull_ranks` receives the lists in (`uint32_t`
+    ranks, `size_t` offsets, and the two counts), grown on demand."""
+
+    def __init__(self) -> None:
+        self.counts = array.array(_SIZE_T, (0, 0))
+        self.counts_address = self.counts.buffer_info()[0]
+        self.grow(256, 65)
+
+    def grow(self, ranks: int, offsets: int) -> None:
+        self.ranks = array.array("I", (0,)) * max(ranks, 1)
+        self.offsets = array.array(_SIZE_T, (0,)) * max(offsets, 1)
+        self.ranks_address = self.ranks.buffer_info()[0]
+        self.offsets_address = self.offsets.buffer_info()[0]
+
+
+_PULL = None
+_PULL_SCRATCH: _PullScratch | None = None
+# array typecodes of uint32_t and size_t.
+_SIZE_T_BYTES = ctypes.sizeof(ctypes.c_size_t)
+_SIZE_T = next(code for code in "QLI" if array.array(code).itemsize == _SIZE_T_BYTES)
+if array.array("I").itemsize != 4:  # pragma: no cover - every supported host
+    raise ImportError("kvferry needs a 4-byte C unsigned int")
+
+
+def _pull_function():
+    """`kvf_topology_pull_ranks` with pointers as plain addresses, as
+    `_plan_function`."""
+    global _PULL, _PULL_SCRATCH
+    fn = _PULL
+    if fn is None:
+        lib = _lib()
+        v, n = _V, _N
+        fn = ctypes.CFUNCTYPE(ctypes.c_int32, v, ctypes.c_char_p, v, n, v, v, n, v)(("kvf_topology_pull_ranks", lib))
+        _PULL_SCRATCH = _PullScratch()
+        _PULL = fn
+    return fn
 
 
 def prefill_union(
@@ -399,16 +456,173 @@ def _options(pulls, offset_index, split, computed_tokens, tokens_per_block, trim
 
 
 def _layout_ptr(layout: Any, what: str) -> int:
-    if not isinstance(layout, Layout):
+    if type(layout) is not Layout and not isinstance(layout, Layout):
         raise TypeError(f"{what}: expected a kvferry.topology.Layout, got {type(layout).__name__}")
-    return layout.handle()
+    ptr = layout._ptr
+    if ptr is None:
+        raise Error(Status.INVALID_ARGUMENT, "the layout is closed")
+    return ptr
+
+
+def _ids(values: Any, what: str) -> tuple[int, int, int, Any]:
+    """Block ids as `kvf_plan_call` takes them: `(address, first, count,
+    keepalive)`, the address of `count` uint64 ids (0, NULL, for the span
+    `first .. first + count`), and the object owning that memory.
+
+    - a list (the connectors' form): one `array('Q')` conversion, checked
+      in C (about 1.6 us for 256 ids);
+    - a `range` with step 1: a span, nothing converted or allocated;
+    - an `array('Q')` (or any 8-byte unsigned array) or a 1-D numpy
+      `uint64` array: used in place;
+    - any other iterable of ints (other ranges, signed or narrower arrays,
+      numpy arrays of other integer types, tuples): converted and checked.
+
+    Negative, too large and non-integer ids raise ValueError / TypeError
+    before the library is called.
+    """
+    t = type(values)
+    if t is list:
+        try:
+            arr = array.array("Q", values)
+        except (TypeError, OverflowError):
+            return _ffi_ids(values, what)
+        return arr.buffer_info()[0], 0, len(arr), arr
+    if t is range:
+        count = len(values)
+        if values.step == 1 or count < 2:
+            if count == 0:
+                return 0, 0, 0, None
+            start = values.start
+            if start < 0:
+                raise ValueError(f"{what}: {start} is not an unsigned 64-bit value")
+            if start + count > 1 << 64:
+                raise ValueError(f"{what}: {start + count - 1} is not an unsigned 64-bit value")
+            return 0, start, count, None
+        return _ffi_ids(values, what)
+    if t is array.array:
+        if values.typecode in "QL" and values.itemsize == 8:
+            # The export keeps the array from being resized during the call.
+            view = memoryview(values)
+            address, count = values.buffer_info()
+            return address, 0, count, view
+        if values.typecode in "fdu" or values.typecode == "w":
+            raise TypeError(f"{what}: expected integer ids, got an array of typecode {values.typecode!r}")
+        return _ffi_ids(values, what)
+    if t is _NDARRAY or (_NDARRAY is None and t.__name__ == "ndarray" and t.__module__ == "numpy"):
+        return _ndarray_ids(values, what)
+    interface = getattr(values, "__array_interface__", None)
+    if interface is not None:
+        return _numpy_ids(values, interface, what)
+    return _ffi_ids(values, what)
+
+
+_NDARRAY: type | None = None  # numpy.ndarray, once one was passed
+_U8: Any = None  # numpy.dtype("<u8"), likewise
+
+
+def _ndarray_ids(values: Any, what: str) -> tuple[int, int, int, Any]:
+    """A numpy array, its address taken without `__array_interface__` (a
+    dict built per access, about 1 us) when it can be used in place: 1-D,
+    uint64, contiguous, aligned and writable (a read-only or odd array takes
+    the general path)."""
+    global _NDARRAY, _U8
+    if _U8 is None:
+        import numpy
+
+        _U8 = numpy.dtype("<u8")
+        _NDARRAY = numpy.ndarray
+    if values.dtype is _U8 and values.ndim == 1:
+        try:
+            # Holds the array's buffer (and the array) until it is dropped;
+            # refuses non-contiguous, read-only and empty arrays.
+            view = ctypes.c_char.from_buffer(values)
+        except (TypeError, ValueError, BufferError):
+            view = None
+        if view is not None:
+            address = ctypes.addressof(view)
+            if address % 8 == 0:
+                return address, 0, len(values), view
+    return _numpy_ids(values, values.__array_interface__, what)
+
+
+def _ffi_ids(values: Any, what: str) -> tuple[int, int, int, Any]:
+    """Any iterable of ints, converted (with `_ffi.u64_array`'s checks and
+    messages)."""
+    arr = _ffi.u64_array(values, what)
+    return (ctypes.addressof(arr) if len(arr) else 0), 0, len(arr), arr
+
+
+def _numpy_ids(values: Any, interface: dict, what: str) -> tuple[int, int, int, Any]:
+    """A numpy array (anything with `__array_interface__`): a 1-D, contiguous,
+    aligned, little-endian uint64 array is used in place; other integer
+    arrays are checked and converted (a copy)."""
+    shape = interface.get("shape")
+    if shape is None or len(shape) != 1:
+        raise ValueError(f"{what}: expected a 1-D array of block ids, got shape {shape}")
+    typestr = interface.get("typestr", "")
+    if len(typestr) < 3 or typestr[1] not in "iu":
+        raise TypeError(f"{what}: expected integer ids, got an array of dtype {typestr!r}")
+    count = shape[0]
+    if count == 0:
+        return 0, 0, 0, None
+    address = interface["data"][0]
+    if typestr == "<u8" and interface.get("strides") is None and address % 8 == 0:
+        return address, 0, count, values
+    if typestr[1] == "i" and int(values.min()) < 0:
+        raise ValueError(f"{what}: {int(values.min())} is not an unsigned 64-bit value")
+    # Negative ids are refused above, so the conversion is exact.
+    converted = values.astype("<u8", order="C")
+    return converted.__array_interface__["data"][0], 0, count, converted
+
+
+class _Scratch(threading.local):
+    """Per-thread state of `plan_blocks`: its `kvf_plan_call` and output
+    arrays. A plan of up to `_SCRATCH_OPS` ops is written there and copied
+    out (slices of exactly its size), so no call zero-fills arrays it then
+    shrinks; larger plans are sized by the library's answer and written
+    straight into their result arrays."""
+
+    def __init__(self) -> None:
+        self.arrays = tuple(array.array("Q", _ZERO) * _SCRATCH_OPS for _ in range(3))
+        self.addresses = tuple(a.buffer_info()[0] for a in self.arrays)
+        self.call = _t.PlanCall()
+        self.call_address = ctypes.addressof(self.call)
+        # What every call reads, in one attribute.
+        self.fast = (self.call, self.call_address, *self.addresses, *self.arrays)
+
+
+_SCRATCH_OPS = 8192
+_ZERO = (0,)
+_ARRAY = array.array
+_U64_END = 1 << 64
+_SCRATCH: _Scratch | None = None
+_PLAN = None
+# `kvf_plan_call` as `struct` packs it: native sizes and alignment, as C
+# lays it out (checked against the ctypes declaration below). Packing the
+# fourteen fields in one call and passing one pointer costs less than
+# ctypes converting fourteen arguments.
+_CALL = struct.Struct("@PPPQNPQNPPPPNN")
+if _CALL.size != ctypes.sizeof(_t.PlanCall):  # pragma: no cover - C and struct agree everywhere
+    raise ImportError("struct and ctypes disagree on the layout of kvf_plan_call")
+
+
+def _plan_function():
+    """`kvf_plan_blocks_call`, its argument declared as a plain address."""
+    global _PLAN, _SCRATCH
+    fn = _PLAN
+    if fn is None:
+        lib = _lib()
+        fn = ctypes.CFUNCTYPE(ctypes.c_int32, _V)(("kvf_plan_blocks_call", lib))
+        _SCRATCH = _Scratch()
+        _PLAN = fn
+    return fn
 
 
 def plan_blocks(
     local_layout: Layout,
     remote_layout: Layout,
-    local_ids: Sequence[int],
-    remote_ids: Sequence[int],
+    local_ids: Sequence[int] | range | array.array,
+    remote_ids: Sequence[int] | range | array.array,
     *,
     pulls: int = 1,
     offset_index: int = 0,
@@ -420,6 +634,12 @@ def plan_blocks(
     """The copies that move `remote_ids` into `local_ids` (or back), as
     `(local_addrs, remote_addrs, lengths)`: three `array.array('Q')`
     sequences, ready for `batch_transfer_sync_read` / `_write`.
+
+    Ids: lists of ints (as the connectors hold them), or, converted at no
+    cost, a `range` with step 1 (a span: two integers reach the library),
+    an `array.array('Q')` or a 1-D numpy `uint64` array (used in place);
+    other iterables of ints are converted. A span must lie inside its
+    layout even where a prefix hit skips part of it.
 
     Rules (COMPAT.md section 2), for each layer, cache and run of ids that
     step by +1 on both sides: one op when both sides' blocks are back to
@@ -434,36 +654,125 @@ def plan_blocks(
     ids (the connectors' `remote_ids[-len(local_ids):]`). Without either,
     the lists pair one to one.
     """
-    lib = _lib()
-    lp = _layout_ptr(local_layout, "local_layout")
-    rp = _layout_ptr(remote_layout, "remote_layout")
-    la = _ffi.u64_array(local_ids, "local_ids")
-    ra = _ffi.u64_array(remote_ids, "remote_ids")
-    opts = _options(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
-    count = ctypes.c_size_t()
-    # One call for plans up to _PLAN_GUESS ops (whole runs coalesce, so most
-    # do); a larger plan is refused with its size before any op is built,
-    # and planned again into arrays of exactly that size.
-    capacity = _PLAN_GUESS
-    while True:
-        out = [array.array("Q", _ZERO) * capacity for _ in range(3)]
-        view = _U64 * capacity
-        views = [view.from_buffer(a) for a in out]
-        status = lib.kvf_plan_blocks(lp, rp, la, len(la), ra, len(ra), opts, *views, capacity, ctypes.byref(count))
-        del views  # arrays exporting their buffer cannot shrink
-        if status != Status.BUFFER_TOO_SMALL:
-            break
-        capacity = count.value
-    _check(lib, status)
-    n = count.value
-    for a in out:
-        del a[n:]
-    return out[0], out[1], out[2]
+    fn = _PLAN or _plan_function()
+    # The common cases inline (open layouts; ids as lists, array('Q') or
+    # non-empty step-1 ranges; the default options): `_layout_ptr`, `_ids`
+    # and `_options_address` handle every other form and every refusal.
+    lp = local_layout._ptr if type(local_layout) is Layout else None
+    if lp is None:
+        lp = _layout_ptr(local_layout, "local_layout")
+    rp = remote_layout._ptr if type(remote_layout) is Layout else None
+    if rp is None:
+        rp = _layout_ptr(remote_layout, "remote_layout")
+    # `_lkeep` and `_rkeep` own the id memory: alive until the return.
+    t = type(local_ids)
+    if t is list:
+        try:
+            _lkeep = _ARRAY("Q", local_ids)
+        except (TypeError, OverflowError):
+            _lkeep = None
+        if _lkeep is None:
+            la, lf, ln, _lkeep = _ids(local_ids, "local_ids")  # raises the clear error
+        else:
+            la, ln = _lkeep.buffer_info()
+            lf = 0
+    elif t is _ARRAY and local_ids.typecode == "Q":
+        # The export keeps another thread from resizing (moving) the
+        # caller's array while the library reads it.
+        _lkeep = memoryview(local_ids)
+        la, ln = local_ids.buffer_info()
+        lf = 0
+    elif t is range and local_ids.step == 1 and 0 <= local_ids.start < local_ids.stop <= _U64_END:
+        la, lf, ln, _lkeep = 0, local_ids.start, len(local_ids), None
+    else:
+        la, lf, ln, _lkeep = _ids(local_ids, "local_ids")
+    t = type(remote_ids)
+    if t is list:
+        try:
+            _rkeep = _ARRAY("Q", remote_ids)
+        except (TypeError, OverflowError):
+            _rkeep = None
+        if _rkeep is None:
+            ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")  # raises the clear error
+        else:
+            ra, rn = _rkeep.buffer_info()
+            rf = 0
+    elif t is _ARRAY and remote_ids.typecode == "Q":
+        # The export keeps another thread from resizing (moving) the
+        # caller's array while the library reads it.
+        _rkeep = memoryview(remote_ids)
+        ra, rn = remote_ids.buffer_info()
+        rf = 0
+    elif t is range and remote_ids.step == 1 and 0 <= remote_ids.start < remote_ids.stop <= _U64_END:
+        ra, rf, rn, _rkeep = 0, remote_ids.start, len(remote_ids), None
+    else:
+        ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")
+    if (
+        pulls == 1
+        and offset_index == 0
+        and split == "local"
+        and computed_tokens is None
+        and tokens_per_block is None
+        and not trim_remote_head
+    ):
+        opts = 0
+    else:
+        opts, _okeep = _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
+    call, address, a, b, c, x, y, z = _SCRATCH.fast
+    _CALL.pack_into(call, 0, lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, _SCRATCH_OPS, 0)
+    status = fn(address)
+    n = call.num_ops
+    if status == 0:
+        return x[:n], y[:n], z[:n]
+    if status != Status.BUFFER_TOO_SMALL:
+        raise _error(_lib(), status)
+    # Larger than the scratch arrays: exactly sized ones, planned again.
+    out = (array.array("Q", _ZERO) * n, array.array("Q", _ZERO) * n, array.array("Q", _ZERO) * n)
+    a, b, c = (o.buffer_info()[0] for o in out)
+    _CALL.pack_into(call, 0, lp, rp, la, lf, ln, ra, rf, rn, opts, a, b, c, n, 0)
+    status = fn(address)
+    if status:
+        raise _error(_lib(), status)
+    return out
 
 
-_PLAN_GUESS = 4096
-_U64 = ctypes.c_uint64
-_ZERO = (0,)
+def _options_address(pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head):
+    """`_options` as `(address, owner)`: the address of a `kvf_plan_options`
+    (the library only reads it; 0 for the defaults) and the object that
+    keeps it alive (cached for exact ints, str, None and bool)."""
+    if (
+        pulls == 1
+        and offset_index == 0
+        and split == "local"
+        and computed_tokens is None
+        and tokens_per_block is None
+        and not trim_remote_head
+    ):
+        return 0, None
+    key = (pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
+    # Only exact types are cached: True == 1 as keys.
+    cacheable = (
+        type(pulls) is int
+        and type(offset_index) is int
+        and type(split) is str
+        and type(computed_tokens) in (int, type(None))
+        and type(tokens_per_block) in (int, type(None))
+        and type(trim_remote_head) is bool
+    )
+    if cacheable:
+        hit = _OPTIONS.get(key)
+        if hit is not None:
+            return hit
+    ref = _options(*key)
+    if ref is None:
+        return 0, None
+    entry = (ctypes.addressof(ref._obj), ref._obj)
+    if cacheable and len(_OPTIONS) < 1024:
+        _OPTIONS[key] = entry
+    return entry
+
+
+_OPTIONS: dict = {}
 
 
 def _engine_of(engine: Any):

@@ -14,6 +14,7 @@
 Runs against the installed kvferry package, like the rest of the suite.
 """
 
+import array
 import ctypes
 from pathlib import Path
 import importlib.util
@@ -156,6 +157,16 @@ def test_mappings_match_the_rules_oracle(rules, attention):
     assert checked > 500
 
 
+def test_large_shapes_grow_the_pull_buffers(rules):
+    # More ranks and decode ranks than the first per-thread buffers hold
+    # (256 ranks, 65 offsets): the library sizes them, and the lists still
+    # match the oracle; a small shape afterwards too.
+    for shape in [(1024, 2, 1024, "gqa", 1), (512, 128, 8, "mla", 2), (128, 128, 4, "gqa", 3)]:
+        for rid in REQUEST_IDS[:2]:
+            assert topology.pull_ranks(rid, *shape) == rules.pull_lists(*shape, rid), shape
+    assert topology.pull_ranks("req-0", 8, 4, 4) == [[1], [3], [5], [7]]
+
+
 # ---- refusals -----------------------------------------------------------------------------
 
 
@@ -252,6 +263,24 @@ def test_signatures_match_the_header(header):
         assert [_expected(p) for p in params] == list(argtypes), name
 
 
+def test_fast_prototypes_match_the_header(header):
+    # plan_blocks and pull_ranks call the library through prototypes of
+    # their own, with pointers (and sizes) as plain addresses: same arity,
+    # a pointer wherever C has one, same widths elsewhere.
+    topology.pull_ranks("r", 8, 4, 4)
+    topology.plan_blocks(one_cache(4, 0, 64), one_cache(4, 64 * 4, 64), [1], [2])
+    decls = _declarations(header)
+    for fn, name in [(topology._PLAN, "kvf_plan_blocks_call"), (topology._PULL, "kvf_topology_pull_ranks")]:
+        ret, params = decls[name]
+        assert ret == "kvf_status" and fn.restype is ctypes.c_int32, name
+        assert len(fn.argtypes) == len(params), name
+        for c, py in zip(params, fn.argtypes):
+            if c.endswith("*"):
+                assert py in (ctypes.c_void_p, ctypes.c_char_p), (name, c, py)
+            else:
+                assert ctypes.sizeof(py) == ctypes.sizeof(_expected(c)), (name, c, py)
+
+
 def test_structs_and_constants_match_the_header(header):
     defines = dict(re.findall(r"#define (KVF_\w+) (\S+)", header))
     for name in [n for n in dir(_topology_ffi) if n.startswith("KVF_")]:
@@ -260,10 +289,11 @@ def test_structs_and_constants_match_the_header(header):
         ("kvf_pd_shape", _topology_ffi.PdShape),
         ("kvf_cache_layout", _topology_ffi.CacheLayout),
         ("kvf_plan_options", _topology_ffi.PlanOptions),
+        ("kvf_plan_call", _topology_ffi.PlanCall),
     ]:
         body = re.search(r"typedef struct %s \{(.*?)\}" % struct, header, re.S).group(1)
-        fields = re.findall(r"^\s*(\w+) (\w+);", re.sub(r"//[^\n]*", "", body), re.M)
-        assert [(n, _SCALARS[t]) for t, n in fields] == cls._fields_, struct
+        fields = re.findall(r"^\s*(?:const )?([\w ]+?) (\**)(\w+);", re.sub(r"//[^\n]*", "", body), re.M)
+        assert [(n, _expected(t + p)) for t, p, n in fields] == cls._fields_, struct
 
 
 # ---- COMPAT.md section 2 ------------------------------------------------------------------
@@ -382,16 +412,205 @@ def test_plans_match_the_transcription_for_random_layouts():
 
 
 def test_plans_larger_than_the_first_guess():
-    # 61 layers x 2 caches x 40 blocks, n = 2: 4880 ops, more than the
-    # first buffer holds, so the library sizes the second.
+    # 61 layers x 2 caches x 80 blocks, n = 2: 9760 ops, more than the
+    # per-thread scratch arrays hold, so the library sizes the result.
     def caches(base, n):
-        return [[(base + (2 * layer + c) * n * 40, n) for c in range(2)] for layer in range(61)]
+        return [[(base + (2 * layer + c) * n * 80, n) for c in range(2)] for layer in range(61)]
 
-    local, remote = topology.Layout(caches(1 << 30, 1024), 40), topology.Layout(caches(1 << 40, 512), 40)
-    ids = list(range(40))
+    local, remote = topology.Layout(caches(1 << 30, 1024), 80), topology.Layout(caches(1 << 40, 512), 80)
+    ids = list(range(80))
+    assert 61 * 2 * 80 > topology._SCRATCH_OPS
     got = topology.plan_blocks(local, remote, ids, ids[::-1], pulls=2, offset_index=1)
     want = compat_plan.plan(flat(local), flat(remote), ids, ids[::-1], pulls=2, offset_index=1)
-    assert len(got[0]) == 4880 and [list(a) for a in got] == [list(w) for w in want]
+    assert len(got[0]) == 9760 and [list(a) for a in got] == [list(w) for w in want]
+    # A small plan after it still comes out of the scratch arrays, right.
+    small = topology.plan_blocks(local, remote, [3], [4], pulls=2, offset_index=1)
+    want = compat_plan.plan(flat(local), flat(remote), [3], [4], pulls=2, offset_index=1)
+    assert len(small[0]) == 122 and [list(a) for a in small] == [list(w) for w in want]
+
+
+def plan_lists(plan):
+    return [list(a) for a in plan]
+
+
+def test_plan_results_are_the_callers():
+    # Every call returns arrays of its own: a later plan (in the per-thread
+    # scratch arrays) does not change an earlier result.
+    local, remote = one_cache(16, 0x1000, 1024), one_cache(16, 0x3000, 1024)
+    first = topology.plan_blocks(local, remote, [2, 3, 4], [7, 8, 9])
+    kept = plan_lists(first)
+    topology.plan_blocks(local, remote, [5, 9], [1, 3])
+    assert plan_lists(first) == kept
+    assert all(type(a) is array.array and a.typecode == "Q" for a in first)
+    first[0].append(1)  # they are ordinary, growable arrays
+
+
+def test_plan_id_forms():
+    # Lists, ranges (a step-1 range is a span: two integers reach the
+    # library), array('Q') and other integer arrays, tuples and iterators
+    # all plan alike.
+    local, remote = one_cache(64, 0x100000, 256), one_cache(64, 0x200000, 256)
+    cases = [
+        ([2, 3, 4, 9], [7, 8, 9, 10]),
+        ([0, 1, 2], [5, 6, 7]),
+        ([10, 12, 14], [1, 2, 3]),
+        ([5, 4, 3], [1, 2, 3]),
+        ([], []),
+        ([63], [0]),
+    ]
+    forms = [
+        list,
+        tuple,
+        iter,
+        lambda ids: array.array("Q", ids),
+        lambda ids: array.array("L", ids),
+        lambda ids: array.array("q", ids),
+        lambda ids: array.array("I", ids),
+        as_range,
+    ]
+    for local_ids, remote_ids in cases:
+        want = plan_lists(topology.plan_blocks(local, remote, local_ids, remote_ids))
+        for f in forms:
+            for g in forms:
+                got = topology.plan_blocks(local, remote, f(local_ids), g(remote_ids))
+                assert plan_lists(got) == want, (local_ids, remote_ids, f, g)
+    # Spans with options: n = 2, a prefix hit skipping part of a remote span.
+    half = one_cache(64, 0x300000, 128)
+    want = plan_lists(topology.plan_blocks(local, half, [4, 5, 6], [0, 1, 2], pulls=2, offset_index=1))
+    got = topology.plan_blocks(local, half, range(4, 7), range(3), pulls=2, offset_index=1)
+    assert plan_lists(got) == want
+    want = plan_lists(
+        topology.plan_blocks(local, remote, [6, 7], [0, 1, 2, 3], computed_tokens=32, tokens_per_block=16)
+    )
+    got = topology.plan_blocks(local, remote, range(6, 8), range(4), computed_tokens=32, tokens_per_block=16)
+    assert plan_lists(got) == want
+    got = topology.plan_blocks(local, remote, range(6, 8), range(4), trim_remote_head=True)
+    assert plan_lists(got) == want
+
+
+def as_range(ids):
+    """`ids` as a range when they are one (any step), else unchanged."""
+    if len(ids) < 2:
+        return range(ids[0], ids[0] + 1) if ids else range(0)
+    step = ids[1] - ids[0]
+    if step and all(b - a == step for a, b in zip(ids, ids[1:])):
+        return range(ids[0], ids[-1] + step, step)
+    return ids
+
+
+def test_plan_id_form_refusals():
+    # Bad ids in every form: a clear error, nothing planned, and the next
+    # call plans normally.
+    local, remote = one_cache(16, 0x1000, 1024), one_cache(16, 0x3000, 1024)
+    good = plan_lists(topology.plan_blocks(local, remote, [2, 3, 4], [7, 8, 9]))
+    value_errors = [
+        range(-1, 2),
+        range(1, -2, -1),
+        range(1 << 64, (1 << 64) + 1),
+        range((1 << 64) - 1, (1 << 64) + 1),
+        array.array("q", [1, -2]),
+        array.array("i", [-1]),
+        [1, -1],
+        (1 << 64,),
+    ]
+    for bad in value_errors:
+        with pytest.raises(ValueError, match="remote_ids"):
+            topology.plan_blocks(local, remote, [1] * len(bad), bad)
+    type_errors = [array.array("d", [1.0]), array.array("u", "a"), [1.0], ["1"], b"\x01", "1", 5, None]
+    for bad in type_errors:
+        with pytest.raises(TypeError, match="local_ids"):
+            topology.plan_blocks(local, remote, bad, [1])
+    # The library's refusals: ids or spans beyond the layout.
+    with pytest.raises(Error, match=re.escape("remote_ids: the span 14 .. 14 + 3 goes beyond the layout's 16 blocks")):
+        topology.plan_blocks(local, remote, [1, 2, 3], range(14, 17))
+    with pytest.raises(Error, match="local block id 16 at position 1"):
+        topology.plan_blocks(local, remote, array.array("Q", [15, 16]), range(2))
+    with pytest.raises(Error, match="cannot pair 3 local block ids with 2 remote block ids"):
+        topology.plan_blocks(local, remote, range(3), range(2))
+    assert plan_lists(topology.plan_blocks(local, remote, [2, 3, 4], [7, 8, 9])) == good
+
+
+def test_caller_arrays_are_held_during_the_call():
+    # The library reads a caller's array('Q') in place, with the GIL
+    # released: the call holds a buffer export on it meanwhile, so another
+    # thread cannot resize (move) it. The export, seen through the helper
+    # every non-list form goes through:
+    ids = array.array("Q", [1, 2, 3])
+    address, first, count, keep = topology._ids(ids, "local_ids")
+    assert (address, first, count) == (ids.buffer_info()[0], 0, 3)
+    with pytest.raises(BufferError):
+        ids.append(4)
+    del keep
+    ids.append(4)
+
+
+def test_plan_numpy_ids():
+    np = pytest.importorskip("numpy")
+    local, remote = one_cache(64, 0x100000, 256), one_cache(64, 0x200000, 256)
+    local_ids, remote_ids = [2, 3, 4, 9, 1], [7, 8, 9, 10, 20]
+    want = plan_lists(topology.plan_blocks(local, remote, local_ids, remote_ids))
+    wide = np.array([0, 2, 0, 3, 0, 4, 0, 9, 0, 1], dtype=np.uint64)
+    forms = [
+        np.array(remote_ids, dtype=np.uint64),  # used in place
+        np.array(remote_ids, dtype=np.int64),
+        np.array(remote_ids, dtype=np.uint32),
+        np.array(remote_ids, dtype=">u8"),  # big-endian: converted
+    ]
+    for f in forms:
+        got = topology.plan_blocks(local, remote, np.array(local_ids, dtype=np.uint64), f)
+        assert plan_lists(got) == want, f.dtype
+    # Read-only arrays are read in place too.
+    frozen = np.array(local_ids, dtype=np.uint64)
+    frozen.flags.writeable = False
+    assert plan_lists(topology.plan_blocks(local, remote, frozen, remote_ids)) == want
+    # A strided view is copied, not misread.
+    got = topology.plan_blocks(local, remote, wide[1::2], remote_ids)
+    assert plan_lists(got) == want
+    # Misaligned memory is copied too.
+    raw = np.zeros(8 * 5 + 1, dtype=np.uint8)
+    odd = raw[1:].view(np.uint64)
+    odd[:] = local_ids
+    assert plan_lists(topology.plan_blocks(local, remote, odd, remote_ids)) == want
+    assert plan_lists(topology.plan_blocks(local, remote, np.array([], dtype=np.uint64), [])) == [[], [], []]
+    with pytest.raises(ValueError, match="remote_ids: -1"):
+        topology.plan_blocks(local, remote, local_ids, np.array([1, 2, 3, 4, -1]))
+    with pytest.raises(TypeError, match="remote_ids: expected integer ids"):
+        topology.plan_blocks(local, remote, local_ids, np.array(remote_ids, dtype=np.float64))
+    with pytest.raises(TypeError, match="remote_ids: expected integer ids"):
+        topology.plan_blocks(local, remote, local_ids, np.ones(5, dtype=bool))
+    with pytest.raises(ValueError, match="remote_ids: expected a 1-D array"):
+        topology.plan_blocks(local, remote, local_ids, np.ones((5, 1), dtype=np.uint64))
+    with pytest.raises(Error, match="remote block id 64"):
+        topology.plan_blocks(local, remote, local_ids, np.array([1, 2, 3, 4, 64], dtype=np.uint64))
+
+
+def test_plans_from_many_threads():
+    # The scratch arrays are per thread: concurrent plans do not mix.
+    import threading
+
+    rng = random.Random(7)
+    cases = []
+    for _ in range(8):
+        (lc, nl), (rc, nr), local_ids, remote_ids, kwargs = random_case(rng)
+        local, remote = topology.Layout(lc, nl), topology.Layout(rc, nr)
+        want = compat_plan.plan(flat(local), flat(remote), local_ids, remote_ids, **kwargs)
+        cases.append((local, remote, local_ids, remote_ids, kwargs, [list(w) for w in want]))
+    failures = []
+
+    def run(case):
+        local, remote, local_ids, remote_ids, kwargs, want = case
+        for _ in range(200):
+            got = plan_lists(topology.plan_blocks(local, remote, local_ids, remote_ids, **kwargs))
+            if got != want:
+                failures.append((local_ids, remote_ids, kwargs))
+                return
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
 
 
 def test_plan_refusals():
@@ -537,6 +756,21 @@ def test_transfer_blocks_pull_and_push(pair):
     want = apply_plan(dbuf, d_base, pbuf, p_base, plan)
     topology.transfer_blocks(
         decode, prefill.name, d1, pl, [6, 7, 8], [0, 1, 2, 3, 4], computed_tokens=256, tokens_per_block=128
+    )
+    assert dbuf.raw == want
+
+    # The same with ids as a range and an array('Q') (plan_blocks' forms).
+    fill(dbuf, 5)
+    want = apply_plan(dbuf, d_base, pbuf, p_base, plan)
+    topology.transfer_blocks(
+        decode,
+        prefill.name,
+        d1,
+        pl,
+        range(6, 9),
+        array.array("Q", [0, 1, 2, 3, 4]),
+        computed_tokens=256,
+        tokens_per_block=128,
     )
     assert dbuf.raw == want
 

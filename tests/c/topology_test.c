@@ -451,6 +451,115 @@ static void test_plan_examples(void) {
   kvf_layout_free(local);
 }
 
+/* kvf_plan_blocks_spans: a NULL id array with a count is the span
+ * first .. first + count; arrays and spans mix; the plan is kvf_plan_blocks'. */
+static void test_plan_spans(void) {
+  uint64_t la[8], ra[8], ln[8], la2[8], ra2[8], ln2[8];
+  size_t n = 0, n2 = 0;
+  const uint64_t lids[] = {2, 3, 4}, rids[] = {7, 8, 9}, frag[] = {10, 11, 12, 14, 15};
+  const uint64_t one[] = {1};
+  kvf_layout *local = one_cache(16, 0x1000, 1024, 1024);
+  kvf_layout *remote = one_cache(16, 0x3000, 1024, 1024);
+  kvf_plan_options o = options(1, 0, KVF_SPLIT_LOCAL);
+
+  /* Both spans: local 2..5, remote 7..10, one op as with the arrays. */
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 2, 3, NULL, 7, 3, NULL, la, ra, ln, 8, &n),
+         KVF_STATUS_OK, NULL);
+  CHECK(n == 1 && la[0] == 0x1000 + 2048 && ra[0] == 0x3000 + 7168 && ln[0] == 3072);
+  /* Mixed: an array on one side, a span on the other. */
+  EXPECT(kvf_plan_blocks_spans(local, remote, lids, 0, 3, NULL, 7, 3, NULL, la2, ra2, ln2, 8, &n2),
+         KVF_STATUS_OK, NULL);
+  CHECK(n2 == 1 && la2[0] == la[0] && ra2[0] == ra[0] && ln2[0] == ln[0]);
+  EXPECT(kvf_plan_blocks_spans(local, remote, frag, 0, 5, NULL, 1, 5, NULL, la, ra, ln, 8, &n),
+         KVF_STATUS_OK, NULL);
+  CHECK(n == 2 && la[0] == 0x1000 + 10 * 1024 && ln[0] == 3 * 1024 && ra[1] == 0x3000 + 4 * 1024);
+  /* The same request through kvf_plan_blocks gives the same ops. */
+  EXPECT(kvf_plan_blocks(local, remote, lids, 3, rids, 3, NULL, la2, ra2, ln2, 8, &n2),
+         KVF_STATUS_OK, NULL);
+  EXPECT(kvf_plan_blocks_spans(local, remote, lids, 0, 3, rids, 0, 3, NULL, la, ra, ln, 8, &n),
+         KVF_STATUS_OK, NULL);
+  CHECK(n == n2 && la[0] == la2[0] && ra[0] == ra2[0] && ln[0] == ln2[0]);
+  /* A prefix hit skips the head of a remote span: remote 0..4, 2 computed. */
+  o.prefix = KVF_PREFIX_COMPUTED_TOKENS;
+  o.computed_tokens = 32;
+  o.tokens_per_block = 16;
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 6, 2, NULL, 0, 4, &o, la, ra, ln, 8, &n),
+         KVF_STATUS_OK, NULL);
+  CHECK(n == 1 && la[0] == 0x1000 + 6 * 1024 && ra[0] == 0x3000 + 2 * 1024 && ln[0] == 2048);
+  /* Sizing: too little room gives the count, as kvf_plan_blocks. */
+  n = 0;
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 0, 4, frag, 0, 4, NULL, NULL, NULL, NULL, 0,
+                               &n),
+         KVF_STATUS_BUFFER_TOO_SMALL, "capacity 0, but 2 entries");
+  CHECK(n == 2);
+  /* Empty spans: an empty plan. */
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 5, 0, NULL, 9, 0, NULL, NULL, NULL, NULL, 0, &n),
+         KVF_STATUS_OK, NULL);
+  CHECK(n == 0);
+
+  /* Refusals, nothing written. */
+  n = 77;
+  la[0] = 0;
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 14, 3, NULL, 0, 3, NULL, la, ra, ln, 8, &n),
+         KVF_STATUS_INVALID_ARGUMENT, "local_ids: the span 14 .. 14 + 3 goes beyond the layout's 16 blocks");
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 0, 3, NULL, UINT64_MAX, 3, NULL, la, ra, ln, 8,
+                               &n),
+         KVF_STATUS_INVALID_ARGUMENT, "remote_ids: the span");
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 0, SIZE_MAX, NULL, 0, SIZE_MAX, NULL, la, ra,
+                               ln, 8, &n),
+         KVF_STATUS_INVALID_ARGUMENT, "goes beyond the layout's 16 blocks");
+  EXPECT(kvf_plan_blocks_spans(local, remote, one, 3, 1, one, 0, 1, NULL, la, ra, ln, 8, &n),
+         KVF_STATUS_INVALID_ARGUMENT, "local_ids: first is 3 with an id array");
+  EXPECT(kvf_plan_blocks_spans(NULL, remote, NULL, 0, 1, one, 0, 1, NULL, la, ra, ln, 8, &n),
+         KVF_STATUS_NULL_POINTER, "local_layout");
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 0, 2, one, 0, 1, NULL, la, ra, ln, 8, &n),
+         KVF_STATUS_INVALID_ARGUMENT, "cannot pair 2 local block ids with 1 remote block ids");
+  EXPECT(kvf_plan_blocks_spans(local, remote, NULL, 0, 1, one, 0, 1, NULL, la, ra, ln, 8, NULL),
+         KVF_STATUS_NULL_POINTER, "out_num_ops");
+  CHECK(n == 77 && la[0] == 0);
+  kvf_layout_free(local);
+  kvf_layout_free(remote);
+}
+
+/* kvf_plan_blocks_call: kvf_plan_blocks_spans' arguments in one struct. */
+static void test_plan_call(void) {
+  uint64_t la[8], ra[8], ln[8];
+  const uint64_t frag[] = {10, 11, 12, 14, 15};
+  kvf_layout *local = one_cache(16, 0x1000, 1024, 1024);
+  kvf_layout *remote = one_cache(16, 0x3000, 1024, 1024);
+  kvf_plan_call c;
+  memset(&c, 0, sizeof c);
+  c.local_layout = local;
+  c.remote_layout = remote;
+  c.local_ids = frag;
+  c.n_local = 5;
+  c.remote_first = 1; /* remote 1 .. 6: runs [10,11,12]<-[1,2,3], [14,15]<-[4,5] */
+  c.n_remote = 5;
+  c.num_ops = 77;
+  /* Sizing first: the count lands in num_ops. */
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_BUFFER_TOO_SMALL, "capacity 0, but 2 entries");
+  CHECK(c.num_ops == 2);
+  c.local_addrs = la;
+  c.remote_addrs = ra;
+  c.lens = ln;
+  c.capacity = 8;
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_OK, NULL);
+  CHECK(c.num_ops == 2 && la[0] == 0x1000 + 10 * 1024 && ra[0] == 0x3000 + 1024 && ln[0] == 3072);
+  CHECK(la[1] == 0x1000 + 14 * 1024 && ra[1] == 0x3000 + 4 * 1024 && ln[1] == 2048);
+  /* Refusals: the library's message, num_ops untouched. */
+  c.num_ops = 77;
+  c.remote_first = 14;
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_INVALID_ARGUMENT, "remote_ids: the span 14 .. 14 + 5");
+  CHECK(c.num_ops == 77);
+  c.remote_first = 1;
+  c.local_layout = NULL;
+  EXPECT(kvf_plan_blocks_call(&c), KVF_STATUS_NULL_POINTER, "local_layout");
+  EXPECT(kvf_plan_blocks_call(NULL), KVF_STATUS_NULL_POINTER, "call");
+  CHECK(c.num_ops == 77);
+  kvf_layout_free(local);
+  kvf_layout_free(remote);
+}
+
 static void test_layout_and_plan_errors(void) {
   kvf_cache_layout c = {0x1000, 1024, 1024, 1};
   kvf_layout *sentinel = (kvf_layout *)&checks; /* never dereferenced */
@@ -763,6 +872,8 @@ int main(void) {
   test_push_vectors();
   test_topology_errors();
   test_plan_examples();
+  test_plan_spans();
+  test_plan_call();
   test_layout_and_plan_errors();
 
   dbuf = xmalloc(LEN);

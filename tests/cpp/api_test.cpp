@@ -24,6 +24,7 @@ using kvferry::addr_of;
 using kvferry::Batch;
 using kvferry::Config;
 using kvferry::Engine;
+using kvferry::Layout;
 using kvferry::Op;
 using kvferry::Opcode;
 using kvferry::Region;
@@ -42,6 +43,10 @@ static_assert(std::is_nothrow_move_constructible_v<Batch> &&
               std::is_nothrow_move_assignable_v<Batch>);
 static_assert(std::is_nothrow_destructible_v<Batch> && std::is_nothrow_destructible_v<Engine>);
 static_assert(!std::is_default_constructible_v<Batch>, "a Batch comes from Engine::submit");
+static_assert(!std::is_copy_constructible_v<Layout> && !std::is_copy_assignable_v<Layout>);
+static_assert(std::is_nothrow_move_constructible_v<Layout> &&
+              std::is_nothrow_move_assignable_v<Layout>);
+static_assert(std::is_nothrow_destructible_v<Layout>);
 static_assert(std::is_base_of_v<std::runtime_error, kvferry::Error>);
 static_assert(std::is_nothrow_copy_constructible_v<kvferry::Error>);
 static_assert(std::is_standard_layout_v<Op> && sizeof(Op) == 24);
@@ -456,6 +461,65 @@ void test_engine_moves(const Engine &a) {
   CHECK(from_env.rpc_port() >= 15000 && from_env.rpc_port() <= 17000);
 }
 
+// Layouts: RAII over kvf_layout, plans, and a transfer planned by the library.
+void test_layouts(const Engine &a, const std::string &b_name, std::vector<std::uint8_t> &abuf,
+                  std::vector<std::uint8_t> &bbuf) {
+  // Two layers x K/V of 16 blocks of 64 bytes, at the start of each buffer.
+  auto caches = [](std::uint64_t base) {
+    std::vector<kvf_cache_layout> c;
+    for (std::uint64_t i = 0; i < 4; ++i) {
+      c.push_back(kvf_cache_layout{base + i * 16 * 64, 64, 64, 1});
+    }
+    return c;
+  };
+  Layout local(16, 2, 2, caches(addr_of(abuf.data())));
+  Layout remote(16, 2, 2, caches(addr_of(bbuf.data())));
+  CHECK(local.get() != nullptr && remote.get() != nullptr);
+
+  // local [2,3,4] <- remote [7,8,9]: one 192-byte op per cache.
+  const std::vector<Op> ops = kvferry::plan_blocks(local, remote, {2, 3, 4}, {7, 8, 9});
+  CHECK(ops.size() == 4);
+  for (std::size_t i = 0; i < ops.size() && i < 4; ++i) {
+    CHECK(ops[i].local == addr_of(abuf.data()) + i * 1024 + 2 * 64);
+    CHECK(ops[i].remote == addr_of(bbuf.data()) + i * 1024 + 7 * 64);
+    CHECK(ops[i].len == 192);
+  }
+  CHECK(kvferry::plan_blocks(local, remote, {}, {}).empty());
+  // n = 2 needs half-size remote blocks: refused, with the library's reason.
+  kvf_plan_options two{};
+  two.pulls = 2;
+  two.split = KVF_SPLIT_LOCAL;
+  two.prefix = KVF_PREFIX_NONE;
+  EXPECT_ERROR(kvferry::plan_blocks(local, remote, {1}, {1}, &two), KVF_STATUS_INVALID_ARGUMENT,
+               "remote block_len 64 must equal 32");
+  EXPECT_ERROR(kvferry::plan_blocks(local, remote, {16}, {1}), KVF_STATUS_INVALID_ARGUMENT,
+               "local block id 16");
+  EXPECT_ERROR(Layout(16, 2, 2, {kvf_cache_layout{0x1000, 64, 64, 1}}),
+               KVF_STATUS_INVALID_ARGUMENT, "1 caches given for 2 layers x 2 caches");
+  EXPECT_ERROR(Layout(16, 1, 1, {kvf_cache_layout{0x1000, 64, 32, 1}}),
+               KVF_STATUS_INVALID_ARGUMENT, "stride 32 is below block_len 64");
+  EXPECT_ERROR(Layout(16, 0, 1, {}), KVF_STATUS_INVALID_ARGUMENT, "0 layers");
+
+  // The library plans and moves: bbuf's blocks 7..9 land in abuf's 2..4.
+  fill(bbuf, 7);
+  a.transfer_blocks(Opcode::read, b_name, local, remote, {2, 3, 4}, {7, 8, 9});
+  for (std::size_t i = 0; i < 4; ++i) {
+    CHECK(std::memcmp(abuf.data() + i * 1024 + 2 * 64, bbuf.data() + i * 1024 + 7 * 64, 192) ==
+          0);
+  }
+
+  // Moves: the source becomes inert, and planning with it is refused.
+  Layout moved = std::move(local);
+  CHECK(local.get() == nullptr && moved.get() != nullptr);
+  EXPECT_ERROR(kvferry::plan_blocks(local, remote, {1}, {1}), KVF_STATUS_NULL_POINTER,
+               "local_layout");
+  local = std::move(moved);  // into a moved-from layout
+  CHECK(local.get() != nullptr && moved.get() == nullptr);
+  Layout other(4, 1, 1, {kvf_cache_layout{0x1000, 64, 64, 1}});
+  other = std::move(remote);  // assigning over a live layout frees it
+  CHECK(kvferry::plan_blocks(local, other, {2}, {7}).size() == 4);
+}
+
 void test_threads(const Engine &a, const std::string &b_name, std::vector<std::uint8_t> &abuf,
                   std::vector<std::uint8_t> &bbuf) {
   fill(abuf, 30);
@@ -532,6 +596,7 @@ int main() {
     test_failed_batch(a, b, b_name, abuf);
     test_wait_timeout(b, b_name);
     test_engine_moves(a);
+    test_layouts(a, b_name, abuf, bbuf);
     test_threads(a, b_name, abuf, bbuf);
     test_notifications(a, b, b_name, abuf, bbuf);
   } catch (const std::exception &e) {

@@ -18,8 +18,8 @@ use std::ffi::c_char;
 
 use kvferry_core::{Engine, Error, Op, Status};
 use kvferry_topology::{
-    Attention, CacheLayout, PdShape, PlanRequest, PlannedOp, PrefixHit, PullMapping, PushMapping,
-    SideLayout, SplitSide, TopologyError, plan_blocks_each, plan_op_count, seed_for_request,
+    Attention, CacheLayout, PdShape, PlanRequest, PrefixHit, PreparedPlan, PullMapping,
+    PushMapping, SideLayout, SplitSide, TopologyError, seed_for_request,
 };
 
 use crate::boundary::{ffi, refuse};
@@ -481,13 +481,9 @@ struct BlockArgs<'a> {
 }
 
 impl BlockArgs<'_> {
-    fn op_count(&self) -> Result<usize, Error> {
-        plan_op_count(self.local, self.remote, &self.request).map_err(topology_error)
-    }
-
-    /// Hands every op of the plan to `sink` (see `plan_blocks_each`).
-    fn each(&self, sink: impl FnMut(PlannedOp)) -> Result<(), Error> {
-        plan_blocks_each(self.local, self.remote, &self.request, sink).map_err(topology_error)
+    /// Validates the plan once; count and ops come from the result.
+    fn prepare(&self) -> Result<PreparedPlan<'_>, Error> {
+        PreparedPlan::new(self.local, self.remote, &self.request).map_err(topology_error)
     }
 }
 
@@ -504,14 +500,29 @@ unsafe fn block_args<'a>(
     n_remote: usize,
     options: *const kvf_plan_options,
 ) -> Result<BlockArgs<'a>, Error> {
-    // SAFETY: forwarded to the caller (all five below).
-    let local = unsafe { handle::layout(local_layout, "local_layout") }?;
-    // SAFETY: as above.
-    let remote = unsafe { handle::layout(remote_layout, "remote_layout") }?;
-    // SAFETY: as above.
+    // SAFETY: forwarded to the caller.
     let local_ids = unsafe { handle::slice_arg(local_ids, n_local, "local_ids") }?;
     // SAFETY: as above.
     let remote_ids = unsafe { handle::slice_arg(remote_ids, n_remote, "remote_ids") }?;
+    // SAFETY: as above.
+    unsafe { block_args_with(local_layout, remote_layout, local_ids, remote_ids, options) }
+}
+
+/// `block_args` with the id arrays already read.
+///
+/// # Safety
+/// Layouts and `options` as `kvf_plan_blocks`.
+unsafe fn block_args_with<'a>(
+    local_layout: *const kvf_layout,
+    remote_layout: *const kvf_layout,
+    local_ids: &'a [u64],
+    remote_ids: &'a [u64],
+    options: *const kvf_plan_options,
+) -> Result<BlockArgs<'a>, Error> {
+    // SAFETY: forwarded to the caller (all three below).
+    let local = unsafe { handle::layout(local_layout, "local_layout") }?;
+    // SAFETY: as above.
+    let remote = unsafe { handle::layout(remote_layout, "remote_layout") }?;
     // SAFETY: as above; every field is a plain integer.
     let options = unsafe { handle::opt_struct_arg(options, "options") }?;
     let mut request = PlanRequest::new(local_ids, remote_ids);
@@ -599,48 +610,273 @@ pub unsafe extern "C" fn kvf_plan_blocks(
                 options,
             )
         }?;
-        let count = args.op_count()?;
-        if capacity < count {
-            // SAFETY: checked non-NULL above; writable (caller's promise).
-            unsafe { handle::out(out_num_ops, "out_num_ops", count) }?;
-            return Ok(buffer_too_small(
-                "local_addrs, remote_addrs and lens",
-                count,
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            write_plan(
+                &args,
+                local_addrs,
+                remote_addrs,
+                lens,
                 capacity,
-            ));
+                out_num_ops,
+            )
         }
-        // The plan goes straight into the caller's arrays: no copy of it
-        // is ever held here.
-        // SAFETY: forwarded to the caller (the three arrays).
-        let [la, ra, ln] = unsafe {
-            handle::out_arrays(
-                [
-                    (local_addrs, "local_addrs"),
-                    (remote_addrs, "remote_addrs"),
-                    (lens, "lens"),
-                ],
-                capacity,
-                count,
+    })
+}
+
+/// Plans `args` once and writes the ops to the caller's three arrays, or
+/// the op count alone when they are too small.
+///
+/// # Safety
+/// As the output arrays and `out_num_ops` of `kvf_plan_blocks`
+/// (`out_num_ops` checked non-NULL by the caller).
+unsafe fn write_plan(
+    args: &BlockArgs<'_>,
+    local_addrs: *mut u64,
+    remote_addrs: *mut u64,
+    lens: *mut u64,
+    capacity: usize,
+    out_num_ops: *mut usize,
+) -> Result<Status, Error> {
+    let plan = args.prepare()?;
+    let count = plan.op_count();
+    if capacity < count {
+        // SAFETY: checked non-NULL by the caller; writable (caller's promise).
+        unsafe { handle::out(out_num_ops, "out_num_ops", count) }?;
+        return Ok(buffer_too_small(
+            "local_addrs, remote_addrs and lens",
+            count,
+            capacity,
+        ));
+    }
+    // The plan goes straight into the caller's arrays: no copy of it is
+    // ever held here.
+    // SAFETY: forwarded to the caller (the three arrays).
+    let [la, ra, ln] = unsafe {
+        handle::out_arrays(
+            [
+                (local_addrs, "local_addrs"),
+                (remote_addrs, "remote_addrs"),
+                (lens, "lens"),
+            ],
+            capacity,
+            count,
+        )
+    }?;
+    let mut slots = la.iter_mut().zip(ra.iter_mut()).zip(ln.iter_mut());
+    let mut written = 0;
+    plan.for_each(|op| {
+        if let Some(((l, r), n)) = slots.next() {
+            l.write(op.local);
+            r.write(op.remote);
+            n.write(op.len);
+        }
+        written += 1;
+    })
+    .map_err(topology_error)?;
+    // `count` is exactly the number of ops: anything else is a bug.
+    if written != count {
+        return Err(Error::Internal {
+            what: format!("planned {written} ops, {count} counted"),
+        });
+    }
+    // SAFETY: checked non-NULL by the caller; writable (caller's promise).
+    unsafe { handle::out(out_num_ops, "out_num_ops", written) }?;
+    Ok(Status::Ok)
+}
+
+/// One side's ids for `kvf_plan_blocks_spans`: the caller's array, or the
+/// span `first .. first + count` (NULL array), built here after checking
+/// that it lies inside the layout, so no count allocates beyond it.
+///
+/// # Safety
+/// `ids` NULL or readable for `count` elements.
+unsafe fn ids_or_span<'a>(
+    ids: *const u64,
+    first: u64,
+    count: usize,
+    layout: (*const kvf_layout, &'static str),
+    argument: &'static str,
+    storage: &'a mut Vec<u64>,
+) -> Result<&'a [u64], Error> {
+    if !ids.is_null() {
+        if first != 0 {
+            return Err(Error::InvalidArgument {
+                what: format!(
+                    "{argument}: first is {first} with an id array; it must be 0 (first only describes a span: a NULL array)"
+                ),
+            });
+        }
+        // SAFETY: forwarded to the caller.
+        return unsafe { handle::slice_arg(ids, count, argument) };
+    }
+    if count == 0 {
+        return Ok(&[]);
+    }
+    // SAFETY: forwarded to the caller (checked again when planning).
+    let num_blocks = unsafe { handle::layout(layout.0, layout.1) }?.num_blocks();
+    let end = u64::try_from(count)
+        .ok()
+        .and_then(|n| first.checked_add(n))
+        .filter(|&end| end <= num_blocks)
+        .ok_or_else(|| Error::InvalidArgument {
+            what: format!(
+                "{argument}: the span {first} .. {first} + {count} goes beyond the layout's {num_blocks} blocks"
+            ),
+        })?;
+    storage.clear();
+    storage.extend(first..end);
+    Ok(storage.as_slice())
+}
+
+/// `kvf_plan_blocks` where either side's ids may be a span: a NULL id array
+/// with a nonzero count means the consecutive ids `first .. first + count`
+/// (a caller that holds ids as a range passes two integers instead of an
+/// array). With an id array, `first` must be 0. A span must lie inside its
+/// layout (`first + count <= num_blocks`), even where a prefix hit would
+/// skip part of it. Everything else, outputs included, is `kvf_plan_blocks`.
+///
+/// # Safety
+/// As `kvf_plan_blocks`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_plan_blocks_spans(
+    local_layout: *const kvf_layout,
+    remote_layout: *const kvf_layout,
+    local_ids: *const u64,
+    local_first: u64,
+    n_local: usize,
+    remote_ids: *const u64,
+    remote_first: u64,
+    n_remote: usize,
+    options: *const kvf_plan_options,
+    local_addrs: *mut u64,
+    remote_addrs: *mut u64,
+    lens: *mut u64,
+    capacity: usize,
+    out_num_ops: *mut usize,
+) -> Status {
+    ffi!({
+        handle::need_out(out_num_ops, "out_num_ops")?;
+        let (mut local_span, mut remote_span) = (Vec::new(), Vec::new());
+        // SAFETY: forwarded to the caller.
+        let local = unsafe {
+            ids_or_span(
+                local_ids,
+                local_first,
+                n_local,
+                (local_layout, "local_layout"),
+                "local_ids",
+                &mut local_span,
             )
         }?;
-        let mut written = 0;
-        args.each(|op| {
-            // `count` is exactly the number of ops (plan_op_count): an index
-            // past it would be a bug, and its panic the boundary reports.
-            la[written].write(op.local);
-            ra[written].write(op.remote);
-            ln[written].write(op.len);
-            written += 1;
-        })?;
-        // SAFETY: checked non-NULL above; writable (caller's promise).
-        unsafe { handle::out(out_num_ops, "out_num_ops", written) }?;
-        Ok(Status::Ok)
+        // SAFETY: forwarded to the caller.
+        let remote = unsafe {
+            ids_or_span(
+                remote_ids,
+                remote_first,
+                n_remote,
+                (remote_layout, "remote_layout"),
+                "remote_ids",
+                &mut remote_span,
+            )
+        }?;
+        // SAFETY: forwarded to the caller.
+        let args = unsafe { block_args_with(local_layout, remote_layout, local, remote, options) }?;
+        // SAFETY: forwarded to the caller.
+        unsafe {
+            write_plan(
+                &args,
+                local_addrs,
+                remote_addrs,
+                lens,
+                capacity,
+                out_num_ops,
+            )
+        }
+    })
+}
+
+/// Every argument of `kvf_plan_blocks_spans` in one struct, for
+/// `kvf_plan_blocks_call`: a caller whose cost is per argument (Python's
+/// ctypes converts each one) passes one pointer instead of fourteen, and
+/// may keep the struct between calls, rewriting only what changed.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct kvf_plan_call {
+    /// As `kvf_plan_blocks_spans`.
+    pub local_layout: *const kvf_layout,
+    /// As `kvf_plan_blocks_spans`.
+    pub remote_layout: *const kvf_layout,
+    /// Local ids, or NULL for the span `local_first .. local_first + n_local`.
+    pub local_ids: *const u64,
+    /// First id of a local span (0 with an array).
+    pub local_first: u64,
+    /// Local id count.
+    pub n_local: usize,
+    /// Remote ids, or NULL for the span `remote_first .. remote_first + n_remote`.
+    pub remote_ids: *const u64,
+    /// First id of a remote span (0 with an array).
+    pub remote_first: u64,
+    /// Remote id count.
+    pub n_remote: usize,
+    /// As `kvf_plan_blocks` (NULL: the defaults).
+    pub options: *const kvf_plan_options,
+    /// Output: local address of each op.
+    pub local_addrs: *mut u64,
+    /// Output: remote address of each op.
+    pub remote_addrs: *mut u64,
+    /// Output: bytes of each op.
+    pub lens: *mut u64,
+    /// Capacity of each output array, in elements.
+    pub capacity: usize,
+    /// Written by the call: the op count, on success and on
+    /// `KVF_STATUS_BUFFER_TOO_SMALL`.
+    pub num_ops: usize,
+}
+
+/// `kvf_plan_blocks_spans(c->local_layout, ..., &c->num_ops)`: the same
+/// plan, checks and statuses, with the arguments read from `*call` and the
+/// op count written to `call->num_ops`.
+///
+/// # Safety
+/// `call` NULL or valid for reads and writes of a `kvf_plan_call` whose
+/// fields satisfy `kvf_plan_blocks_spans`; `num_ops` may not lie inside an
+/// output array.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_plan_blocks_call(call: *mut kvf_plan_call) -> Status {
+    ffi!({
+        // A copy: no reference into `*call` lives while `num_ops` is written.
+        // SAFETY: forwarded to the caller; every field is a plain value.
+        let c: kvf_plan_call = *unsafe { handle::struct_arg(call, "call") }?;
+        // SAFETY: `call` is non-NULL and aligned (checked above); this only
+        // takes the field's address.
+        let num_ops = unsafe { &raw mut (*call).num_ops };
+        // SAFETY: forwarded to the caller (the fields of `*call`).
+        Ok(unsafe {
+            kvf_plan_blocks_spans(
+                c.local_layout,
+                c.remote_layout,
+                c.local_ids,
+                c.local_first,
+                c.n_local,
+                c.remote_ids,
+                c.remote_first,
+                c.n_remote,
+                c.options,
+                c.local_addrs,
+                c.remote_addrs,
+                c.lens,
+                c.capacity,
+                num_ops,
+            )
+        })
     })
 }
 
 /// The engine ops of a plan. `None` when there is nothing to move (no ids).
 fn engine_ops(args: &BlockArgs<'_>) -> Result<Option<Vec<Op>>, Error> {
-    let count = args.op_count()?;
+    let plan = args.prepare()?;
+    let count = plan.op_count();
     if count == 0 {
         return Ok(None);
     }
@@ -651,13 +887,14 @@ fn engine_ops(args: &BlockArgs<'_>) -> Result<Option<Vec<Op>>, Error> {
         .map_err(|e| Error::InvalidArgument {
             what: format!("cannot hold a plan of {count} ops: {e}"),
         })?;
-    args.each(|o| {
+    plan.for_each(|o| {
         ops.push(Op {
             local: o.local,
             remote: o.remote,
             len: o.len,
         })
-    })?;
+    })
+    .map_err(topology_error)?;
     Ok(Some(ops))
 }
 

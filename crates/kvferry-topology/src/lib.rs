@@ -47,8 +47,8 @@ mod shape;
 
 pub use error::{Result, Side, TopologyError};
 pub use plan::{
-    CacheLayout, PlanRequest, PlannedOp, PrefixHit, SideLayout, SplitSide, plan_blocks,
-    plan_blocks_each, plan_blocks_into, plan_op_count,
+    CacheLayout, PlanRequest, PlannedOp, PrefixHit, PreparedPlan, SideLayout, SplitSide,
+    plan_blocks, plan_blocks_each, plan_blocks_into, plan_op_count,
 };
 pub use ports::{decode_pull_port, prefill_worker_port, side_channel_port};
 pub use pull::{PullMapping, PullTarget, seed_for_request};

@@ -53,6 +53,8 @@ impl CacheLayout {
 pub struct SideLayout {
     num_blocks: u64,
     layers: Vec<Vec<CacheLayout>>,
+    /// `layers` flattened, layer by layer: what planning walks.
+    flat: Vec<CacheLayout>,
 }
 
 impl SideLayout {
@@ -90,7 +92,12 @@ impl SideLayout {
                 }
             }
         }
-        Ok(SideLayout { num_blocks, layers })
+        let flat = layers.iter().flatten().copied().collect();
+        Ok(SideLayout {
+            num_blocks,
+            layers,
+            flat,
+        })
     }
 
     /// Logical blocks per cache.
@@ -217,6 +224,7 @@ pub struct PlannedOp {
 }
 
 /// Per-cache constants of one plan.
+#[derive(Debug)]
 struct CachePlan {
     local: CacheLayout,
     remote: CacheLayout,
@@ -234,12 +242,12 @@ pub fn plan_blocks(
     remote: &SideLayout,
     request: &PlanRequest<'_>,
 ) -> Result<Vec<PlannedOp>> {
-    let prepared = prepare(local, remote, request)?;
+    let prepared = PreparedPlan::new(local, remote, request)?;
     let mut ops = Vec::new();
     // Only an optimisation: a plan too large to reserve up front grows as
     // any Vec does.
-    let _ = ops.try_reserve_exact(prepared.op_count()?);
-    emit(&prepared.caches, &prepared.runs, &mut |op| ops.push(op))?;
+    let _ = ops.try_reserve_exact(prepared.op_count());
+    prepared.for_each(|op| ops.push(op))?;
     Ok(ops)
 }
 
@@ -267,9 +275,9 @@ pub fn plan_blocks_into(
     request: &PlanRequest<'_>,
     ops: &mut Vec<PlannedOp>,
 ) -> Result<()> {
-    let prepared = prepare(local, remote, request)?;
+    let prepared = PreparedPlan::new(local, remote, request)?;
     let start_len = ops.len();
-    let result = emit(&prepared.caches, &prepared.runs, &mut |op| ops.push(op));
+    let result = prepared.for_each(|op| ops.push(op));
     if result.is_err() {
         ops.truncate(start_len);
     }
@@ -278,7 +286,8 @@ pub fn plan_blocks_into(
 
 /// Hands every op of the plan to `sink`, in [`plan_blocks_into`]'s order,
 /// without collecting them: for callers that store ops in their own format
-/// (three address arrays, engine ops). Size buffers with [`plan_op_count`].
+/// (three address arrays, engine ops). To size buffers first, use
+/// [`PreparedPlan`] (validates once, then counts and emits).
 ///
 /// The whole request is validated before `sink` first runs, so a rejection
 /// means `sink` saw nothing. After validation every address lies inside a
@@ -289,10 +298,9 @@ pub fn plan_blocks_each(
     local: &SideLayout,
     remote: &SideLayout,
     request: &PlanRequest<'_>,
-    mut sink: impl FnMut(PlannedOp),
+    sink: impl FnMut(PlannedOp),
 ) -> Result<()> {
-    let prepared = prepare(local, remote, request)?;
-    emit(&prepared.caches, &prepared.runs, &mut sink)
+    PreparedPlan::new(local, remote, request)?.for_each(sink)
 }
 
 /// How many ops [`plan_blocks_into`] would append for `request`, computed
@@ -307,145 +315,260 @@ pub fn plan_op_count(
     remote: &SideLayout,
     request: &PlanRequest<'_>,
 ) -> Result<usize> {
-    prepare(local, remote, request)?.op_count()
+    Ok(PreparedPlan::new(local, remote, request)?.op_count())
 }
 
-/// A validated request: the per-cache constants and the runs of ids.
-struct Prepared {
-    caches: Vec<CachePlan>,
+/// A validated request: its op count is known, its ops not built yet.
+///
+/// For callers that size their own buffers: [`PreparedPlan::new`] checks
+/// the request once (everything [`plan_blocks_into`] rejects, it rejects),
+/// [`PreparedPlan::op_count`] says how many ops there will be, and
+/// [`PreparedPlan::for_each`] hands them out, without validating again.
+#[derive(Debug)]
+pub struct PreparedPlan<'a> {
+    local: &'a SideLayout,
+    remote: &'a SideLayout,
+    pulls: u64,
+    offset_index: u64,
+    split: SplitSide,
     /// `(local start, remote start, logical blocks)`.
     runs: Vec<(u64, u64, u64)>,
+    op_count: usize,
 }
 
-impl Prepared {
-    /// Ops `emit` will produce: one per run where both sides are
-    /// contiguous, else one per kernel block.
-    fn op_count(&self) -> Result<usize> {
-        let overflow = || TopologyError::Overflow { what: "op count" };
-        let blocks: u64 = self.runs.iter().map(|r| r.2).sum();
-        let mut count: u64 = 0;
-        for c in &self.caches {
-            let per_cache = if c.coalesce {
-                u64::try_from(self.runs.len()).map_err(|_| overflow())?
-            } else {
-                blocks.checked_mul(c.local.scale).ok_or_else(overflow)?
-            };
-            count = count.checked_add(per_cache).ok_or_else(overflow)?;
-        }
-        usize::try_from(count).map_err(|_| overflow())
-    }
-}
-
-fn prepare(local: &SideLayout, remote: &SideLayout, request: &PlanRequest<'_>) -> Result<Prepared> {
-    let (pulls, offset_index) = (request.pulls, request.offset_index);
-    if pulls == 0 || offset_index >= pulls {
-        return Err(TopologyError::OffsetOutOfRange {
-            offset_index,
-            pulls,
-        });
-    }
-    if local.layers.len() != remote.layers.len() {
-        return Err(TopologyError::LayerCountMismatch {
-            local: local.layers.len(),
-            remote: remote.layers.len(),
-        });
-    }
-    let local_ids = request.local_ids;
-    let remote_ids = pair_remote_ids(local_ids, request.remote_ids, request.prefix)?;
-    check_ids(Side::Local, local_ids, local.num_blocks)?;
-    check_ids(Side::Remote, remote_ids, remote.num_blocks)?;
-
-    let mut caches = Vec::new();
-    for (layer, (local_caches, remote_caches)) in
-        local.layers.iter().zip(&remote.layers).enumerate()
-    {
-        if local_caches.len() != remote_caches.len() {
-            return Err(TopologyError::CacheCountMismatch {
-                layer,
-                local: local_caches.len(),
-                remote: remote_caches.len(),
+impl<'a> PreparedPlan<'a> {
+    /// Validates `request` against the two layouts and counts its ops.
+    pub fn new(
+        local: &'a SideLayout,
+        remote: &'a SideLayout,
+        request: &PlanRequest<'_>,
+    ) -> Result<Self> {
+        let (pulls, offset_index) = (request.pulls, request.offset_index);
+        if pulls == 0 || offset_index >= pulls {
+            return Err(TopologyError::OffsetOutOfRange {
+                offset_index,
+                pulls,
             });
         }
-        for (cache, (l, r)) in local_caches.iter().zip(remote_caches).enumerate() {
-            caches.push(cache_plan(layer, cache, *l, *r, request)?);
+        if local.layers.len() != remote.layers.len() {
+            return Err(TopologyError::LayerCountMismatch {
+                local: local.layers.len(),
+                remote: remote.layers.len(),
+            });
         }
+        let local_ids = request.local_ids;
+        let remote_ids = pair_remote_ids(local_ids, request.remote_ids, request.prefix)?;
+        // One pass finds the runs and whether any id is out of range; the
+        // error, naming the first such id, only then.
+        let (runs, in_range) = runs(
+            local_ids,
+            remote_ids,
+            pulls,
+            local.num_blocks,
+            remote.num_blocks,
+        );
+        if !in_range {
+            check_ids(Side::Local, local_ids, local.num_blocks)?;
+            check_ids(Side::Remote, remote_ids, remote.num_blocks)?;
+        }
+        let mut plan = PreparedPlan {
+            local,
+            remote,
+            pulls,
+            offset_index,
+            split: request.split,
+            runs,
+            op_count: 0,
+        };
+
+        // Every cache checked (and its ops counted) before any op exists:
+        // ops: one per run where both sides are contiguous, else one per
+        // kernel block.
+        let overflow = || TopologyError::Overflow { what: "op count" };
+        let blocks: u64 = plan.runs.iter().map(|r| r.2).sum();
+        let run_count = u64::try_from(plan.runs.len()).map_err(|_| overflow())?;
+        let mut count: u64 = 0;
+        for (layer, (local_caches, remote_caches)) in
+            local.layers.iter().zip(&remote.layers).enumerate()
+        {
+            if local_caches.len() != remote_caches.len() {
+                return Err(TopologyError::CacheCountMismatch {
+                    layer,
+                    local: local_caches.len(),
+                    remote: remote_caches.len(),
+                });
+            }
+            for (cache, (l, r)) in local_caches.iter().zip(remote_caches).enumerate() {
+                check_cache(layer, cache, l, r, pulls, request.split)?;
+                let coalesce = pulls == 1 && l.is_byte_contiguous() && r.is_byte_contiguous();
+                let per_cache = if coalesce {
+                    run_count
+                } else {
+                    blocks.checked_mul(l.scale).ok_or_else(overflow)?
+                };
+                count = count.checked_add(per_cache).ok_or_else(overflow)?;
+            }
+        }
+        plan.op_count = usize::try_from(count).map_err(|_| overflow())?;
+        Ok(plan)
     }
 
-    // Runs of consecutive ids on both sides, shared by every cache. With
-    // n > 1 the connectors never merge blocks, so every pair stands alone.
-    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
-    for (&l, &r) in local_ids.iter().zip(remote_ids) {
-        match runs.last_mut() {
-            Some((l0, r0, count))
-                if pulls == 1
-                    && l0.checked_add(*count) == Some(l)
-                    && r0.checked_add(*count) == Some(r) =>
-            {
-                *count += 1;
-            }
-            _ => runs.push((l, r, 1)),
-        }
+    /// How many ops [`PreparedPlan::for_each`] hands out.
+    pub fn op_count(&self) -> usize {
+        self.op_count
     }
-    Ok(Prepared { caches, runs })
+
+    /// Hands every op to `sink`, in [`plan_blocks_into`]'s order (exactly
+    /// [`PreparedPlan::op_count`] of them unless an internal check fires,
+    /// see [`plan_blocks_each`]).
+    pub fn for_each(&self, mut sink: impl FnMut(PlannedOp)) -> Result<()> {
+        // Every pair passed `check_cache` in `new`; the layer and cache
+        // counts agree, so the flattened lists pair up.
+        for (l, r) in self.local.flat.iter().zip(&self.remote.flat) {
+            let c = cache_plan(*l, *r, self.pulls, self.offset_index, self.split);
+            emit(&c, &self.runs, &mut sink)?;
+        }
+        Ok(())
+    }
 }
 
-fn emit(
-    caches: &[CachePlan],
-    runs: &[(u64, u64, u64)],
-    sink: &mut impl FnMut(PlannedOp),
-) -> Result<()> {
+/// Runs of consecutive ids on both sides, shared by every cache, and
+/// whether every id is below its side's block count (the runs are
+/// meaningless otherwise). With n > 1 the connectors never merge blocks, so
+/// every pair stands alone. The lists have equal lengths (paired first).
+fn runs(
+    local_ids: &[u64],
+    remote_ids: &[u64],
+    pulls: u64,
+    local_blocks: u64,
+    remote_blocks: u64,
+) -> (Vec<(u64, u64, u64)>, bool) {
+    let n = local_ids.len().min(remote_ids.len());
+    let (local_ids, remote_ids) = (&local_ids[..n], &remote_ids[..n]);
+    let mut bad = false;
+    if pulls != 1 {
+        let runs = local_ids
+            .iter()
+            .zip(remote_ids)
+            .map(|(&l, &r)| {
+                bad |= (l >= local_blocks) | (r >= remote_blocks);
+                (l, r, 1)
+            })
+            .collect();
+        return (runs, !bad);
+    }
+    let mut runs: Vec<(u64, u64, u64)> = Vec::new();
+    let (Some(&l0), Some(&r0)) = (local_ids.first(), remote_ids.first()) else {
+        return (runs, true);
+    };
+    bad |= (l0 >= local_blocks) | (r0 >= remote_blocks);
+    let mut start = 0;
+    for i in 1..n {
+        let (l, r) = (local_ids[i], remote_ids[i]);
+        bad |= (l >= local_blocks) | (r >= remote_blocks);
+        // In range, ids are below num_blocks <= u64::MAX, so + 1 cannot
+        // wrap; out of range, the runs are dropped. wrapping_add only keeps
+        // a check out of the loop.
+        if l != local_ids[i - 1].wrapping_add(1) || r != remote_ids[i - 1].wrapping_add(1) {
+            runs.push((local_ids[start], remote_ids[start], (i - start) as u64));
+            start = i;
+        }
+    }
+    runs.push((local_ids[start], remote_ids[start], (n - start) as u64));
+    (runs, !bad)
+}
+
+/// The ops of one cache, run by run.
+///
+/// Validation keeps every address inside a region whose end fits in 64
+/// bits, so none of this can overflow; it is checked anyway, as a defence,
+/// with the per-cache products computed once.
+fn emit(c: &CachePlan, runs: &[(u64, u64, u64)], sink: &mut impl FnMut(PlannedOp)) -> Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
     let overflow = |what| TopologyError::Overflow { what };
-    for c in caches {
-        let scale = c.local.scale;
-        let address = |layout: &CacheLayout, kernel_id: u64, offset: u64| {
-            kernel_id
-                .checked_mul(layout.stride)
-                .and_then(|bytes| bytes.checked_add(layout.base))
-                .and_then(|addr| addr.checked_add(offset))
-                .ok_or(overflow("block address"))
-        };
-        for &(l, r, count) in runs {
-            let l_kernel = l.checked_mul(scale).ok_or(overflow("kernel block id"))?;
-            let r_kernel = r.checked_mul(scale).ok_or(overflow("kernel block id"))?;
-            let kernels = count.checked_mul(scale).ok_or(overflow("run length"))?;
-            let mut local = address(&c.local, l_kernel, c.local_offset)?;
-            let mut remote = address(&c.remote, r_kernel, c.remote_offset)?;
-            if c.coalesce {
-                sink(PlannedOp {
-                    local,
-                    remote,
-                    len: c.slice.checked_mul(kernels).ok_or(overflow("run bytes"))?,
-                });
-                continue;
-            }
-            // One op per kernel block, each a stride further on both sides.
-            for i in 0..kernels {
-                sink(PlannedOp {
-                    local,
-                    remote,
-                    len: c.slice,
-                });
-                if i + 1 < kernels {
-                    local = local
-                        .checked_add(c.local.stride)
-                        .ok_or(overflow("block address"))?;
-                    remote = remote
-                        .checked_add(c.remote.stride)
-                        .ok_or(overflow("block address"))?;
-                }
-            }
+    let scale = c.local.scale;
+    // Bytes from one logical block to the next on each side, the first
+    // kernel block's address at block 0 (offset included), and the bytes
+    // of one logical block's slice.
+    let local_step = c.local.stride.checked_mul(scale);
+    let remote_step = c.remote.stride.checked_mul(scale);
+    let local_start = c.local.base.checked_add(c.local_offset);
+    let remote_start = c.remote.base.checked_add(c.remote_offset);
+    let block_bytes = c.slice.checked_mul(scale);
+    let (
+        Some(local_step),
+        Some(remote_step),
+        Some(local_start),
+        Some(remote_start),
+        Some(block_bytes),
+    ) = (
+        local_step,
+        remote_step,
+        local_start,
+        remote_start,
+        block_bytes,
+    )
+    else {
+        return Err(overflow("block address"));
+    };
+    let address = |start: u64, step: u64, id: u64| {
+        id.checked_mul(step)
+            .and_then(|bytes| bytes.checked_add(start))
+            .ok_or(overflow("block address"))
+    };
+    for &(l, r, count) in runs {
+        let local = address(local_start, local_step, l)?;
+        let remote = address(remote_start, remote_step, r)?;
+        if c.coalesce {
+            sink(PlannedOp {
+                local,
+                remote,
+                len: block_bytes
+                    .checked_mul(count)
+                    .ok_or(overflow("run bytes"))?,
+            });
+            continue;
+        }
+        // One op per kernel block, each a stride further on both sides.
+        // The last block's addresses are checked once; every block's
+        // before it is smaller, so the loop's additions cannot wrap.
+        let kernels = count.checked_mul(scale).ok_or(overflow("run length"))?;
+        let last = kernels - 1; // count >= 1 and scale >= 1
+        let local_last = last
+            .checked_mul(c.local.stride)
+            .and_then(|d| d.checked_add(local));
+        let remote_last = last
+            .checked_mul(c.remote.stride)
+            .and_then(|d| d.checked_add(remote));
+        if local_last.is_none() || remote_last.is_none() {
+            return Err(overflow("block address"));
+        }
+        let (mut local, mut remote) = (local, remote);
+        for _ in 0..kernels {
+            sink(PlannedOp {
+                local,
+                remote,
+                len: c.slice,
+            });
+            local = local.wrapping_add(c.local.stride);
+            remote = remote.wrapping_add(c.remote.stride);
         }
     }
     Ok(())
 }
 
-fn cache_plan(
+/// Checks one cache pair against the request: the two scales agree, the
+/// split block cuts into `pulls` slices, and the other block is one slice.
+fn check_cache(
     layer: usize,
     cache: usize,
-    local: CacheLayout,
-    remote: CacheLayout,
-    request: &PlanRequest<'_>,
-) -> Result<CachePlan> {
+    local: &CacheLayout,
+    remote: &CacheLayout,
+    pulls: u64,
+    split_on: SplitSide,
+) -> Result<()> {
     if local.scale != remote.scale {
         return Err(TopologyError::ScaleMismatch {
             layer,
@@ -454,12 +577,11 @@ fn cache_plan(
             remote: remote.scale,
         });
     }
-    let pulls = request.pulls;
-    let (split_side, split, other_side, other) = match request.split {
+    let (split_side, split, other_side, other) = match split_on {
         SplitSide::Local => (Side::Local, local, Side::Remote, remote),
         SplitSide::Remote => (Side::Remote, remote, Side::Local, local),
     };
-    if split.block_len % pulls != 0 {
+    if pulls != 1 && split.block_len % pulls != 0 {
         return Err(TopologyError::BlockLenNotDivisible {
             layer,
             cache,
@@ -468,7 +590,7 @@ fn cache_plan(
             pulls,
         });
     }
-    let slice = split.block_len / pulls;
+    let slice = split_len(split, pulls);
     if other.block_len != slice {
         return Err(TopologyError::BlockLenMismatch {
             layer,
@@ -478,20 +600,47 @@ fn cache_plan(
             found: other.block_len,
         });
     }
+    Ok(())
+}
+
+/// `ib`, a split block's slice (`pulls >= 1`).
+fn split_len(split: &CacheLayout, pulls: u64) -> u64 {
+    if pulls == 1 {
+        split.block_len
+    } else {
+        split.block_len / pulls
+    }
+}
+
+/// The constants of a cache pair that passed `check_cache`.
+fn cache_plan(
+    local: CacheLayout,
+    remote: CacheLayout,
+    pulls: u64,
+    offset_index: u64,
+    split_on: SplitSide,
+) -> CachePlan {
+    let slice = split_len(
+        match split_on {
+            SplitSide::Local => &local,
+            SplitSide::Remote => &remote,
+        },
+        pulls,
+    );
     // offset_index < pulls, so this is below block_len.
-    let offset = request.offset_index * slice;
-    let (local_offset, remote_offset) = match request.split {
+    let offset = offset_index * slice;
+    let (local_offset, remote_offset) = match split_on {
         SplitSide::Local => (offset, 0),
         SplitSide::Remote => (0, offset),
     };
-    Ok(CachePlan {
+    CachePlan {
         local,
         remote,
         slice,
         local_offset,
         remote_offset,
         coalesce: pulls == 1 && local.is_byte_contiguous() && remote.is_byte_contiguous(),
-    })
+    }
 }
 
 fn pair_remote_ids<'a>(local: &[u64], remote: &'a [u64], prefix: PrefixHit) -> Result<&'a [u64]> {
@@ -537,6 +686,10 @@ fn pair_remote_ids<'a>(local: &[u64], remote: &'a [u64], prefix: PrefixHit) -> R
 }
 
 fn check_ids(side: Side, ids: &[u64], num_blocks: u64) -> Result<()> {
+    // One branch-free pass (it vectorises); the position only on failure.
+    if !ids.iter().fold(false, |bad, &id| bad | (id >= num_blocks)) {
+        return Ok(());
+    }
     match ids.iter().enumerate().find(|&(_, &id)| id >= num_blocks) {
         Some((position, &id)) => Err(TopologyError::BlockIdOutOfRange {
             side,
