@@ -618,6 +618,29 @@ def _plan_function():
     return fn
 
 
+def _id_span(ids, what: str):
+    """(address, first, count, keep) of block ids for the library: the
+    common forms inline (a list, an `array('Q')`, a non-empty step-1 range,
+    which needs no array at all); `_ids` takes every other form and every
+    refusal. `keep` owns the memory at `address` until the call returns."""
+    t = type(ids)
+    if t is list:
+        try:
+            keep = _ARRAY("Q", ids)
+        except (TypeError, OverflowError):
+            return _ids(ids, what)  # raises the clear error
+        addr, n = keep.buffer_info()
+        return addr, 0, n, keep
+    if t is _ARRAY and ids.typecode == "Q":
+        # The export keeps another thread from resizing (moving) the
+        # caller's array while the library reads it.
+        addr, n = ids.buffer_info()
+        return addr, 0, n, memoryview(ids)
+    if t is range and ids.step == 1 and 0 <= ids.start < ids.stop <= _U64_END:
+        return 0, ids.start, len(ids), None
+    return _ids(ids, what)
+
+
 def plan_blocks(
     local_layout: Layout,
     remote_layout: Layout,
@@ -665,48 +688,8 @@ def plan_blocks(
     if rp is None:
         rp = _layout_ptr(remote_layout, "remote_layout")
     # `_lkeep` and `_rkeep` own the id memory: alive until the return.
-    t = type(local_ids)
-    if t is list:
-        try:
-            _lkeep = _ARRAY("Q", local_ids)
-        except (TypeError, OverflowError):
-            _lkeep = None
-        if _lkeep is None:
-            la, lf, ln, _lkeep = _ids(local_ids, "local_ids")  # raises the clear error
-        else:
-            la, ln = _lkeep.buffer_info()
-            lf = 0
-    elif t is _ARRAY and local_ids.typecode == "Q":
-        # The export keeps another thread from resizing (moving) the
-        # caller's array while the library reads it.
-        _lkeep = memoryview(local_ids)
-        la, ln = local_ids.buffer_info()
-        lf = 0
-    elif t is range and local_ids.step == 1 and 0 <= local_ids.start < local_ids.stop <= _U64_END:
-        la, lf, ln, _lkeep = 0, local_ids.start, len(local_ids), None
-    else:
-        la, lf, ln, _lkeep = _ids(local_ids, "local_ids")
-    t = type(remote_ids)
-    if t is list:
-        try:
-            _rkeep = _ARRAY("Q", remote_ids)
-        except (TypeError, OverflowError):
-            _rkeep = None
-        if _rkeep is None:
-            ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")  # raises the clear error
-        else:
-            ra, rn = _rkeep.buffer_info()
-            rf = 0
-    elif t is _ARRAY and remote_ids.typecode == "Q":
-        # The export keeps another thread from resizing (moving) the
-        # caller's array while the library reads it.
-        _rkeep = memoryview(remote_ids)
-        ra, rn = remote_ids.buffer_info()
-        rf = 0
-    elif t is range and remote_ids.step == 1 and 0 <= remote_ids.start < remote_ids.stop <= _U64_END:
-        ra, rf, rn, _rkeep = 0, remote_ids.start, len(remote_ids), None
-    else:
-        ra, rf, rn, _rkeep = _ids(remote_ids, "remote_ids")
+    la, lf, ln, _lkeep = _id_span(local_ids, "local_ids")
+    ra, rf, rn, _rkeep = _id_span(remote_ids, "remote_ids")
     if (
         pulls == 1
         and offset_index == 0
