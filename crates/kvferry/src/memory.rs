@@ -398,6 +398,56 @@ mod tests {
         assert!(r.pin(0x1000, 1).is_none());
     }
 
+    /// A guard that records what the registry showed when it was called.
+    #[derive(Debug, Default)]
+    struct FakeGuard {
+        registry: OnceLock<std::sync::Weak<Registry>>,
+        listed_at_retire: std::sync::Mutex<Vec<usize>>,
+        users: AtomicU64,
+    }
+
+    impl RetireGuard for FakeGuard {
+        fn retire(&self) -> u64 {
+            let n = self
+                .registry
+                .get()
+                .and_then(|w| w.upgrade())
+                .map_or(usize::MAX, |r| r.descs().len());
+            self.listed_at_retire.lock().unwrap().push(n);
+            7
+        }
+        fn in_flight(&self, token: u64) -> usize {
+            assert_eq!(token, 7);
+            self.users.load(Ordering::SeqCst) as usize
+        }
+    }
+
+    #[test]
+    fn unregister_retires_after_closing_and_waits_for_the_guard() {
+        let r = Arc::new(Registry::new());
+        let g = Arc::new(FakeGuard::default());
+        g.registry.set(Arc::downgrade(&r)).unwrap();
+        r.set_retire_guard(g.clone());
+        r.register(&[host(0x1000, 0x100), host(0x2000, 0x100)])
+            .unwrap();
+        g.users.store(1, Ordering::SeqCst);
+        let e = r
+            .unregister(&[0x1000], Duration::from_millis(20))
+            .unwrap_err();
+        assert!(matches!(e, Error::RegionBusy { in_flight: 1, .. }), "{e}");
+        // Rolled back: listed and usable again.
+        assert_eq!(r.descs().len(), 2);
+        assert!(r.pin(0x1000, 1).is_some());
+        let (r2, g2) = (Arc::clone(&r), Arc::clone(&g));
+        let t = std::thread::spawn(move || r2.unregister(&[0x1000], Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(30));
+        g2.users.store(0, Ordering::SeqCst);
+        t.join().unwrap().unwrap();
+        // Each retirement saw the region already out of the list.
+        assert_eq!(*g.listed_at_retire.lock().unwrap(), vec![1, 1]);
+        assert_eq!(r.descs().len(), 1);
+    }
+
     #[test]
     fn pin_requires_whole_range_in_one_region() {
         let r = Registry::new();

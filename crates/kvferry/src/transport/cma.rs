@@ -20,7 +20,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -36,9 +36,14 @@ use crate::transport::tcp::{Conn, TcpTransport};
 use crate::transport::{Job, Report, Transport};
 use crate::wire;
 
-/// Batches at least this large are copied in two halves on two threads.
-/// Measured on a 2-vCPU KVM guest (tools/bench/discussion.md, cma-small).
+/// Batches at least this large are copied on two threads. Measured on a
+/// 2-vCPU KVM guest (tools/bench/discussion.md, cma-small).
 const SPLIT_MIN_BYTES: u64 = 256 << 10;
+/// A split batch is cut in about this many chunks, each of
+/// `MIN_CHUNK..=MAX_CHUNK` bytes, claimed in turn by both threads.
+const SPLIT_CHUNKS: u64 = 8;
+const MIN_CHUNK: u64 = 128 << 10;
+const MAX_CHUNK: u64 = 4 << 20;
 /// Lease board slots asked for per peer: concurrent fast-path batches.
 const BOARD_SLOTS: u32 = 8;
 /// Attempts to enter the fast path before a batch takes a PIN lease.
@@ -167,69 +172,85 @@ unsafe fn copy_pieces(
     CopyOutcome { moved, error: None }
 }
 
-/// Cuts the slices' bytes at `at` (from their start): the pieces before
-/// and after, a slice straddling `at` split in two.
-fn split_at_byte(slices: &[Slice], at: u64) -> (Vec<Piece>, Vec<Piece>) {
-    let (mut a, mut b) = (Vec::new(), Vec::new());
-    let mut pos = 0u64;
+/// Cuts the slices' bytes into chunks of `chunk` bytes (the last one
+/// shorter; a slice may be cut anywhere).
+fn chunk_pieces(slices: &[Slice], chunk: u64) -> Vec<Vec<Piece>> {
+    let mut out: Vec<Vec<Piece>> = vec![Vec::new()];
+    let mut room = chunk;
     for s in slices {
-        let p = Piece {
+        let mut p = Piece {
             local: s.local,
             remote: s.remote,
             len: s.len,
         };
-        if pos + s.len <= at {
-            a.push(p);
-        } else if pos >= at {
-            b.push(p);
-        } else {
-            let head = at - pos;
-            a.push(Piece { len: head, ..p });
-            b.push(Piece {
-                local: p.local + head,
-                remote: p.remote + head,
-                len: p.len - head,
-            });
+        while p.len > 0 {
+            if room == 0 {
+                out.push(Vec::new());
+                room = chunk;
+            }
+            let take = p.len.min(room);
+            if let Some(last) = out.last_mut() {
+                last.push(Piece { len: take, ..p });
+            }
+            p.local += take;
+            p.remote += take;
+            p.len -= take;
+            room -= take;
         }
-        pos += s.len;
     }
-    (a, b)
+    out
 }
 
 // ---- the copy pool -----------------------------------------------------------
 
-/// A half of a batch handed to the pool's thread.
+/// A batch cut in chunks, copied by the caller and the pool's thread
+/// together: each claims the next chunk until none is left, so a thread
+/// that is slow to wake (or preempted) delays the batch by one chunk at
+/// most.
 #[derive(Debug)]
 struct Work {
     pid: libc::pid_t,
     peer: String,
     opcode: Opcode,
-    pieces: Vec<Piece>,
     deadline: Instant,
+    chunks: Vec<Vec<Piece>>,
+    /// The next chunk to claim.
+    next: AtomicUsize,
+    /// Per chunk, once copied (or failed).
+    outcomes: Mutex<Vec<Option<CopyOutcome>>>,
+    /// Chunks copied; changed under the pool's state lock.
+    done: AtomicUsize,
 }
 
 impl Work {
+    /// Claims and copies chunks until none is left.
+    ///
     /// # Safety
     /// As `copy_pieces`: whoever posted the work keeps the memory pinned
-    /// and leased until it took the outcome.
-    unsafe fn run(&self) -> CopyOutcome {
-        // SAFETY: forwarded to the poster (see `CopyPool::copy_halves`).
-        unsafe {
-            copy_pieces(
-                self.pid,
-                &self.peer,
-                self.opcode,
-                &self.pieces,
-                self.deadline,
-            )
+    /// and leased until every claimed chunk is done.
+    unsafe fn drain(&self, pool: &PoolInner) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(chunk) = self.chunks.get(i) else {
+                return;
+            };
+            // SAFETY: forwarded to the poster (see `CopyPool::copy`).
+            let o = unsafe { copy_pieces(self.pid, &self.peer, self.opcode, chunk, self.deadline) };
+            if let Some(slot) = self.outcomes.lock().get_mut(i) {
+                *slot = Some(o);
+            }
+            {
+                let _st = pool.state.lock();
+                self.done.fetch_add(1, Ordering::Release);
+            }
+            pool.done_cv.notify_all();
         }
     }
 }
 
 #[derive(Debug, Default)]
 struct PoolState {
-    work: Option<Work>,
-    outcome: Option<CopyOutcome>,
+    work: Option<Arc<Work>>,
     stop: bool,
 }
 
@@ -238,8 +259,6 @@ struct PoolInner {
     state: Mutex<PoolState>,
     /// Work was posted (polled before sleeping on `work_cv`).
     posted: AtomicBool,
-    /// An outcome is ready (polled before sleeping on `done_cv`).
-    finished: AtomicBool,
     work_cv: Condvar,
     done_cv: Condvar,
 }
@@ -292,55 +311,40 @@ impl CopyPool {
         true
     }
 
-    /// Copies `a` here and `b` on the worker (or here too, if the worker
-    /// has not picked it up by the time `a` is done). Returns both outcomes.
-    /// The caller holds the pool (`acquire`).
+    /// Copies `work` on this thread and the worker, returning once every
+    /// chunk is done. The caller holds the pool (`acquire`).
     ///
     /// # Safety
-    /// As `copy_pieces` for both halves. This function returns only once
-    /// nobody touches either half any more.
-    unsafe fn copy_halves(&self, a: &Work, b: Work) -> (CopyOutcome, CopyOutcome) {
+    /// As `copy_pieces` for every chunk. When this returns, every chunk was
+    /// claimed and copied: the worker touches none of the memory any more.
+    unsafe fn copy(&self, work: Arc<Work>) -> Arc<Work> {
         let inner = &*self.inner;
         {
             let mut st = inner.state.lock();
-            st.work = Some(b);
-            st.outcome = None;
-            inner.finished.store(false, Ordering::Relaxed);
+            st.work = Some(Arc::clone(&work));
             inner.posted.store(true, Ordering::Release);
-            inner.work_cv.notify_one();
         }
+        inner.work_cv.notify_one();
         // SAFETY: forwarded to the caller.
-        let oa = unsafe { a.run() };
-        // Not started yet (the worker is still waking up): do it here.
-        let stolen = {
+        unsafe { work.drain(inner) };
+        // Every chunk is claimed; wait for those the worker is copying.
+        let all = work.chunks.len();
+        let start = Instant::now();
+        while work.done.load(Ordering::Acquire) < all && start.elapsed() < SPIN_BEFORE_SLEEP {
+            std::hint::spin_loop();
+        }
+        {
             let mut st = inner.state.lock();
-            let w = st.work.take();
-            if w.is_some() {
+            // Not picked up (the worker is still waking): it never will be.
+            if st.work.take().is_some() {
                 inner.posted.store(false, Ordering::Relaxed);
             }
-            w
-        };
-        let ob = match stolen {
-            // SAFETY: forwarded to the caller.
-            Some(w) => unsafe { w.run() },
-            None => {
-                let start = Instant::now();
-                while !inner.finished.load(Ordering::Acquire) && start.elapsed() < SPIN_BEFORE_SLEEP
-                {
-                    std::hint::spin_loop();
-                }
-                let mut st = inner.state.lock();
-                loop {
-                    if let Some(o) = st.outcome.take() {
-                        break o;
-                    }
-                    inner.done_cv.wait(&mut st);
-                }
+            while work.done.load(Ordering::Acquire) < all {
+                inner.done_cv.wait(&mut st);
             }
-        };
-        inner.finished.store(false, Ordering::Relaxed);
+        }
         self.busy.store(false, Ordering::Release);
-        (oa, ob)
+        work
     }
 }
 
@@ -373,13 +377,10 @@ fn worker_loop(inner: &PoolInner) {
                 inner.work_cv.wait(&mut st);
             }
         };
-        // SAFETY: the poster waits for this outcome before it releases the
-        // memory's pins and lease (`CopyPool::copy_halves`).
-        let outcome = unsafe { work.run() };
-        let mut st = inner.state.lock();
-        st.outcome = Some(outcome);
-        inner.finished.store(true, Ordering::Release);
-        inner.done_cv.notify_one();
+        // SAFETY: the poster waits until every chunk it or we claimed is
+        // done before it releases the memory's pins and lease
+        // (`CopyPool::copy`); a chunk claimed after that does not exist.
+        unsafe { work.drain(inner) };
     }
 }
 
@@ -687,52 +688,57 @@ impl CmaTransport {
             .as_ref()
     }
 
-    /// Copies the whole job (in two halves when it is large and the pool is
-    /// free). Per slice: done, or why not.
+    /// Copies the whole job (large ones in chunks on two threads when the
+    /// pool is free). Per slice: done, or why not.
     fn copy(&self, job: &Job<'_>) -> Vec<SliceOutcome> {
-        let peer = self.tcp.peer_name();
         let total: u64 = job.slices.iter().map(|s| s.len).sum();
-        let work = |pieces| Work {
-            pid: self.pid,
-            peer: peer.to_owned(),
-            opcode: job.opcode,
-            pieces,
-            deadline: job.deadline,
-        };
-        // Bytes [0, mid) are the first half, [mid, total) the second.
-        let (mid, oa, ob) = if total >= SPLIT_MIN_BYTES && self.pool.acquire() {
-            let mid = total / 2;
-            let (a, b) = split_at_byte(job.slices, mid);
-            // SAFETY: local ranges are pinned by the plan and remote ones
-            // leased by the caller until after `copy` returns, and
-            // `copy_halves` returns only when both halves are done.
-            let (oa, ob) = unsafe { self.pool.copy_halves(&work(a), work(b)) };
-            (mid, oa, ob)
+        let split = total >= SPLIT_MIN_BYTES && self.pool.acquire();
+        let chunk = if split {
+            (total / SPLIT_CHUNKS).clamp(MIN_CHUNK, MAX_CHUNK)
         } else {
-            let pieces: Vec<Piece> = job
-                .slices
-                .iter()
-                .map(|s| Piece {
-                    local: s.local,
-                    remote: s.remote,
-                    len: s.len,
-                })
-                .collect();
-            // SAFETY: as above.
-            let oa = unsafe { work(pieces).run() };
-            let ob = CopyOutcome {
-                moved: 0,
-                error: None,
-            };
-            (total, oa, ob)
+            total.max(1)
         };
-        let (a_moved, b_moved) = (oa.moved, ob.moved);
+        let chunks = chunk_pieces(job.slices, chunk);
+        let work = Arc::new(Work {
+            pid: self.pid,
+            peer: self.tcp.peer_name().to_owned(),
+            opcode: job.opcode,
+            deadline: job.deadline,
+            outcomes: Mutex::new((0..chunks.len()).map(|_| None).collect()),
+            chunks,
+            next: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+        });
+        let work = if split {
+            // SAFETY: local ranges are pinned by the plan and remote ones
+            // leased by the caller until after `copy` returns, and the pool
+            // returns only when every chunk is done.
+            unsafe { self.pool.copy(work) }
+        } else {
+            // SAFETY: as above; this thread copies every chunk.
+            unsafe { work.drain(&self.pool.inner) };
+            work
+        };
+        // Bytes done: per chunk, its first `moved` bytes.
+        let outcomes = std::mem::take(&mut *work.outcomes.lock());
         let (mut refused, mut failure) = (None, None);
-        for e in [oa.error, ob.error].into_iter().flatten() {
-            match e {
-                CopyError::Refused(e) => refused = Some(e.to_string()),
-                CopyError::Failed(e) => failure = failure.or(Some(e)),
-            }
+        let mut done: Vec<(u64, u64, u64)> = Vec::with_capacity(outcomes.len());
+        let mut at = 0u64;
+        for (c, o) in work.chunks.iter().zip(outcomes) {
+            let len: u64 = c.iter().map(|p| p.len).sum();
+            let moved = match o {
+                Some(o) => {
+                    match o.error {
+                        Some(CopyError::Refused(e)) => refused = Some(e.to_string()),
+                        Some(CopyError::Failed(e)) => failure = failure.or(Some(e)),
+                        None => {}
+                    }
+                    o.moved
+                }
+                None => 0,
+            };
+            done.push((at, at + len, at + moved));
+            at += len;
         }
         let mut pos = 0u64;
         job.slices
@@ -740,10 +746,12 @@ impl CmaTransport {
             .map(|s| {
                 let (start, end) = (pos, pos + s.len);
                 pos = end;
-                // Each half moves its bytes in order from its start.
-                let first_done = start >= mid || end.min(mid) <= a_moved;
-                let second_done = end <= mid || end <= mid + b_moved;
-                if first_done && second_done {
+                // Every chunk overlapping the slice moved its part of it.
+                let ok = done
+                    .iter()
+                    .filter(|&&(a, b, _)| a < end && b > start)
+                    .all(|&(_, b, moved_to)| end.min(b) <= moved_to);
+                if ok {
                     SliceOutcome::Done
                 } else if let Some(why) = &refused {
                     SliceOutcome::Refused(why.clone())
@@ -906,16 +914,20 @@ mod tests {
     }
 
     #[test]
-    fn split_cuts_inside_a_slice() {
-        let s = [slice(0, 1000, 10)];
-        let (a, b) = split_at_byte(&s, 4);
-        assert_eq!(a.len(), 1);
-        assert_eq!((a[0].local, a[0].remote, a[0].len), (0, 1000, 4));
-        assert_eq!((b[0].local, b[0].remote, b[0].len), (4, 1004, 6));
-        let s = [slice(0, 100, 4), slice(50, 200, 6)];
-        let (a, b) = split_at_byte(&s, 4);
-        assert_eq!((a.len(), b.len()), (1, 1));
-        assert_eq!((b[0].local, b[0].remote, b[0].len), (50, 200, 6));
+    fn chunks_cut_inside_slices() {
+        let c = chunk_pieces(&[slice(0, 1000, 10)], 4);
+        let lens: Vec<Vec<(u64, u64, u64)>> = c
+            .iter()
+            .map(|c| c.iter().map(|p| (p.local, p.remote, p.len)).collect())
+            .collect();
+        assert_eq!(
+            lens,
+            vec![vec![(0, 1000, 4)], vec![(4, 1004, 4)], vec![(8, 1008, 2)]]
+        );
+        let c = chunk_pieces(&[slice(0, 100, 3), slice(50, 200, 3)], 4);
+        assert_eq!(c.len(), 2);
+        assert_eq!((c[0][1].local, c[0][1].remote, c[0][1].len), (50, 200, 1));
+        assert_eq!((c[1][0].local, c[1][0].remote, c[1][0].len), (51, 201, 2));
     }
 
     #[test]
