@@ -1,7 +1,8 @@
 //! The `cma` transport: a peer on the same host (same boot id), host
 //! memory. Bytes move with `process_vm_readv` / `process_vm_writev`, one
 //! syscall per up to 1024 slices; batches of `SPLIT_MIN_BYTES` or more are
-//! cut in two halves by bytes, the second copied by the engine's copy pool.
+//! cut in chunks by bytes (a coalesced slice anywhere) that this thread and
+//! the engine's copy thread claim in turn.
 //!
 //! The kernel lets us touch the peer's whole address space, so kvferry
 //! brings the target's checks itself. The fast path uses the target's lease
@@ -37,8 +38,10 @@ use crate::transport::{Job, Report, Transport};
 use crate::wire;
 
 /// Batches at least this large are copied on two threads. Measured on a
-/// 2-vCPU KVM guest (tools/bench/discussion.md, cma-small).
-const SPLIT_MIN_BYTES: u64 = 256 << 10;
+/// 2-vCPU KVM guest (tools/bench/discussion.md, cma-large): below it the
+/// second thread gains nothing even on an idle machine, and on a busy one
+/// waiting for a preempted worker costs more than the whole batch.
+const SPLIT_MIN_BYTES: u64 = 2 << 20;
 /// A split batch is cut in about this many chunks, each of
 /// `MIN_CHUNK..=MAX_CHUNK` bytes, claimed in turn by both threads.
 const SPLIT_CHUNKS: u64 = 8;
