@@ -21,7 +21,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -278,7 +278,14 @@ pub struct CopyPool {
     busy: AtomicBool,
     /// The worker could not be started: never try again.
     failed: AtomicBool,
+    /// Batches still to copy alone because the worker was late (another
+    /// process holds its CPU): waiting for a preempted thread costs more
+    /// than copying everything here.
+    backoff: AtomicU32,
 }
+
+/// Batches copied alone after the worker kept one waiting.
+const BACKOFF_BATCHES: u32 = 64;
 
 impl CopyPool {
     pub fn new() -> CopyPool {
@@ -287,6 +294,11 @@ impl CopyPool {
 
     /// Takes the worker for one batch, starting it the first time.
     fn acquire(&self) -> bool {
+        let left = self.backoff.load(Ordering::Relaxed);
+        if left > 0 {
+            self.backoff.store(left - 1, Ordering::Relaxed);
+            return false;
+        }
         if self.failed.load(Ordering::Relaxed)
             || self
                 .busy
@@ -328,11 +340,13 @@ impl CopyPool {
             inner.posted.store(true, Ordering::Release);
         }
         inner.work_cv.notify_one();
+        let began = Instant::now();
         // SAFETY: forwarded to the caller.
         unsafe { work.drain(inner) };
         // Every chunk is claimed; wait for those the worker is copying.
         let all = work.chunks.len();
         let start = Instant::now();
+        let own = start - began;
         while work.done.load(Ordering::Acquire) < all && start.elapsed() < SPIN_BEFORE_SLEEP {
             std::hint::spin_loop();
         }
@@ -345,6 +359,11 @@ impl CopyPool {
             while work.done.load(Ordering::Acquire) < all {
                 inner.done_cv.wait(&mut st);
             }
+        }
+        // A healthy worker ends its last chunk well within the time this
+        // thread copied its share; waiting longer means it lost its CPU.
+        if start.elapsed() > own {
+            self.backoff.store(BACKOFF_BATCHES, Ordering::Relaxed);
         }
         self.busy.store(false, Ordering::Release);
         work
