@@ -14,7 +14,9 @@ from __future__ import annotations
 import array
 import ctypes
 import ctypes.util
+import itertools
 import os
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -247,6 +249,9 @@ def u64_columns(columns, names) -> tuple[list, list[int], object]:
     `array('Q')`: a typed pointer (`uint64_t *`) to each, each list's length,
     and the object that keeps the memory alive. One buffer instead of one
     ctypes array per list keeps a 32-op batch around a microsecond."""
+    packed = _pack_small(columns)
+    if packed is not None:
+        return packed
     arr = array.array("Q")
     counts = []
     for values, what in zip(columns, names):
@@ -265,6 +270,39 @@ def u64_columns(columns, names) -> tuple[list, list[int], object]:
     if not arr:
         return [None] * len(counts), counts, None
     first = ctypes.c_uint64.from_buffer(arr)
+    pointers, offset = [], 0
+    for n in counts:
+        pointers.append(ctypes.byref(first, offset))
+        offset += 8 * n
+    return pointers, counts, first
+
+
+# Fast path of `u64_columns` for lists and tuples of plain ints (the
+# Mooncake API's batches): one `struct` call packs all columns, about half
+# the time of `array.extend` per int on CPython 3.11. Anything it refuses
+# (non-ints, out of range) goes the array way, which names the bad value.
+_PACKERS: dict[int, struct.Struct] = {}
+_PACK_MAX = 4096
+
+
+def _pack_small(columns):
+    counts = []
+    for values in columns:
+        if type(values) is not list and type(values) is not tuple:
+            return None
+        counts.append(len(values))
+    total = sum(counts)
+    if not 0 < total <= _PACK_MAX:
+        return None
+    packer = _PACKERS.get(total)
+    if packer is None:
+        packer = _PACKERS[total] = struct.Struct(f"<{total}Q")
+    buf = bytearray(packer.size)
+    try:
+        packer.pack_into(buf, 0, *itertools.chain.from_iterable(columns))
+    except struct.error:
+        return None
+    first = ctypes.c_uint64.from_buffer(buf)
     pointers, offset = [], 0
     for n in counts:
         pointers.append(ctypes.byref(first, offset))
