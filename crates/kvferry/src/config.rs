@@ -36,6 +36,33 @@ pub struct EngineConfig {
     lanes: Option<usize>,
     device_runtime: Option<Arc<dyn DeviceRuntime>>,
     staging_pool: Option<StagingPoolSize>,
+    hooks: TestHooks,
+}
+
+/// TEST SUPPORT, not an API: faults and shortcuts the integration tests
+/// need to reach paths a healthy machine does not take.
+#[doc(hidden)]
+#[derive(Clone, Default)]
+pub struct TestHooks {
+    /// Use cma (process_vm_* on our own pid) for engines of this process
+    /// instead of the in-process copy.
+    pub cma_in_process: bool,
+    /// Pretend `/proc/<pid>/fd/<fd>` of the peer's lease board cannot be
+    /// opened (the fast path then stays off: PIN leases for every batch).
+    pub board_open_fails: bool,
+    /// Called on the cma fast path with the lease board slot held and the
+    /// ranges checked, right before the copy.
+    pub before_cma_copy: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl std::fmt::Debug for TestHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestHooks")
+            .field("cma_in_process", &self.cma_in_process)
+            .field("board_open_fails", &self.board_open_fails)
+            .field("before_cma_copy", &self.before_cma_copy.is_some())
+            .finish()
+    }
 }
 
 /// The pinned host bounce pool that stages device memory through tcp:
@@ -181,6 +208,17 @@ impl EngineConfig {
             buffer_bytes: mib << 20,
         });
         self
+    }
+
+    /// TEST SUPPORT: see [`TestHooks`].
+    #[doc(hidden)]
+    pub fn test_hooks(mut self, hooks: TestHooks) -> Self {
+        self.hooks = hooks;
+        self
+    }
+
+    pub(crate) fn hooks(&self) -> &TestHooks {
+        &self.hooks
     }
 
     /// The device runtime set with [`EngineConfig::device_runtime`].

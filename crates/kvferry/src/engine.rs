@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::TcpListener;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,7 +14,8 @@ use crossbeam_channel::{Sender, unbounded};
 use parking_lot::Mutex;
 
 use crate::batch::{Batch, BatchId, BatchState, BatchTable, OpState};
-use crate::config::{EngineConfig, Settings, TransportChoice};
+use crate::board::LeaseBoard;
+use crate::config::{EngineConfig, Settings, TestHooks, TransportChoice};
 use crate::device::{DeviceState, StagingStats};
 use crate::error::{Error, Result};
 use crate::memory::Registry;
@@ -21,7 +23,7 @@ use crate::plan::{Op, Opcode, Plan, plan};
 use crate::segment::{Segment, host_identity, random_instance_id};
 use crate::server::Server;
 use crate::session::{PeerAddr, Session};
-use crate::transport::cma::CmaTransport;
+use crate::transport::cma::{CmaTransport, CopyPool};
 use crate::transport::local::LocalTransport;
 use crate::transport::split::SplitTransport;
 use crate::transport::tcp::{ClientIdentity, TcpTransport};
@@ -51,6 +53,11 @@ pub(crate) struct Shared {
     notifications: Mutex<VecDeque<Notification>>,
     /// The device runtime (if any), its staging pool and device regions.
     pub(crate) device: DeviceState,
+    /// The cma lease board same-host peers map (None when the memfd could
+    /// not be made: they then take PIN leases).
+    pub(crate) board: Option<Arc<LeaseBoard>>,
+    /// PIN requests served (test support: the cma fast path takes none).
+    pub(crate) pins_served: AtomicU64,
 }
 
 impl Shared {
@@ -96,6 +103,9 @@ struct Core {
     shared: Arc<Shared>,
     settings: Settings,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
+    hooks: TestHooks,
+    /// The cma transports' second copy thread, shared by all sessions.
+    copy_pool: Arc<CopyPool>,
 }
 
 /// A kvferry engine.
@@ -175,13 +185,20 @@ impl Core {
             .get(&segment.instance_id)
             .and_then(Weak::upgrade);
         let (tcp_for_device, same_process) = (Arc::clone(&tcp), local.is_some());
+        let cma = || -> Arc<dyn Transport> {
+            Arc::new(CmaTransport::new(
+                Arc::clone(&tcp),
+                segment.pid,
+                Arc::clone(&self.copy_pool),
+                self.hooks.clone(),
+            ))
+        };
         let transport: Arc<dyn Transport> = match (self.settings.transport, local) {
-            (TransportChoice::Tcp, _) => tcp,
+            (TransportChoice::Tcp, _) => Arc::clone(&tcp) as Arc<dyn Transport>,
+            (TransportChoice::Auto, Some(_)) if self.hooks.cma_in_process => cma(),
             (TransportChoice::Auto, Some(shared)) => Arc::new(LocalTransport::new(&shared)),
-            (TransportChoice::Auto, None) if segment.host_id == self.shared.host_id => {
-                Arc::new(CmaTransport::new(tcp, segment.pid))
-            }
-            (TransportChoice::Auto, None) => tcp,
+            (TransportChoice::Auto, None) if segment.host_id == self.shared.host_id => cma(),
+            (TransportChoice::Auto, None) => Arc::clone(&tcp) as Arc<dyn Transport>,
         };
         // Slices touching device memory take the device paths.
         let transport: Arc<dyn Transport> = Arc::new(SplitTransport::new(
@@ -383,16 +400,29 @@ impl Engine {
             port,
         }
         .to_string();
+        let instance_id = random_instance_id();
+        let board = match LeaseBoard::create(instance_id) {
+            Ok(b) => Some(Arc::new(b)),
+            Err(e) => {
+                log::debug!("kvferry: no cma lease board ({e}); peers take PIN leases");
+                None
+            }
+        };
         let shared = Arc::new(Shared {
             name,
-            instance_id: random_instance_id(),
+            instance_id,
             host_id: host_identity(),
             registry: Registry::new(),
             secret: settings.secret.clone(),
             transfer_timeout: settings.transfer_timeout,
             notifications: Mutex::new(VecDeque::new()),
             device: DeviceState::new(config.runtime().cloned(), settings.staging_pool),
+            board: board.clone(),
+            pins_served: AtomicU64::new(0),
         });
+        if let Some(b) = board {
+            shared.registry.set_retire_guard(b);
+        }
         let server = Server::start(listener, Arc::clone(&shared))
             .map_err(|e| Error::io("cannot start the listener thread", e))?;
         let (tx, rx) = unbounded::<Task>();
@@ -418,6 +448,8 @@ impl Engine {
                 shared,
                 settings,
                 sessions: Mutex::new(HashMap::new()),
+                hooks: config.hooks().clone(),
+                copy_pool: Arc::new(CopyPool::new()),
             }),
             port,
             server: Some(server),
@@ -642,6 +674,13 @@ impl Engine {
     pub fn device_transport_to(&self, peer: &str) -> Result<&'static str> {
         let session = self.core.session(peer)?;
         Ok(session.transport().device_path().unwrap_or("tcp"))
+    }
+
+    /// TEST SUPPORT: PIN requests this engine served (the cma fast path
+    /// takes none).
+    #[doc(hidden)]
+    pub fn pin_requests_served(&self) -> u64 {
+        self.core.shared.pins_served.load(Ordering::Relaxed)
     }
 
     /// The device runtime this engine was created with, if any.

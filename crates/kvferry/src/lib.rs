@@ -26,6 +26,7 @@
 #![warn(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod batch;
+pub mod board;
 pub mod config;
 pub mod device;
 pub mod engine;
@@ -41,7 +42,7 @@ pub mod transport;
 pub mod wire;
 
 pub use batch::{BatchId, BatchState, OpState};
-pub use config::{EngineConfig, Settings, StagingPoolSize, TransportChoice};
+pub use config::{EngineConfig, Settings, StagingPoolSize, TestHooks, TransportChoice};
 pub use device::{
     CopyDirection, CopyRange, DeviceJob, DevicePeer, DeviceRuntime, DeviceSlice, DeviceTransport,
     PinnedBuffer,

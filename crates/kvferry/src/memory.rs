@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
@@ -110,12 +110,27 @@ impl Region {
 /// A pinned region: while it lives, the region is not unregistered.
 pub type Pin = Arc<Region>;
 
+/// Transfers the registry cannot see as pins: users of a region who
+/// checked it against a published list instead (the cma lease board,
+/// board.rs). `unregister` calls `retire` once the regions are marked
+/// closing, then waits while `in_flight` is non-zero, as it waits for pins.
+pub trait RetireGuard: Send + Sync + fmt::Debug {
+    /// Starts a retirement (after the regions were marked closing) and
+    /// returns its token.
+    fn retire(&self) -> u64;
+    /// How many transfers that may have checked their ranges before
+    /// retirement `token` are still running.
+    fn in_flight(&self, token: u64) -> usize;
+}
+
 /// The regions of one engine. Regions never overlap.
 #[derive(Debug, Default)]
 pub struct Registry {
     regions: RwLock<BTreeMap<u64, Arc<Region>>>,
     /// Bumped on every successful register / unregister.
     epoch: AtomicU64,
+    /// Set once by the engine when it has a lease board.
+    guard: OnceLock<Arc<dyn RetireGuard>>,
 }
 
 fn check_new(map: &BTreeMap<u64, Arc<Region>>, desc: &RegionDesc) -> Result<()> {
@@ -148,6 +163,12 @@ impl Registry {
         Self::default()
     }
 
+    /// Installs the guard `unregister` waits on besides pins (once; a
+    /// second call is ignored).
+    pub fn set_retire_guard(&self, guard: Arc<dyn RetireGuard>) {
+        let _ = self.guard.set(guard);
+    }
+
     /// The current epoch: changes whenever the set of regions changes.
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
@@ -176,9 +197,10 @@ impl Registry {
 
     /// Unregisters all regions starting at `addrs`, or none.
     ///
-    /// Waits up to `wait` for in-flight transfers that pinned them; if they
-    /// are still running then, the regions stay registered and `RegionBusy`
-    /// is returned, so the caller never frees memory under a transfer.
+    /// Waits up to `wait` for in-flight transfers that pinned them (and for
+    /// those the retire guard knows of); if they are still running then,
+    /// the regions stay registered and `RegionBusy` is returned, so the
+    /// caller never frees memory under a transfer.
     pub fn unregister(&self, addrs: &[u64], wait: Duration) -> Result<()> {
         let targets: Vec<Arc<Region>> = {
             // Write lock: checking and marking `closing` must be one step, so
@@ -198,20 +220,35 @@ impl Registry {
             }
             out
         };
+        // After `closing` is set: lists built from now on leave the regions
+        // out, and the guard waits for users of older lists (board.rs).
+        let retired = self.guard.get().map(|g| (g, g.retire()));
         let start = Instant::now();
         // Pins: the map's reference and `targets`' own are not transfers.
         let busy = |r: &Arc<Region>| Arc::strong_count(r).saturating_sub(2);
+        let guarded = || retired.map_or(0, |(g, token)| g.in_flight(token));
         let mut pause = Duration::from_micros(20);
         loop {
-            let stuck = targets.iter().find(|r| busy(r) > 0);
-            let Some(r) = stuck else { break };
+            let stuck = targets
+                .iter()
+                .find(|r| busy(r) > 0)
+                .map(|r| (r.desc.addr, busy(r)))
+                .or_else(|| {
+                    let n = guarded();
+                    (n > 0).then(|| (targets.first().map_or(0, |r| r.desc.addr), n))
+                });
+            let Some((addr, in_flight)) = stuck else {
+                break;
+            };
             if start.elapsed() >= wait {
+                // Registered again; the guard's retirement only makes its
+                // users refresh their lists.
                 for r in &targets {
                     r.closing.store(false, Ordering::Release);
                 }
                 return Err(Error::RegionBusy {
-                    addr: r.desc.addr,
-                    in_flight: busy(r),
+                    addr,
+                    in_flight,
                     waited_ms: wait.as_millis() as u64,
                 });
             }
@@ -359,6 +396,56 @@ mod tests {
         drop(pin);
         t.join().unwrap().unwrap();
         assert!(r.pin(0x1000, 1).is_none());
+    }
+
+    /// A guard that records what the registry showed when it was called.
+    #[derive(Debug, Default)]
+    struct FakeGuard {
+        registry: OnceLock<std::sync::Weak<Registry>>,
+        listed_at_retire: std::sync::Mutex<Vec<usize>>,
+        users: AtomicU64,
+    }
+
+    impl RetireGuard for FakeGuard {
+        fn retire(&self) -> u64 {
+            let n = self
+                .registry
+                .get()
+                .and_then(|w| w.upgrade())
+                .map_or(usize::MAX, |r| r.descs().len());
+            self.listed_at_retire.lock().unwrap().push(n);
+            7
+        }
+        fn in_flight(&self, token: u64) -> usize {
+            assert_eq!(token, 7);
+            self.users.load(Ordering::SeqCst) as usize
+        }
+    }
+
+    #[test]
+    fn unregister_retires_after_closing_and_waits_for_the_guard() {
+        let r = Arc::new(Registry::new());
+        let g = Arc::new(FakeGuard::default());
+        g.registry.set(Arc::downgrade(&r)).unwrap();
+        r.set_retire_guard(g.clone());
+        r.register(&[host(0x1000, 0x100), host(0x2000, 0x100)])
+            .unwrap();
+        g.users.store(1, Ordering::SeqCst);
+        let e = r
+            .unregister(&[0x1000], Duration::from_millis(20))
+            .unwrap_err();
+        assert!(matches!(e, Error::RegionBusy { in_flight: 1, .. }), "{e}");
+        // Rolled back: listed and usable again.
+        assert_eq!(r.descs().len(), 2);
+        assert!(r.pin(0x1000, 1).is_some());
+        let (r2, g2) = (Arc::clone(&r), Arc::clone(&g));
+        let t = std::thread::spawn(move || r2.unregister(&[0x1000], Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(30));
+        g2.users.store(0, Ordering::SeqCst);
+        t.join().unwrap().unwrap();
+        // Each retirement saw the region already out of the list.
+        assert_eq!(*g.listed_at_retire.lock().unwrap(), vec![1, 1]);
+        assert_eq!(r.descs().len(), 1);
     }
 
     #[test]

@@ -109,9 +109,20 @@ fn accept_loop(
                     .peer_addr()
                     .map(|a| a.to_string())
                     .unwrap_or_default();
+                let board = shared.board.clone();
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Handler::new(stream, shared, stop2).serve()
+                    Handler::new(stream, shared, stop2.clone(), id).serve()
                 }));
+                // Lease board slots of this connection: a peer that closed
+                // (or died) can no longer be copying, so its slots are
+                // cleared and freed. Not when this engine stops: the peer
+                // may be mid-copy, and the unregister of all memory that
+                // follows must wait for its slots (board.rs).
+                if let Some(b) = board
+                    && !stop2.load(Ordering::SeqCst)
+                {
+                    b.release(id);
+                }
                 match r {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => log::debug!("kvferry: connection from {peer} closed: {e}"),
@@ -149,13 +160,15 @@ struct Handler {
     next_lease: u64,
     /// How long to poll for the next frame before sleeping.
     spin: net::SpinWindow,
+    /// This connection's id (owner of its lease board slots).
+    id: u64,
 }
 
 /// Why a connection ends.
 type Close = String;
 
 impl Handler {
-    fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Self {
+    fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>, id: u64) -> Self {
         let _ = stream.set_nodelay(true);
         // Once a frame has started, the rest must follow within the
         // deadline; set once, so the per-frame path makes no setsockopt.
@@ -168,6 +181,7 @@ impl Handler {
             leases: HashMap::new(),
             next_lease: 1,
             spin: net::SpinWindow::default(),
+            id,
         }
     }
 
@@ -311,6 +325,22 @@ impl Handler {
                     };
                     self.leases.remove(&u64::from_le_bytes(id));
                 }
+                Kind::LeaseBoard => {
+                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let req: wire::BoardRequest = match wire::pod_from(&p) {
+                        Ok(x) => x,
+                        Err(m) => return self.reject(rid, m),
+                    };
+                    self.serve_board(rid, req).map_err(io)?;
+                }
+                Kind::LeaseRegions => {
+                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let Ok(inst) = <[u8; 8]>::try_from(p.as_slice()) else {
+                        return self.reject(rid, "LEASE_REGIONS payload is not 8 bytes".into());
+                    };
+                    self.serve_lease_regions(rid, u64::from_le_bytes(inst))
+                        .map_err(io)?;
+                }
                 Kind::Notify => {
                     let p = net::read_payload(&mut self.stream, len).map_err(io)?;
                     let (name, message) = match wire::decode_notify(&p) {
@@ -357,6 +387,8 @@ impl Handler {
                 | Kind::WriteAck
                 | Kind::NotifyAck
                 | Kind::PinOk
+                | Kind::LeaseBoardGrant
+                | Kind::LeaseRegionsReply
                 | Kind::Pong
                 | Kind::DeviceControlReply
                 | Kind::ErrorReply => {
@@ -368,6 +400,82 @@ impl Handler {
             }
         }
         Ok(())
+    }
+
+    /// The refusal for a request naming another instance than this one.
+    fn wrong_instance(&self, target_instance: u64) -> Option<String> {
+        (target_instance != self.shared.instance_id).then(|| {
+            format!(
+                "request for instance {target_instance:#x}, this engine is instance {:#x}",
+                self.shared.instance_id
+            )
+        })
+    }
+
+    /// LEASE_BOARD: slots of the lease board for this connection.
+    fn serve_board(&mut self, rid: u64, req: wire::BoardRequest) -> io::Result<()> {
+        if let Some(m) = self.wrong_instance(req.target_instance) {
+            return self.send_error(rid, Status::PeerRestarted, &m);
+        }
+        let Some(board) = self.shared.board.clone() else {
+            return self.send_error(
+                rid,
+                Status::Unsupported,
+                &format!("{} has no cma lease board", self.shared.name),
+            );
+        };
+        let slots = board.grant(self.id, req.slots.min(wire::MAX_GRANT));
+        let grant = wire::BoardGrant {
+            pid: std::process::id(),
+            fd: board.fd(),
+            board_len: board.byte_len() as u64,
+            count: slots.len() as u32,
+            reserved: 0,
+        };
+        let p = wire::encode_grant(&grant, &slots);
+        self.send(
+            &FrameHeader::new(Kind::LeaseBoardGrant, rid, p.len() as u64),
+            &[&p],
+        )
+    }
+
+    /// LEASE_REGIONS: the regions, stamped with the lease board's epoch read
+    /// *before* listing them (board.rs: a list is never stamped newer than
+    /// what it shows).
+    fn serve_lease_regions(&mut self, rid: u64, target_instance: u64) -> io::Result<()> {
+        if let Some(m) = self.wrong_instance(target_instance) {
+            return self.send_error(rid, Status::PeerRestarted, &m);
+        }
+        let Some(board) = self.shared.board.clone() else {
+            return self.send_error(
+                rid,
+                Status::Unsupported,
+                &format!("{} has no cma lease board", self.shared.name),
+            );
+        };
+        let epoch = board.epoch();
+        let regions: Vec<wire::Range> = self
+            .shared
+            .registry
+            .descs()
+            .iter()
+            .map(|d| wire::Range {
+                addr: d.addr,
+                len: d.len,
+            })
+            .collect();
+        if regions.len() > wire::MAX_ENTRIES {
+            return self.send_error(
+                rid,
+                Status::Unsupported,
+                "more regions than one LEASE_REGIONS_REPLY carries",
+            );
+        }
+        let p = wire::encode_lease_regions(epoch, &regions);
+        self.send(
+            &FrameHeader::new(Kind::LeaseRegionsReply, rid, p.len() as u64),
+            &[&p],
+        )
     }
 
     /// READ, WRITE and PIN: a table of this engine's ranges, checked and
@@ -451,6 +559,7 @@ impl Handler {
                     .map_err(io)?;
             }
             _ => {
+                self.shared.pins_served.fetch_add(1, Ordering::Relaxed);
                 let id = self.next_lease;
                 self.next_lease += 1;
                 self.leases.insert(id, pins.clone());
@@ -467,14 +576,8 @@ impl Handler {
         target_instance: u64,
         ranges: &[wire::Range],
     ) -> Result<Vec<Pin>, (Status, String)> {
-        if target_instance != self.shared.instance_id {
-            return Err((
-                Status::PeerRestarted,
-                format!(
-                    "request for instance {target_instance:#x}, this engine is instance {:#x}",
-                    self.shared.instance_id
-                ),
-            ));
+        if let Some(m) = self.wrong_instance(target_instance) {
+            return Err((Status::PeerRestarted, m));
         }
         let mut pins: Vec<Pin> = Vec::new();
         for (i, r) in ranges.iter().enumerate() {

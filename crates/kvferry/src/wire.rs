@@ -68,6 +68,9 @@ macro_rules! kinds {
 }
 
 const TABLE_MAX: u64 = 16 + 16 * MAX_ENTRIES as u64;
+/// Most slots one LEASE_BOARD_GRANT names.
+pub const MAX_GRANT: u32 = 64;
+const BOARD_GRANT_MAX: u64 = 24 + 4 * MAX_GRANT as u64;
 
 kinds! {
     Hello = 1, 64;
@@ -85,6 +88,10 @@ kinds! {
     Pin = 40, TABLE_MAX;
     PinOk = 41, 8;
     Unpin = 42, 8;
+    LeaseBoard = 43, 16;
+    LeaseBoardGrant = 44, BOARD_GRANT_MAX;
+    LeaseRegions = 45, 8;
+    LeaseRegionsReply = 46, TABLE_MAX;
     Ping = 50, 64;
     Pong = 51, 64;
     DeviceControl = 60, MAX_CONTROL;
@@ -317,6 +324,105 @@ pub fn decode_ranges(bytes: &[u8]) -> std::result::Result<(Vec<Range>, u64), Str
         total = total.checked_add(r.len).ok_or("range lengths overflow")?;
     }
     Ok((ranges, total))
+}
+
+// ---- cma lease board (board.rs) ---------------------------------------------
+
+/// LEASE_BOARD, initiator -> target: "give this connection `slots` slots
+/// of your lease board".
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BoardRequest {
+    pub target_instance: u64,
+    pub slots: u32,
+    pub reserved: u32,
+}
+
+/// LEASE_BOARD_GRANT, target -> initiator, followed by `count` u32 slot
+/// indexes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BoardGrant {
+    pub pid: u32,
+    /// The board's descriptor in the target: `/proc/<pid>/fd/<fd>`.
+    pub fd: i32,
+    pub board_len: u64,
+    pub count: u32,
+    pub reserved: u32,
+}
+
+pub const BOARD_GRANT_LEN: usize = std::mem::size_of::<BoardGrant>();
+
+pub fn encode_grant(g: &BoardGrant, slots: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BOARD_GRANT_LEN + 4 * slots.len());
+    out.extend_from_slice(bytemuck::bytes_of(g));
+    for s in slots {
+        out.extend_from_slice(&s.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a grant: the head, then exactly `count` (at most `MAX_GRANT`)
+/// slot indexes.
+pub fn decode_grant(bytes: &[u8]) -> std::result::Result<(BoardGrant, Vec<u32>), String> {
+    let g: BoardGrant = pod_from(
+        bytes
+            .get(..BOARD_GRANT_LEN)
+            .ok_or("LEASE_BOARD_GRANT shorter than its head")?,
+    )?;
+    let rest = &bytes[BOARD_GRANT_LEN..];
+    if g.count > MAX_GRANT || rest.len() != 4 * g.count as usize {
+        return Err(format!(
+            "LEASE_BOARD_GRANT of {} slots carries {} bytes of indexes",
+            g.count,
+            rest.len()
+        ));
+    }
+    let slots = rest
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((g, slots))
+}
+
+/// LEASE_REGIONS_REPLY: the lease board's `retire_epoch` read before the
+/// regions were listed, then `count` regions `{addr, len}`, sorted and
+/// non-overlapping.
+pub fn encode_lease_regions(epoch: u64, regions: &[Range]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 16 * regions.len());
+    out.extend_from_slice(&epoch.to_le_bytes());
+    out.extend_from_slice(&(regions.len() as u32).to_le_bytes());
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(bytemuck::cast_slice(regions));
+    out
+}
+
+pub fn decode_lease_regions(bytes: &[u8]) -> std::result::Result<(u64, Vec<Range>), String> {
+    let head = bytes
+        .get(..16)
+        .ok_or("LEASE_REGIONS_REPLY shorter than 16")?;
+    let epoch = u64::from_le_bytes(head[..8].try_into().map_err(|_| "epoch")?);
+    let count = u32::from_le_bytes(head[8..12].try_into().map_err(|_| "count")?) as usize;
+    let rest = &bytes[16..];
+    if count > MAX_ENTRIES || rest.len() != 16 * count {
+        return Err(format!(
+            "LEASE_REGIONS_REPLY of {count} regions carries {} bytes",
+            rest.len()
+        ));
+    }
+    let regions: Vec<Range> = rest
+        .chunks_exact(16)
+        .map(bytemuck::pod_read_unaligned::<Range>)
+        .collect();
+    let mut prev_end = 0u64;
+    for r in &regions {
+        let end = r.addr.checked_add(r.len).ok_or("region overflows")?;
+        if r.len == 0 || r.addr < prev_end {
+            return Err("lease regions are empty, unsorted or overlapping".into());
+        }
+        prev_end = end;
+    }
+    Ok((epoch, regions))
 }
 
 // ---- segment ---------------------------------------------------------------
@@ -670,6 +776,38 @@ mod tests {
             .is_err()
         );
         assert!(decode_ranges(&encode_table(1, &[Range { addr: 1, len: 0 }])[16..]).is_err());
+    }
+
+    #[test]
+    fn lease_payloads_round_trip_and_reject_garbage() {
+        let g = BoardGrant {
+            pid: 7,
+            fd: 9,
+            board_len: 20480,
+            count: 2,
+            reserved: 0,
+        };
+        let b = encode_grant(&g, &[3, 4]);
+        let (g2, slots) = decode_grant(&b).unwrap();
+        assert_eq!(
+            (g2.pid, g2.fd, g2.board_len, slots),
+            (7, 9, 20480, vec![3, 4])
+        );
+        assert!(decode_grant(&b[..b.len() - 1]).is_err());
+        assert!(decode_grant(&b[..10]).is_err());
+        let mut many = g;
+        many.count = MAX_GRANT + 1;
+        assert!(decode_grant(&encode_grant(&many, &[0; MAX_GRANT as usize + 1])).is_err());
+
+        let regions = [Range { addr: 16, len: 16 }, Range { addr: 64, len: 8 }];
+        let b = encode_lease_regions(5, &regions);
+        assert_eq!(decode_lease_regions(&b).unwrap(), (5, regions.to_vec()));
+        assert!(decode_lease_regions(&b[..20]).is_err());
+        assert!(decode_lease_regions(&[0xff; 40]).is_err());
+        let overlapping = [Range { addr: 16, len: 16 }, Range { addr: 20, len: 8 }];
+        assert!(decode_lease_regions(&encode_lease_regions(1, &overlapping)).is_err());
+        let empty = [Range { addr: 16, len: 0 }];
+        assert!(decode_lease_regions(&encode_lease_regions(1, &empty)).is_err());
     }
 
     #[test]

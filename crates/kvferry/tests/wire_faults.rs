@@ -294,3 +294,105 @@ fn nobody_listening_is_a_fast_clear_error() {
     assert!(matches!(err, Error::PeerUnreachable { .. }), "{err}");
     assert!(t.elapsed() < Duration::from_secs(2));
 }
+
+fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
+    let h = FrameHeader::new(kind, 9, payload.len() as u64);
+    let mut out = bytemuck::bytes_of(&h).to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// LEASE_BOARD and LEASE_REGIONS: malformed payloads close the connection
+/// with an ERROR; a wrong instance is refused; a good request gets slots
+/// (freed again when its connection closes) and the region list.
+#[test]
+fn lease_board_requests_are_checked() {
+    let e = engine(EngineConfig::new());
+    for bad in [
+        frame(Kind::LeaseBoard, &[1, 2, 3]),
+        frame(Kind::LeaseRegions, &[0; 7]),
+        frame(Kind::LeaseBoardGrant, &[]),
+        frame(Kind::LeaseRegionsReply, &[0; 16]),
+    ] {
+        expect_error_then_close(&e, true, &bad, Status::Protocol);
+    }
+    // Over the bound: refused from the header alone.
+    let mut h = FrameHeader::new(Kind::LeaseBoard, 1, 17);
+    expect_error_then_close(&e, true, bytemuck::bytes_of(&h), Status::Protocol);
+    h = FrameHeader::new(Kind::LeaseRegions, 1, 1 << 20);
+    expect_error_then_close(&e, true, bytemuck::bytes_of(&h), Status::Protocol);
+
+    let mut s = connect(&e);
+    let instance = hello(&mut s).instance_id;
+    let ask = |s: &mut TcpStream, target_instance: u64, slots: u32| {
+        let req = wire::BoardRequest {
+            target_instance,
+            slots,
+            reserved: 0,
+        };
+        s.write_all(&frame(Kind::LeaseBoard, bytemuck::bytes_of(&req)))
+            .unwrap();
+        read_frame(s).expect("a reply")
+    };
+    let (h, _) = ask(&mut s, instance ^ 1, 4);
+    assert_eq!(
+        (h.kind, h.status),
+        (Kind::ErrorReply as u16, Status::PeerRestarted as i32)
+    );
+    let (h, p) = ask(&mut s, instance, 1000);
+    assert_eq!(h.kind, Kind::LeaseBoardGrant as u16);
+    let (g, slots) = wire::decode_grant(&p).unwrap();
+    assert_eq!(g.pid, std::process::id());
+    assert_eq!(slots.len(), wire::MAX_GRANT as usize);
+    // The per-connection cap holds across requests.
+    let (_, p) = ask(&mut s, instance, 1);
+    assert!(wire::decode_grant(&p).unwrap().1.is_empty());
+
+    let mut buf = vec![0u8; 8192];
+    // SAFETY: `buf` outlives the engine.
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, 8192, "cpu:0") }.unwrap();
+    s.write_all(&frame(Kind::LeaseRegions, &instance.to_le_bytes()))
+        .unwrap();
+    let (h, p) = read_frame(&mut s).expect("regions");
+    assert_eq!(h.kind, Kind::LeaseRegionsReply as u16);
+    let (_, regions) = wire::decode_lease_regions(&p).unwrap();
+    assert_eq!(
+        regions,
+        vec![wire::Range {
+            addr: buf.as_ptr() as u64,
+            len: 8192
+        }]
+    );
+    s.write_all(&frame(Kind::LeaseRegions, &(instance ^ 1).to_le_bytes()))
+        .unwrap();
+    let (h, _) = read_frame(&mut s).expect("refusal");
+    assert_eq!(h.status, Status::PeerRestarted as i32);
+    drop(s);
+    // The closed connection's slots are free again: four new connections
+    // get all 256 slots of the board, and a fifth gets none.
+    let mut held = Vec::new();
+    let mut granted = 0;
+    for _ in 0..400 {
+        let mut s = connect(&e);
+        hello(&mut s);
+        let (_, p) = ask(&mut s, instance, 64);
+        granted += wire::decode_grant(&p).unwrap().1.len();
+        held.push(s);
+        if granted == 256 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(granted, 256);
+    let mut s = connect(&e);
+    hello(&mut s);
+    assert!(
+        wire::decode_grant(&ask(&mut s, instance, 1).1)
+            .unwrap()
+            .1
+            .is_empty()
+    );
+    drop(held);
+    e.unregister_memory(buf.as_ptr() as u64).unwrap();
+    still_serves(&e);
+}

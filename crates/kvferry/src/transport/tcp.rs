@@ -284,6 +284,59 @@ impl Conn {
         Ok(u64::from_le_bytes(id))
     }
 
+    /// Asks for `slots` slots of the peer's cma lease board for this
+    /// connection; returns the grant and the slot indexes.
+    pub fn lease_board(
+        &mut self,
+        peer: &str,
+        instance: u64,
+        slots: u32,
+        deadline: Instant,
+    ) -> Result<(wire::BoardGrant, Vec<u32>)> {
+        self.arm(deadline)
+            .map_err(|e| self.io(peer, "lease board", e))?;
+        let req = wire::BoardRequest {
+            target_instance: instance,
+            slots,
+            reserved: 0,
+        };
+        let rid = self.id();
+        let h = FrameHeader::new(
+            Kind::LeaseBoard,
+            rid,
+            std::mem::size_of::<wire::BoardRequest>() as u64,
+        );
+        self.send(&h, &[bytemuck::bytes_of(&req)])
+            .map_err(|e| self.io(peer, "lease board", e))?;
+        let (_, p) = self.reply(peer, Kind::LeaseBoardGrant, rid)?;
+        wire::decode_grant(&p).map_err(|d| Error::Protocol {
+            peer: peer.to_owned(),
+            detail: d,
+        })
+    }
+
+    /// The peer's regions and the lease board epoch they are stamped with.
+    pub fn lease_regions(
+        &mut self,
+        peer: &str,
+        instance: u64,
+        deadline: Instant,
+    ) -> Result<(u64, Vec<wire::Range>)> {
+        self.arm(deadline)
+            .map_err(|e| self.io(peer, "lease regions", e))?;
+        let rid = self.id();
+        self.send(
+            &FrameHeader::new(Kind::LeaseRegions, rid, 8),
+            &[&instance.to_le_bytes()],
+        )
+        .map_err(|e| self.io(peer, "lease regions", e))?;
+        let (_, p) = self.reply(peer, Kind::LeaseRegionsReply, rid)?;
+        wire::decode_lease_regions(&p).map_err(|d| Error::Protocol {
+            peer: peer.to_owned(),
+            detail: d,
+        })
+    }
+
     /// Releases a lease; no reply (the next request on this lane follows it).
     pub fn unpin(&mut self, peer: &str, lease: u64) -> Result<()> {
         let rid = self.id();
@@ -411,6 +464,20 @@ impl TcpTransport {
     /// The peer instance the current plans are made against.
     pub fn instance(&self) -> u64 {
         self.instance.load(Ordering::Acquire)
+    }
+
+    /// A connection of its own (not a lane) to the instance the plans are
+    /// made against.
+    pub fn open_conn(&self) -> Result<Conn> {
+        let (conn, instance) = Conn::open(&self.peer, &self.me)?;
+        let expected = self.instance();
+        if instance != expected {
+            return Err(Error::PeerRestarted {
+                peer: self.name.clone(),
+                detail: format!("instance {expected:#x} is gone; {instance:#x} answers now"),
+            });
+        }
+        Ok(conn)
     }
 
     /// Runs `f` on lane `i`'s connection, opening it if needed. A new
