@@ -107,66 +107,19 @@ fn wait_fd(fd: libc::c_int, events: libc::c_short, timeout: Duration) -> io::Res
 /// when no reply comes soon.
 pub const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(50);
 
-/// The longest a connection waiting for its next frame polls before it
-/// sleeps, however long the gaps it has seen.
-pub const SPIN_WINDOW_MAX: Duration = Duration::from_millis(1);
-
-/// How long one connection polls for its next frame before sleeping,
-/// learnt from the gap before its previous frame.
-///
-/// A fixed `SPIN_BEFORE_SLEEP` is too short once batches are large: after
-/// the target sends a 4 MiB READ reply, the next request comes only when
-/// the initiator has drained it (about 0.7 ms on loopback), so the target
-/// slept and the next batch paid its wake-up. The window follows the last
-/// gap (plus a quarter) when that gap was at most `SPIN_WINDOW_MAX`; after a
-/// longer gap (an idle peer) it falls back to `SPIN_BEFORE_SLEEP`, so a
-/// quiet connection costs at most that much CPU per frame.
-#[derive(Debug, Clone, Copy)]
-pub struct SpinWindow {
-    window: Duration,
-}
-
-impl Default for SpinWindow {
-    fn default() -> Self {
-        SpinWindow {
-            window: SPIN_BEFORE_SLEEP,
-        }
-    }
-}
-
-impl SpinWindow {
-    /// Polls `stream` without sleeping for up to the current window.
-    /// `true` when it became readable.
-    pub fn spin(&self, stream: &TcpStream) -> io::Result<bool> {
-        spin_fd_for(stream.as_raw_fd(), libc::POLLIN, self.window)
-    }
-
-    /// Records the gap between the start of a wait and the frame's arrival.
-    pub fn learn(&mut self, gap: Duration) {
-        self.window = if gap <= SPIN_WINDOW_MAX {
-            (gap + gap / 4).clamp(SPIN_BEFORE_SLEEP, SPIN_WINDOW_MAX)
-        } else {
-            SPIN_BEFORE_SLEEP
-        };
-    }
-
-    /// The current window.
-    pub fn window(&self) -> Duration {
-        self.window
-    }
+/// Polls `stream` for something to read for up to `SPIN_BEFORE_SLEEP`
+/// without sleeping. `true` when it became readable.
+pub fn spin_until_readable(stream: &TcpStream) -> io::Result<bool> {
+    spin_fd(stream.as_raw_fd(), libc::POLLIN)
 }
 
 fn spin_fd(fd: libc::c_int, events: libc::c_short) -> io::Result<bool> {
-    spin_fd_for(fd, events, SPIN_BEFORE_SLEEP)
-}
-
-fn spin_fd_for(fd: libc::c_int, events: libc::c_short, window: Duration) -> io::Result<bool> {
     let start = Instant::now();
     loop {
         if wait_fd(fd, events, Duration::ZERO)? {
             return Ok(true);
         }
-        if start.elapsed() >= window {
+        if start.elapsed() >= SPIN_BEFORE_SLEEP {
             return Ok(false);
         }
         std::hint::spin_loop();
@@ -344,27 +297,4 @@ pub fn read_payload(stream: &mut TcpStream, len: u64) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; len as usize];
     stream.read_exact(&mut buf).map_err(timeout_error)?;
     Ok(buf)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn spin_window_follows_short_gaps_and_forgets_idle_ones() {
-        let mut w = SpinWindow::default();
-        assert_eq!(w.window(), SPIN_BEFORE_SLEEP);
-        // A gap shorter than the default never shrinks the window below it.
-        w.learn(Duration::from_micros(10));
-        assert_eq!(w.window(), SPIN_BEFORE_SLEEP);
-        // A large batch's drain time: the next wait covers it with margin.
-        w.learn(Duration::from_micros(600));
-        assert_eq!(w.window(), Duration::from_micros(750));
-        // Never more than the cap.
-        w.learn(Duration::from_micros(900));
-        assert_eq!(w.window(), SPIN_WINDOW_MAX);
-        // An idle peer: back to the short default, no CPU burnt on it.
-        w.learn(Duration::from_secs(2));
-        assert_eq!(w.window(), SPIN_BEFORE_SLEEP);
-    }
 }

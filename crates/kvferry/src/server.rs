@@ -13,7 +13,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -158,8 +158,6 @@ struct Handler {
     /// cma leases of this connection: pins held until UNPIN or disconnect.
     leases: HashMap<u64, Vec<Pin>>,
     next_lease: u64,
-    /// How long to poll for the next frame before sleeping.
-    spin: net::SpinWindow,
     /// This connection's id (owner of its lease board slots).
     id: u64,
 }
@@ -180,7 +178,6 @@ impl Handler {
             stop,
             leases: HashMap::new(),
             next_lease: 1,
-            spin: net::SpinWindow::default(),
             id,
         }
     }
@@ -188,10 +185,8 @@ impl Handler {
     /// Waits for the next frame's first byte, looking at the stop flag
     /// every tick. `false` when the engine stops; a peer that closed is
     /// seen by the header read that follows (a clean end of stream).
-    fn wait_for_frame(&mut self) -> io::Result<bool> {
-        let start = Instant::now();
-        if self.spin.spin(&self.stream)? {
-            self.spin.learn(start.elapsed());
+    fn wait_for_frame(&self) -> io::Result<bool> {
+        if net::spin_until_readable(&self.stream)? {
             return Ok(true);
         }
         loop {
@@ -199,7 +194,6 @@ impl Handler {
                 return Ok(false);
             }
             if net::wait_readable(&self.stream, TICK)? {
-                self.spin.learn(start.elapsed());
                 return Ok(true);
             }
         }

@@ -43,8 +43,6 @@ pub struct Conn {
     next_id: u64,
     /// The socket timeout last set by `arm`.
     armed: Option<std::time::Duration>,
-    /// How long to poll for a reply before sleeping.
-    spin: net::SpinWindow,
 }
 
 impl Conn {
@@ -83,7 +81,6 @@ impl Conn {
             stream,
             next_id: 1,
             armed: None,
-            spin: net::SpinWindow::default(),
         };
         let instance = conn.hello(&name, me, deadline)?;
         Ok((conn, instance))
@@ -137,18 +134,14 @@ impl Conn {
     /// Reads a reply header, with its payload if it is small (control) or
     /// an error; checks it is `expect` for request `rid`.
     fn reply(&mut self, peer: &str, expect: Kind, rid: u64) -> Result<(FrameHeader, Vec<u8>)> {
-        // Poll before the blocking read sleeps (see net::SpinWindow).
-        let start = Instant::now();
-        self.spin
-            .spin(&self.stream)
-            .map_err(|e| self.io(peer, "reading a reply", e))?;
+        // Poll briefly before the blocking read sleeps (see SPIN_BEFORE_SLEEP).
+        net::spin_until_readable(&self.stream).map_err(|e| self.io(peer, "reading a reply", e))?;
         let h = wire::read_header(&mut self.stream)
             .map_err(|e| self.io(peer, "reading a reply", e))?
             .ok_or_else(|| Error::TransferFailed {
                 peer: peer.to_owned(),
                 reason: "the peer closed the connection".into(),
             })?;
-        self.spin.learn(start.elapsed());
         let kind = h.validate().map_err(|d| Error::Protocol {
             peer: peer.to_owned(),
             detail: d,
