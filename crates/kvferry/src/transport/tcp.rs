@@ -434,7 +434,7 @@ pub struct TcpTransport {
     /// The peer instance our plans were made against.
     instance: AtomicU64,
     lanes: Vec<Mutex<Option<Conn>>>,
-    /// Where the search for a free lane starts next (round robin).
+    /// The lane a job waits for when every lane is busy (round robin).
     next_lane: std::sync::atomic::AtomicUsize,
 }
 
@@ -482,20 +482,24 @@ impl TcpTransport {
         self.use_lane(guard, f)
     }
 
-    /// Like `with_lane`, on a lane no other job holds when there is one
-    /// (else waits for one in turn), so concurrent small batches from many
-    /// threads do not queue behind each other. `f` gets the lane's index.
+    /// Like `with_lane`, on the lowest lane no other job holds when there is
+    /// one (else waits for one in turn), so concurrent small batches from
+    /// many threads do not queue behind each other. `f` gets the lane's index.
+    ///
+    /// Lowest, not round robin: back-to-back batches of one thread then
+    /// stay on one connection, whose handler at the target is still polling
+    /// for the next request. Spread round robin, each handler saw a gap of
+    /// several batches, fell asleep and paid a vCPU wake-up per batch
+    /// (32 x 16 KiB over tcp: p50 100 us instead of 56 us on the test VM).
     pub fn with_free_lane<T>(&self, f: impl FnOnce(usize, &mut Conn) -> Result<T>) -> Result<T> {
-        let n = self.lanes.len();
-        let start = self.next_lane.fetch_add(1, Ordering::Relaxed) % n;
-        for k in 0..n {
-            let i = (start + k) % n;
-            if let Some(guard) = self.lanes[i].try_lock() {
+        for (i, lane) in self.lanes.iter().enumerate() {
+            if let Some(guard) = lane.try_lock() {
                 return self.use_lane(guard, |c| f(i, c));
             }
         }
-        let guard = self.lanes[start].lock();
-        self.use_lane(guard, |c| f(start, c))
+        let i = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let guard = self.lanes[i].lock();
+        self.use_lane(guard, |c| f(i, c))
     }
 
     fn use_lane<T>(
