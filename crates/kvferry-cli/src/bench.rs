@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use kvferry::session::PeerAddr;
 use kvferry::transport::tcp::{ClientIdentity, TcpTransport};
-use kvferry::{Engine, EngineConfig, Location, Op, Opcode, TransportChoice};
+use kvferry::{BatchId, Engine, EngineConfig, Location, Op, Opcode, TransportChoice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
@@ -80,6 +80,12 @@ pub struct BenchArgs {
     /// Initiator threads, each submitting its own batches.
     #[arg(long, default_value_t = 1)]
     pub threads: u64,
+    /// Batches each thread keeps in flight: 1 waits for each batch
+    /// (`transfer_sync`); more submits asynchronously and waits for the
+    /// oldest before submitting the next (latency: submit to completion).
+    /// In-flight batches of a thread move the same blocks.
+    #[arg(long, default_value_t = 1)]
+    pub inflight: u64,
     /// Seconds to measure.
     #[arg(long, default_value_t = 5.0)]
     pub duration: f64,
@@ -264,6 +270,14 @@ fn check(args: &BenchArgs) -> Result<(), String> {
     let positive = |x: f64| x.is_finite() && x > 0.0;
     if !positive(args.duration) || !(positive(args.warmup) || args.warmup == 0.0) {
         return Err("--duration must be > 0 and --warmup >= 0".into());
+    }
+    if args.inflight == 0 || args.inflight > 1024 {
+        return Err("--inflight must be 1..=1024".into());
+    }
+    if args.inflight > 1 && (args.verify || args.reference) {
+        return Err("--inflight above 1 goes without --verify and --reference \
+             (in-flight batches of a thread move the same blocks)"
+            .into());
     }
     if args.reference && args.transport != BenchTransport::Local {
         return Err("--reference (memcpy of the same ops) goes with --transport local".into());
@@ -578,6 +592,7 @@ fn initiate(
         geo,
         opcode,
         verify: args.verify,
+        inflight: args.inflight,
         remote_addr,
         verify_base: local.addr() + per_thread_bytes * args.threads,
         local: &local,
@@ -659,6 +674,8 @@ struct RunCtx<'a> {
     geo: Geometry,
     opcode: Opcode,
     verify: bool,
+    /// Batches in flight per thread (`--inflight`).
+    inflight: u64,
     remote_addr: u64,
     verify_base: u64,
     local: &'a Buffer,
@@ -707,6 +724,9 @@ impl RunCtx<'_> {
             .collect();
         let start = Instant::now();
         let mut k = 0u64;
+        if self.inflight > 1 && matches!(kind, Kind::Engine) {
+            return self.run_thread_async(t, duration, progress, &all_ops, r);
+        }
         while start.elapsed() < duration {
             let ops = &all_ops[(k % positions) as usize];
             let t0 = Instant::now();
@@ -743,6 +763,59 @@ impl RunCtx<'_> {
             k += 1;
         }
         Ok(r)
+    }
+
+    /// `run_thread` with `--inflight` batches submitted ahead: the oldest is
+    /// waited for (and its latency recorded) before the next is submitted.
+    fn run_thread_async(
+        &self,
+        t: u64,
+        duration: Duration,
+        progress: &Progress,
+        all_ops: &[Vec<Op>],
+        mut r: ThreadResult,
+    ) -> Result<ThreadResult, String> {
+        let bytes = self.geo.batch * self.geo.block;
+        let timeout = self.engine.settings().transfer_timeout;
+        let mut queue: std::collections::VecDeque<(BatchId, Instant)> =
+            std::collections::VecDeque::with_capacity(self.inflight as usize);
+        let start = Instant::now();
+        let mut k = 0usize;
+        let mut outcome = Ok(());
+        while outcome.is_ok() {
+            let running = start.elapsed() < duration;
+            if running && queue.len() < self.inflight as usize {
+                let ops = &all_ops[k % all_ops.len()];
+                match self.engine.submit(self.peer, self.opcode, ops) {
+                    Ok(id) => queue.push_back((id, Instant::now())),
+                    Err(e) => outcome = Err(format!("batch {k} of thread {t}: {e}")),
+                }
+                k += 1;
+                continue;
+            }
+            // Full, or the time is up: wait for the oldest.
+            let Some((id, t0)) = queue.pop_front() else {
+                break;
+            };
+            let waited = self.engine.wait(id, timeout);
+            let _ = self.engine.free_batch(id);
+            match waited {
+                Ok(()) => {
+                    // Batches that complete after the clock stopped still
+                    // count: they were submitted within it.
+                    r.latencies_ns.push(t0.elapsed().as_nanos() as u64);
+                    r.batches += 1;
+                    progress.bytes.fetch_add(bytes, Ordering::Relaxed);
+                }
+                Err(e) => outcome = Err(format!("a batch of thread {t}: {e}")),
+            }
+        }
+        // On an error, the rest still finish before their memory is reused.
+        for (id, _) in queue {
+            let _ = self.engine.wait(id, timeout);
+            let _ = self.engine.free_batch(id);
+        }
+        outcome.map(|()| r)
     }
 
     /// Reads check the bytes that arrived; writes read the blocks back
@@ -900,7 +973,7 @@ impl Report<'_> {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "kvferry bench: {} over {} ({} -> {}), {} x {} per batch ({:?}), {} thread{}, {:.1} s{}",
+            "kvferry bench: {} over {} ({} -> {}), {} x {} per batch ({:?}), {} thread{}{}, {:.1} s{}",
             self.op_name(),
             self.transport,
             self.local_name,
@@ -910,6 +983,11 @@ impl Report<'_> {
             a.layout,
             a.threads,
             if a.threads == 1 { "" } else { "s" },
+            if a.inflight > 1 {
+                format!(", {} batches in flight each", a.inflight)
+            } else {
+                String::new()
+            },
             s.elapsed,
             if a.verify {
                 ", every byte verified"
@@ -948,7 +1026,7 @@ impl Report<'_> {
         let _ = write!(
             o,
             "\"engine\":\"kvferry\",\"operation\":\"{}\",\"transport\":{},\"layout\":\"{}\",\
-             \"block_size\":{},\"batch_size\":{},\"threads\":{},\"verified\":{},\
+             \"block_size\":{},\"batch_size\":{},\"threads\":{},\"inflight\":{},\"verified\":{},\
              \"duration_s\":{:.4},\"bytes\":{},\"batches\":{},\"gbps\":{:.4},\"ops_per_s\":{:.1},\
              \"batches_per_s\":{:.1},\"lat_p50_us\":{:.2},\"lat_p99_us\":{:.2},\"lat_p999_us\":{:.2},\
              \"lat_mean_us\":{:.2},\"initiator\":{},\"target\":{}",
@@ -961,6 +1039,7 @@ impl Report<'_> {
             a.block_size,
             a.batch_size,
             a.threads,
+            a.inflight,
             a.verify,
             s.elapsed,
             s.bytes,
@@ -1075,6 +1154,38 @@ mod tests {
         assert!(e.contains("--segment"), "{e}");
         let e = run(&args(&["--transport", "tcp", "--reference"])).unwrap_err();
         assert!(e.contains("local"), "{e}");
+        let e = run(&args(&["--inflight", "0"])).unwrap_err();
+        assert!(e.contains("--inflight"), "{e}");
+        let e = run(&args(&["--inflight", "2", "--verify"])).unwrap_err();
+        assert!(e.contains("--verify"), "{e}");
+    }
+
+    #[test]
+    fn batches_in_flight_run_to_the_end() {
+        for op in ["read", "write"] {
+            let a = args(&[
+                "--transport",
+                "local",
+                "--operation",
+                op,
+                "--block-size",
+                "8K",
+                "--batch-size",
+                "4",
+                "--threads",
+                "2",
+                "--inflight",
+                "3",
+                "--buffer-size",
+                "1M",
+                "--duration",
+                "0.05",
+                "--warmup",
+                "0",
+                "--json",
+            ]);
+            run(&a).unwrap();
+        }
     }
 
     #[test]
