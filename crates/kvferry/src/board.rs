@@ -5,7 +5,8 @@
 //! The target creates it (a memfd, mapped `MAP_SHARED`); an initiator that
 //! asked for slots over the control lane (LEASE_BOARD, docs/wire-protocol.md)
 //! maps the same file through `/proc/<pid>/fd/<fd>` (allowed whenever
-//! `process_vm_*` is: the same ptrace check, in a weaker mode).
+//! `process_vm_*` is; note the converse does not hold: ptrace *read* access,
+//! which e.g. any same-user process has under Yama scope 1, is enough).
 //!
 //! Layout (every word little-endian, 8-byte aligned, each group on its own
 //! 64-byte cache line):
@@ -38,9 +39,27 @@
 //! epoch's lease) and waits. A list stamped `e >= E` was read after the
 //! increment, hence after `closing` was set, so it never shows the region.
 //!
-//! The target trusts the board for nothing but waiting: a garbage slot at
-//! worst makes an unregister time out with `RegionBusy`.
+//! What a process that can open the board can and cannot do (it needs
+//! ptrace read access to the target, less than cma needs):
+//! - it cannot truncate or grow it (sealed: `F_SEAL_SHRINK | F_SEAL_GROW |
+//!   F_SEAL_SEAL`; initiators refuse an unsealed board), which would kill
+//!   the target and every initiator with SIGBUS;
+//! - it cannot shorten an unregister through the epoch: the authoritative
+//!   `retire_epoch` is private to the target (tokens and list stamps come
+//!   from it), the board holds a published copy;
+//! - it can still clear other initiators' slots or rewrite the published
+//!   epoch, which can let an honest initiator copy into memory being
+//!   unregistered. Closing that needs the epoch in a read-only memfd
+//!   (`F_SEAL_FUTURE_WRITE`) and per-connection slot memfds passed with
+//!   `SCM_RIGHTS` (no `/proc` path to them): not built yet.
+//!
+//! Slots belong to connections. A cleanly closed connection's slots are
+//! cleared and freed; one that ended otherwise (this side dropped it after
+//! an error or a timeout, while the peer may still copy on another thread)
+//! keeps its slots, values untouched, until the peer's process exits (a
+//! pidfd of the pid it gave in LEASE_BOARD).
 
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
@@ -55,6 +74,9 @@ pub const MAGIC: u64 = u64::from_le_bytes(*b"KVFLEASE");
 pub const VERSION: u32 = 1;
 /// Slots of one board: concurrent fast-path batches of all peers together.
 pub const SLOT_COUNT: u32 = 256;
+/// Seals every board carries (checked by initiators before they map it):
+/// its size is fixed, so no one can truncate it under a mapping.
+pub const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
 /// Most slots one connection may hold.
 pub const MAX_SLOTS_PER_CONN: u32 = 64;
 const LINE: usize = 64;
@@ -174,6 +196,15 @@ pub struct LeaseBoard {
     map: Mapping,
     /// Per slot: the id of the connection holding it, 0 when free.
     owners: Mutex<Vec<u64>>,
+    /// The authoritative `retire_epoch`; the board holds a published copy.
+    /// Anyone who can open the board can write it, so the tokens unregister
+    /// waits with and the stamps of region lists come from here.
+    epoch: Mutex<u64>,
+    /// Per connection holding slots: a pidfd of its initiator process.
+    peers: Mutex<HashMap<u64, OwnedFd>>,
+    /// Connections that ended uncleanly, with their initiator's pidfd:
+    /// their slots stay taken until that process exits.
+    orphans: Mutex<Vec<(u64, OwnedFd)>>,
 }
 
 impl LeaseBoard {
@@ -181,7 +212,12 @@ impl LeaseBoard {
     pub fn create(instance_id: u64) -> io::Result<LeaseBoard> {
         let len = board_len(SLOT_COUNT);
         // SAFETY: a NUL-terminated name and valid flags; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"kvferry-leases".as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::memfd_create(
+                c"kvferry-leases".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -189,6 +225,21 @@ impl LeaseBoard {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: ftruncate on our own descriptor; the result is checked.
         if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Sealed at its size: whoever can open the file (ptrace read access
+        // to this process is enough, less than process_vm_* needs) cannot
+        // truncate it under our mapping, which would kill this process
+        // (SIGBUS) and every initiator's at the next access.
+        // SAFETY: fcntl on our own descriptor; the result is checked.
+        if unsafe {
+            libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                REQUIRED_SEALS | libc::F_SEAL_SEAL,
+            )
+        } != 0
+        {
             return Err(io::Error::last_os_error());
         }
         let map = Mapping::map(fd.as_raw_fd(), len)?;
@@ -204,6 +255,9 @@ impl LeaseBoard {
             fd,
             map,
             owners: Mutex::new(vec![0; SLOT_COUNT as usize]),
+            epoch: Mutex::new(0),
+            peers: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
         })
     }
 
@@ -218,12 +272,24 @@ impl LeaseBoard {
 
     /// `retire_epoch`, read before listing regions for a peer.
     pub fn epoch(&self) -> u64 {
-        self.map.epoch().load(Ordering::SeqCst)
+        *self.epoch.lock()
     }
 
     /// Gives connection `conn` up to `want` free slots (at most
-    /// `MAX_SLOTS_PER_CONN` in all). Granted slots start at 0.
-    pub fn grant(&self, conn: u64, want: u32) -> Vec<u32> {
+    /// `MAX_SLOTS_PER_CONN` in all). Granted slots start at 0. `pid` is the
+    /// initiator's process (0: unknown), watched through a pidfd so that
+    /// `orphan` can keep its slots exactly as long as it may be copying.
+    pub fn grant(&self, conn: u64, want: u32, pid: u32) -> Vec<u32> {
+        self.reap();
+        if pid != 0 && !self.peers.lock().contains_key(&conn) {
+            // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+            let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+            if raw >= 0 {
+                // SAFETY: a fresh descriptor nobody else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+                self.peers.lock().insert(conn, fd);
+            }
+        }
         let mut owners = self.owners.lock();
         let held = owners.iter().filter(|&&o| o == conn).count() as u32;
         let want = want.min(MAX_SLOTS_PER_CONN.saturating_sub(held)) as usize;
@@ -243,9 +309,53 @@ impl LeaseBoard {
         out
     }
 
-    /// Frees the slots of connection `conn` (it closed), clearing them, so
-    /// a dead initiator never blocks an unregister.
+    /// A connection that ended without a clean close: its peer may still be
+    /// copying on another thread (this side dropped it after an error or a
+    /// timeout), so its slots keep their values and stay taken until the
+    /// peer's process exits (`reap`). Without a pidfd there is no telling:
+    /// the slots are freed as for a clean close.
+    pub fn orphan(&self, conn: u64) {
+        let fd = self.peers.lock().remove(&conn);
+        match fd {
+            Some(fd) => self.orphans.lock().push((conn, fd)),
+            None => self.release(conn),
+        }
+    }
+
+    /// Frees the slots of orphaned connections whose process has exited.
+    fn reap(&self) {
+        let gone: Vec<u64> = {
+            let mut orphans = self.orphans.lock();
+            let mut gone = Vec::new();
+            orphans.retain(|(conn, fd)| {
+                let mut pfd = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the call; a pidfd polls
+                // readable once its process has exited.
+                let exited = unsafe { libc::poll(&mut pfd, 1, 0) } > 0;
+                if exited {
+                    gone.push(*conn);
+                }
+                !exited
+            });
+            gone
+        };
+        for conn in gone {
+            self.clear(conn);
+        }
+    }
+
+    /// Frees the slots of connection `conn` (it closed cleanly), clearing
+    /// them, so a finished initiator never blocks an unregister.
     pub fn release(&self, conn: u64) {
+        self.peers.lock().remove(&conn);
+        self.clear(conn);
+    }
+
+    fn clear(&self, conn: u64) {
         let mut owners = self.owners.lock();
         for (i, o) in owners.iter_mut().enumerate() {
             if *o == conn {
@@ -260,18 +370,96 @@ impl LeaseBoard {
 
 impl RetireGuard for LeaseBoard {
     fn retire(&self) -> u64 {
-        self.map
-            .epoch()
-            .fetch_add(1, Ordering::SeqCst)
-            .wrapping_add(1)
+        // Under the lock, so that concurrent retirements publish in order.
+        let mut e = self.epoch.lock();
+        *e += 1;
+        self.map.epoch().store(*e, Ordering::SeqCst);
+        *e
     }
 
     fn in_flight(&self, epoch: u64) -> usize {
+        self.reap();
         (0..SLOT_COUNT)
             .filter_map(|i| self.map.slot(i))
             .map(|s| s.load(Ordering::SeqCst))
             // 0: idle; > epoch: a batch checked against this retirement.
             .filter(|&v| v != 0 && v <= epoch)
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot_value(b: &LeaseBoard, i: u32) -> &AtomicU64 {
+        b.map.slot(i).unwrap()
+    }
+
+    #[test]
+    fn the_board_cannot_be_resized_under_its_mappings() {
+        let b = LeaseBoard::create(7).unwrap();
+        // SAFETY: ftruncate on the board's own descriptor; it must fail.
+        let r = unsafe { libc::ftruncate(b.fd(), 0) };
+        assert_eq!(r, -1);
+        // SAFETY: fcntl on the board's own descriptor.
+        let seals = unsafe { libc::fcntl(b.fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals & REQUIRED_SEALS, REQUIRED_SEALS);
+        assert_ne!(
+            seals & libc::F_SEAL_SEAL,
+            0,
+            "the seals themselves are final"
+        );
+    }
+
+    #[test]
+    fn a_rewritten_published_epoch_does_not_shorten_unregister() {
+        let b = LeaseBoard::create(7).unwrap();
+        let s = b.grant(1, 1, 0)[0];
+        slot_value(&b, s).store(1, Ordering::SeqCst); // a batch checked at epoch 0
+        // Someone who opened the board writes a huge epoch: the next token
+        // must not wrap to 0 and stop seeing the batch.
+        b.map.epoch().store(u64::MAX, Ordering::SeqCst);
+        let token = b.retire();
+        assert_eq!(token, 1);
+        assert_eq!(b.in_flight(token), 1);
+        assert_eq!(b.epoch(), 1);
+    }
+
+    #[test]
+    fn an_unclean_close_keeps_the_slots_until_the_process_exits() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let b = LeaseBoard::create(7).unwrap();
+        let s = b.grant(1, 1, child.id())[0];
+        slot_value(&b, s).store(1, Ordering::SeqCst); // copying, checked at epoch 0
+        let token = b.retire();
+        b.orphan(1);
+        // The peer may still be copying: the slot is neither cleared nor
+        // given to another connection.
+        assert_eq!(b.in_flight(token), 1);
+        assert!(!b.grant(2, SLOT_COUNT, 0).contains(&s));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(
+            b.in_flight(token),
+            0,
+            "its process is gone: the slot is freed"
+        );
+        assert!(b.grant(3, SLOT_COUNT, 0).contains(&s));
+    }
+
+    #[test]
+    fn a_clean_close_frees_the_slots_at_once() {
+        let b = LeaseBoard::create(7).unwrap();
+        let s = b.grant(1, 2, std::process::id());
+        slot_value(&b, s[0]).store(1, Ordering::SeqCst);
+        let token = b.retire();
+        assert_eq!(b.in_flight(token), 1);
+        b.release(1);
+        assert_eq!(b.in_flight(token), 0);
+        assert!(b.grant(2, 2, 0).iter().all(|i| s.contains(i)));
     }
 }

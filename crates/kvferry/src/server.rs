@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 
 use crate::engine::Shared;
 use crate::error::Status;
-use crate::memory::Pin;
+use crate::memory::{Location, Pin};
 use crate::net::{self, RawRange};
 use crate::wire::{self, FrameHeader, Kind};
 
@@ -113,15 +113,21 @@ fn accept_loop(
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     Handler::new(stream, shared, stop2.clone(), id).serve()
                 }));
-                // Lease board slots of this connection: a peer that closed
-                // (or died) can no longer be copying, so its slots are
-                // cleared and freed. Not when this engine stops: the peer
-                // may be mid-copy, and the unregister of all memory that
-                // follows must wait for its slots (board.rs).
+                // Lease board slots of this connection. A peer that closed
+                // it cleanly is done copying: its slots are cleared and
+                // freed. A connection this side dropped (an error, a
+                // timeout, a bad frame) may belong to a peer that is still
+                // copying on another thread: its slots stay, and are freed
+                // once that process is gone (board.rs). Not when this
+                // engine stops: the unregister of all memory that follows
+                // must wait for the slots.
                 if let Some(b) = board
                     && !stop2.load(Ordering::SeqCst)
                 {
-                    b.release(id);
+                    match &r {
+                        Ok(Ok(())) => b.release(id),
+                        _ => b.orphan(id),
+                    }
                 }
                 match r {
                     Ok(Ok(())) => {}
@@ -418,7 +424,7 @@ impl Handler {
                 &format!("{} has no cma lease board", self.shared.name),
             );
         };
-        let slots = board.grant(self.id, req.slots.min(wire::MAX_GRANT));
+        let slots = board.grant(self.id, req.slots.min(wire::MAX_GRANT), req.pid);
         let grant = wire::BoardGrant {
             pid: std::process::id(),
             fd: board.fd(),
@@ -448,11 +454,14 @@ impl Handler {
             );
         };
         let epoch = board.epoch();
+        // Host memory only: cma never touches device memory, even when a
+        // stale segment routes a device range to it.
         let regions: Vec<wire::Range> = self
             .shared
             .registry
             .descs()
             .iter()
+            .filter(|d| d.location == Location::Host)
             .map(|d| wire::Range {
                 addr: d.addr,
                 len: d.len,
@@ -522,6 +531,23 @@ impl Handler {
                 return self.send_error(rid, status, &msg).map_err(io);
             }
         };
+        // A cma lease covers host memory only (process_vm_* on a device
+        // address would copy whatever the host mapping holds there).
+        if kind == Kind::Pin
+            && let Some(p) = pins.iter().find(|p| p.desc().location != Location::Host)
+        {
+            let d = p.desc();
+            return self
+                .send_error(
+                    rid,
+                    Status::RemoteOutOfRange,
+                    &format!(
+                        "region [{:#x}, +{}) of {} is {} memory: cma moves host memory only",
+                        d.addr, d.len, self.shared.name, d.location
+                    ),
+                )
+                .map_err(io);
+        }
         // Ranges in device memory are staged through pinned host buffers.
         if let Some(served) =
             crate::staging::serve(&self.shared, &mut self.stream, kind, rid, &ranges, &pins)

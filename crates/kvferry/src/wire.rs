@@ -335,7 +335,9 @@ pub fn decode_ranges(bytes: &[u8]) -> std::result::Result<(Vec<Range>, u64), Str
 pub struct BoardRequest {
     pub target_instance: u64,
     pub slots: u32,
-    pub reserved: u32,
+    /// The initiator's pid (0: not given): the target keeps a dead
+    /// connection's slots until this process is gone (board.rs).
+    pub pid: u32,
 }
 
 /// LEASE_BOARD_GRANT, target -> initiator, followed by `count` u32 slot

@@ -328,7 +328,7 @@ fn lease_board_requests_are_checked() {
         let req = wire::BoardRequest {
             target_instance,
             slots,
-            reserved: 0,
+            pid: 0,
         };
         s.write_all(&frame(Kind::LeaseBoard, bytemuck::bytes_of(&req)))
             .unwrap();

@@ -483,13 +483,43 @@ enum Enter<'a> {
     Unavailable,
 }
 
+/// Why the lease board could not be used.
+#[derive(Debug)]
+enum SetupError {
+    /// The process our pid names is not the target (another pid
+    /// namespace: a container sharing the host's boot id): no cma at all.
+    NotTheTarget(String),
+    /// Anything else: PIN leases instead.
+    Other(String),
+}
+
+impl From<String> for SetupError {
+    fn from(m: String) -> Self {
+        SetupError::Other(m)
+    }
+}
+
+impl From<&str> for SetupError {
+    fn from(m: &str) -> Self {
+        SetupError::Other(m.to_owned())
+    }
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetupError::NotTheTarget(m) | SetupError::Other(m) => f.write_str(m),
+        }
+    }
+}
+
 impl BoardClient {
     fn setup(
         tcp: &TcpTransport,
         pid: libc::pid_t,
         hooks: &TestHooks,
         deadline: Instant,
-    ) -> std::result::Result<BoardClient, String> {
+    ) -> std::result::Result<BoardClient, SetupError> {
         let peer = tcp.peer_name();
         let instance = tcp.instance();
         let mut conn = tcp.open_conn().map_err(|e| e.to_string())?;
@@ -497,10 +527,9 @@ impl BoardClient {
             .lease_board(peer, instance, BOARD_SLOTS, deadline)
             .map_err(|e| e.to_string())?;
         if grant.pid as libc::pid_t != pid {
-            return Err(format!(
-                "the board is in pid {}, the segment says {pid}",
-                grant.pid
-            ));
+            return Err(
+                format!("the board is in pid {}, the segment says {pid}", grant.pid).into(),
+            );
         }
         if slots.is_empty() {
             return Err("no free slot".into());
@@ -508,28 +537,50 @@ impl BoardClient {
         let len = usize::try_from(grant.board_len).unwrap_or(usize::MAX);
         // Ours are 20 KiB; anything far off is not a kvferry board.
         if len < board::board_len(1) || len > 16 << 20 {
-            return Err(format!("a board of {len} bytes"));
+            return Err(format!("a board of {len} bytes").into());
         }
         let path = format!("/proc/{pid}/fd/{}", grant.fd);
         if hooks.board_open_fails {
-            return Err(format!("{path}: refused (test hook)"));
+            return Err(format!("{path}: refused (test hook)").into());
         }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)
-            .map_err(|e| format!("{path}: {e}"))?;
+            .map_err(|e| {
+                let m = format!("{path}: {e}");
+                // No such process or descriptor here: the pid the target
+                // reported names another process in our pid namespace.
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    SetupError::NotTheTarget(m)
+                } else {
+                    SetupError::Other(m)
+                }
+            })?;
+        // SAFETY: fcntl on a descriptor we own; the result is checked.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & board::REQUIRED_SEALS != board::REQUIRED_SEALS {
+            // An unsealed file could be truncated under our mapping (SIGBUS).
+            return Err(SetupError::NotTheTarget(format!(
+                "{path} is not a sealed lease board"
+            )));
+        }
         let size = file.metadata().map_err(|e| format!("{path}: {e}"))?.len();
         if size < grant.board_len {
-            return Err(format!("{path} has {size} bytes, the grant says {len}"));
+            return Err(format!("{path} has {size} bytes, the grant says {len}").into());
         }
         let map = Mapping::map(file.as_raw_fd(), len).map_err(|e| format!("{path}: {e}"))?;
         let (version, count) = map.version_and_slots();
         if map.magic() != board::MAGIC || version != board::VERSION {
-            return Err(format!("{path} is not a version {} board", board::VERSION));
+            return Err(SetupError::NotTheTarget(format!(
+                "{path} is not a version {} board",
+                board::VERSION
+            )));
         }
         if map.instance_id() != instance {
-            return Err(format!("{path} belongs to another engine instance"));
+            return Err(SetupError::NotTheTarget(format!(
+                "{path} belongs to another engine instance"
+            )));
         }
         if slots.iter().any(|&s| s >= count || map.slot(s).is_none()) {
             return Err("the grant names slots outside the board".into());
@@ -537,7 +588,7 @@ impl BoardClient {
         // SAFETY: pidfd_open takes a pid and flags; the result is checked.
         let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if raw < 0 {
-            return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
+            return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()).into());
         }
         // SAFETY: a fresh descriptor nobody else owns.
         let pidfd = unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) };
@@ -699,6 +750,17 @@ impl CmaTransport {
             .get_or_init(
                 || match BoardClient::setup(&self.tcp, self.pid, &self.hooks, deadline) {
                     Ok(b) => Some(b),
+                    Err(SetupError::NotTheTarget(e)) => {
+                        // process_vm_* on this pid would touch another
+                        // process: this peer goes over tcp from now on.
+                        self.refused.store(true, Ordering::Relaxed);
+                        log::warn!(
+                            "kvferry: pid {} is not {} here ({e}); using tcp for this peer",
+                            self.pid,
+                            self.tcp.peer_name()
+                        );
+                        None
+                    }
                     Err(e) => {
                         log::debug!(
                             "kvferry: no cma lease board with {} ({e}); using PIN leases",
@@ -862,7 +924,11 @@ impl Transport for CmaTransport {
         if self.refused.load(Ordering::Relaxed) {
             return self.tcp.run(job, report);
         }
-        let fast = match self.board(job.deadline) {
+        let board = self.board(job.deadline);
+        if self.refused.load(Ordering::Relaxed) {
+            return self.tcp.run(job, report);
+        }
+        let fast = match &board {
             Some(b) => b.enter(&self.tcp, job),
             None => Enter::Unavailable,
         };
@@ -885,10 +951,30 @@ impl Transport for CmaTransport {
                 }
             },
         };
-        let outcomes = self.copy(job);
+        let mut outcomes = self.copy(job);
+        let on_board = matches!(lease, Lease::Board(_));
         match lease {
             Lease::Board(slot) => drop(slot),
             Lease::Pins(l) => self.release(&l),
+        }
+        // The pidfd does not reserve the pid: a target that exited during
+        // the copy may have handed its pid to another process before the
+        // last syscall. Nothing of such a batch counts as done.
+        if on_board
+            && let Some(b) = &board
+            && !b.alive()
+        {
+            let e = Error::TransferFailed {
+                peer: self.tcp.peer_name().to_owned(),
+                reason: format!(
+                    "the target process (pid {}) exited during the copy",
+                    self.pid
+                ),
+            };
+            outcomes = outcomes
+                .into_iter()
+                .map(|_| SliceOutcome::Failed(e.clone()))
+                .collect();
         }
         let mut again: Vec<usize> = Vec::new();
         let mut why = String::new();

@@ -291,7 +291,7 @@ impl Conn {
         let req = wire::BoardRequest {
             target_instance: instance,
             slots,
-            reserved: 0,
+            pid: std::process::id(),
         };
         let rid = self.id();
         let h = FrameHeader::new(
