@@ -531,23 +531,6 @@ impl Handler {
                 return self.send_error(rid, status, &msg).map_err(io);
             }
         };
-        // A cma lease covers host memory only (process_vm_* on a device
-        // address would copy whatever the host mapping holds there).
-        if kind == Kind::Pin
-            && let Some(p) = pins.iter().find(|p| p.desc().location != Location::Host)
-        {
-            let d = p.desc();
-            return self
-                .send_error(
-                    rid,
-                    Status::RemoteOutOfRange,
-                    &format!(
-                        "region [{:#x}, +{}) of {} is {} memory: cma moves host memory only",
-                        d.addr, d.len, self.shared.name, d.location
-                    ),
-                )
-                .map_err(io);
-        }
         // Ranges in device memory are staged through pinned host buffers.
         if let Some(served) =
             crate::staging::serve(&self.shared, &mut self.stream, kind, rid, &ranges, &pins)
