@@ -237,8 +237,19 @@ impl Work {
             let Some(chunk) = self.chunks.get(i) else {
                 return;
             };
-            // SAFETY: forwarded to the poster (see `CopyPool::copy`).
-            let o = unsafe { copy_pieces(self.pid, &self.peer, self.opcode, chunk, self.deadline) };
+            // A panic must not skip the bookkeeping below: the poster waits
+            // for every chunk (on the worker) or unwinds while the worker
+            // still copies (on the poster). It fails the chunk instead.
+            let o = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                // SAFETY: forwarded to the poster (see `CopyPool::copy`).
+                unsafe { copy_pieces(self.pid, &self.peer, self.opcode, chunk, self.deadline) }
+            }))
+            .unwrap_or_else(|_| CopyOutcome {
+                moved: 0,
+                error: Some(CopyError::Failed(Error::Internal {
+                    what: "a cma copy panicked".into(),
+                })),
+            });
             if let Some(slot) = self.outcomes.lock().get_mut(i) {
                 *slot = Some(o);
             }
