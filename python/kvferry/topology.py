@@ -184,20 +184,9 @@ def pull_ranks(
     if rid is None:
         rid = _text(request_id, "request_id")
     scratch = _PULL_SCRATCH
-    status = fn(
-        ctypes.addressof(sh),
-        rid,
-        scratch.ranks_address,
-        len(scratch.ranks),
-        scratch.counts_address,
-        scratch.offsets_address,
-        len(scratch.offsets),
-        scratch.counts_address + _SIZE_T_BYTES,
-    )
-    if status == Status.BUFFER_TOO_SMALL:
-        # A shape larger than any so far on this thread: grow and retry.
-        scratch.grow(scratch.counts[0], scratch.counts[1])
-        status = fn(
+
+    def call():
+        return fn(
             ctypes.addressof(sh),
             rid,
             scratch.ranks_address,
@@ -207,6 +196,12 @@ def pull_ranks(
             len(scratch.offsets),
             scratch.counts_address + _SIZE_T_BYTES,
         )
+
+    status = call()
+    if status == Status.BUFFER_TOO_SMALL:
+        # A shape larger than any so far on this thread: grow and retry.
+        scratch.grow(scratch.counts[0], scratch.counts[1])
+        status = call()
     if status:
         raise _error(_lib(), status)
     n_ranks, n_offsets = scratch.counts

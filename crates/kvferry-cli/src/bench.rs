@@ -1119,30 +1119,35 @@ mod tests {
         <T as clap::Parser>::parse_from(v).a
     }
 
+    /// A short in-process run of 2 threads x 4 x 8 KiB, plus `extra`.
+    fn short_local_run(op: &str, extra: &[&str]) -> Result<(), String> {
+        let mut v = vec![
+            "--transport",
+            "local",
+            "--operation",
+            op,
+            "--block-size",
+            "8K",
+            "--batch-size",
+            "4",
+            "--threads",
+            "2",
+            "--buffer-size",
+            "1M",
+            "--duration",
+            "0.05",
+            "--warmup",
+            "0",
+            "--json",
+        ];
+        v.extend_from_slice(extra);
+        run(&args(&v))
+    }
+
     #[test]
     fn in_process_read_and_write_verify_every_byte() {
         for op in ["read", "write"] {
-            let a = args(&[
-                "--transport",
-                "local",
-                "--operation",
-                op,
-                "--block-size",
-                "8K",
-                "--batch-size",
-                "4",
-                "--threads",
-                "2",
-                "--buffer-size",
-                "1M",
-                "--duration",
-                "0.05",
-                "--warmup",
-                "0",
-                "--verify",
-                "--json",
-            ]);
-            run(&a).unwrap();
+            short_local_run(op, &["--verify"]).unwrap();
         }
     }
 
@@ -1163,28 +1168,7 @@ mod tests {
     #[test]
     fn batches_in_flight_run_to_the_end() {
         for op in ["read", "write"] {
-            let a = args(&[
-                "--transport",
-                "local",
-                "--operation",
-                op,
-                "--block-size",
-                "8K",
-                "--batch-size",
-                "4",
-                "--threads",
-                "2",
-                "--inflight",
-                "3",
-                "--buffer-size",
-                "1M",
-                "--duration",
-                "0.05",
-                "--warmup",
-                "0",
-                "--json",
-            ]);
-            run(&a).unwrap();
+            short_local_run(op, &["--inflight", "3"]).unwrap();
         }
     }
 

@@ -412,17 +412,31 @@ impl Handler {
         })
     }
 
+    /// The lease board, for a request naming `target_instance`; `None`
+    /// once the refusal (wrong instance, no board) has been sent.
+    fn board_for(
+        &mut self,
+        rid: u64,
+        target_instance: u64,
+    ) -> io::Result<Option<Arc<crate::board::LeaseBoard>>> {
+        if let Some(m) = self.wrong_instance(target_instance) {
+            self.send_error(rid, Status::PeerRestarted, &m)?;
+            return Ok(None);
+        }
+        match self.shared.board.clone() {
+            Some(b) => Ok(Some(b)),
+            None => {
+                let m = format!("{} has no cma lease board", self.shared.name);
+                self.send_error(rid, Status::Unsupported, &m)?;
+                Ok(None)
+            }
+        }
+    }
+
     /// LEASE_BOARD: slots of the lease board for this connection.
     fn serve_board(&mut self, rid: u64, req: wire::BoardRequest) -> io::Result<()> {
-        if let Some(m) = self.wrong_instance(req.target_instance) {
-            return self.send_error(rid, Status::PeerRestarted, &m);
-        }
-        let Some(board) = self.shared.board.clone() else {
-            return self.send_error(
-                rid,
-                Status::Unsupported,
-                &format!("{} has no cma lease board", self.shared.name),
-            );
+        let Some(board) = self.board_for(rid, req.target_instance)? else {
+            return Ok(());
         };
         let slots = board.grant(self.id, req.slots.min(wire::MAX_GRANT), req.pid);
         let grant = wire::BoardGrant {
@@ -443,15 +457,8 @@ impl Handler {
     /// *before* listing them (board.rs: a list is never stamped newer than
     /// what it shows).
     fn serve_lease_regions(&mut self, rid: u64, target_instance: u64) -> io::Result<()> {
-        if let Some(m) = self.wrong_instance(target_instance) {
-            return self.send_error(rid, Status::PeerRestarted, &m);
-        }
-        let Some(board) = self.shared.board.clone() else {
-            return self.send_error(
-                rid,
-                Status::Unsupported,
-                &format!("{} has no cma lease board", self.shared.name),
-            );
+        let Some(board) = self.board_for(rid, target_instance)? else {
+            return Ok(());
         };
         let epoch = board.epoch();
         // Host memory only: cma never touches device memory, even when a

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use kvferry::{Engine, EngineConfig, Error, Op, TestHooks};
 
+mod common;
+use common::block_ops as ops;
+
 fn target(wait: Duration) -> Engine {
     Engine::new(EngineConfig::new().port(0).transfer_timeout(wait)).unwrap()
 }
@@ -29,16 +32,6 @@ fn initiator(hooks: TestHooks) -> Engine {
             .test_hooks(hooks),
     )
     .unwrap()
-}
-
-fn ops(local: u64, remote: u64, total: u64, block: u64) -> Vec<Op> {
-    (0..total / block)
-        .map(|i| Op {
-            local: local + i * block,
-            remote: remote + i * block,
-            len: block,
-        })
-        .collect()
 }
 
 fn fill(seed: u8, len: usize) -> Vec<u8> {

@@ -25,16 +25,6 @@ fn engine(transport: TransportChoice, timeout: Duration) -> Engine {
     .unwrap()
 }
 
-fn ops_for(local: u64, remote: u64, total: u64, block: u64) -> Vec<Op> {
-    (0..total / block)
-        .map(|i| Op {
-            local: local + i * block,
-            remote: remote + i * block,
-            len: block,
-        })
-        .collect()
-}
-
 fn read_write_roundtrip(transport: TransportChoice, expect: &str) {
     const LEN: usize = 8 << 20;
     let mut t = Target::spawn("child_target", 0, LEN, 11, &[]);
@@ -45,7 +35,7 @@ fn read_write_roundtrip(transport: TransportChoice, expect: &str) {
     assert_eq!(e.transport_to(&t.name).unwrap(), expect);
 
     // Sync read in 64 KiB blocks, reversed so nothing coalesces.
-    let mut ops = ops_for(buf.as_ptr() as u64, t.addr, LEN as u64, 64 << 10);
+    let mut ops = common::block_ops(buf.as_ptr() as u64, t.addr, LEN as u64, 64 << 10);
     ops.reverse();
     e.read(&t.name, &ops).unwrap();
     assert!(buf == pattern(11, LEN), "{expect}: data read differs");
@@ -53,7 +43,7 @@ fn read_write_roundtrip(transport: TransportChoice, expect: &str) {
     // Async write of a new pattern, with a notification that must arrive
     // only after the data: the child checks its buffer when it sees it.
     buf.copy_from_slice(&pattern(42, LEN));
-    let ops = ops_for(buf.as_ptr() as u64, t.addr, LEN as u64, 1 << 20);
+    let ops = common::block_ops(buf.as_ptr() as u64, t.addr, LEN as u64, 1 << 20);
     let id = e
         .submit_write_with_notify(&t.name, &ops, b"check:42")
         .unwrap();
@@ -100,7 +90,7 @@ fn killed_mid_batch(transport: TransportChoice) {
     let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives `e`.
     unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
-    let ops = ops_for(buf.as_ptr() as u64, victim.addr, LEN as u64, 1 << 20);
+    let ops = common::block_ops(buf.as_ptr() as u64, victim.addr, LEN as u64, 1 << 20);
     // Keep batches in flight, then kill the peer under them.
     let ids: Vec<_> = (0..6)
         .map(|_| e.submit(&victim.name, Opcode::Read, &ops).unwrap())

@@ -20,6 +20,17 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len).map(|i| pattern_byte(seed, i)).collect()
 }
 
+/// `total / block` ops of `block` bytes, the same offsets on both sides.
+pub fn block_ops(local: u64, remote: u64, total: u64, block: u64) -> Vec<kvferry::Op> {
+    (0..total / block)
+        .map(|i| kvferry::Op {
+            local: local + i * block,
+            remote: remote + i * block,
+            len: block,
+        })
+        .collect()
+}
+
 /// Env var that turns the test binary into a child target.
 pub const CHILD: &str = "KVFERRY_TEST_CHILD";
 
