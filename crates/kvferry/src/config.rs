@@ -50,6 +50,9 @@ pub struct TestHooks {
     /// Pretend `/proc/<pid>/fd/<fd>` of the peer's lease board cannot be
     /// opened (the fast path then stays off: PIN leases for every batch).
     pub board_open_fails: bool,
+    /// Pretend the peer's lease board belongs to another process (our pid
+    /// namespace is not the target's): cma must be given up for tcp.
+    pub board_in_another_process: bool,
     /// Called on the cma fast path with the lease board slot held and the
     /// ranges checked, right before the copy.
     pub before_cma_copy: Option<Arc<dyn Fn() + Send + Sync>>,
@@ -60,6 +63,7 @@ impl std::fmt::Debug for TestHooks {
         f.debug_struct("TestHooks")
             .field("cma_in_process", &self.cma_in_process)
             .field("board_open_fails", &self.board_open_fails)
+            .field("board_in_another_process", &self.board_in_another_process)
             .field("before_cma_copy", &self.before_cma_copy.is_some())
             .finish()
     }

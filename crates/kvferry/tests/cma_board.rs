@@ -98,6 +98,35 @@ fn pin_leases_when_the_board_cannot_be_opened() {
     assert!(round_trips(hooks) >= 5, "every batch takes a PIN lease");
 }
 
+/// A pid that names another process here (another pid namespace): cma is
+/// given up for tcp, without a PIN lease, whose process_vm_* would go to
+/// that other process; the batch still moves the right bytes.
+#[test]
+fn a_board_of_another_process_turns_cma_off() {
+    const LEN: usize = 1 << 20;
+    let t = target(Duration::from_secs(10));
+    let i = initiator(TestHooks {
+        board_in_another_process: true,
+        ..TestHooks::default()
+    });
+    let mut remote = fill(3, LEN);
+    let mut local = vec![0u8; LEN];
+    // SAFETY: the buffers outlive the engines.
+    unsafe {
+        t.register_memory(remote.as_mut_ptr() as u64, LEN as u64, "cpu:0")
+            .unwrap();
+        i.register_memory(local.as_mut_ptr() as u64, LEN as u64, "cpu:0")
+            .unwrap();
+    }
+    assert_eq!(i.transport_to(t.name()).unwrap(), "cma");
+    let (l, r) = (local.as_ptr() as u64, remote.as_ptr() as u64);
+    i.read(t.name(), &ops(l, r, LEN as u64, 64 << 10)).unwrap();
+    assert!(local == remote);
+    assert_eq!(i.transport_to(t.name()).unwrap(), "tcp");
+    assert_eq!(t.pin_requests_served(), 0, "no PIN lease, no process_vm_*");
+    drop((i, t));
+}
+
 /// A range the target no longer has (the initiator's cached segment still
 /// shows it) fails the same way on both paths, before anything moves.
 fn stale_range_error(hooks: TestHooks) -> Error {

@@ -554,6 +554,11 @@ impl BoardClient {
         if hooks.board_open_fails {
             return Err(format!("{path}: refused (test hook)").into());
         }
+        if hooks.board_in_another_process {
+            return Err(SetupError::NotTheTarget(format!(
+                "{path} belongs to another engine instance (test hook)"
+            )));
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
