@@ -19,43 +19,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The ACL subset kvferry calls (docs/ASCEND.md), in the order of that list.
-const FUNCTIONS: &[&str] = &[
-    "aclInit",
-    "aclFinalize",
-    "aclGetRecentErrMsg",
-    "aclrtSetDevice",
-    "aclrtGetDevice",
-    "aclrtGetDeviceCount",
-    "aclrtGetCurrentContext",
-    "aclrtSetCurrentContext",
-    "aclrtCreateStreamWithConfig",
-    "aclrtDestroyStream",
-    "aclrtSynchronizeStreamWithTimeout",
-    "aclrtStreamAbort",
-    "aclrtMemcpy",
-    "aclrtMemcpyAsync",
-    "aclrtMemcpyBatch",
-    // Beyond docs/ASCEND.md's list: CANN documents that memory imported
-    // from another device's process takes asynchronous device-to-device
-    // copies only, and aclrtMemcpyBatch is synchronous.
-    "aclrtMemcpyBatchAsync",
-    "aclrtPointerGetAttributes",
-    "aclrtMalloc",
-    "aclrtFree",
-    "aclrtMallocHost",
-    "aclrtFreeHost",
-    "aclrtHostRegister",
-    "aclrtHostUnregister",
-    "aclrtIpcMemGetExportKey",
-    "aclrtIpcMemSetImportPid",
-    "aclrtIpcMemImportByKey",
-    "aclrtIpcMemClose",
-    // Beyond docs/ASCEND.md's list: CANN's aclrtIpcMemSetImportPid wants the
-    // importer's pid as this function gives it (the host-side tgid, which
-    // differs from getpid() inside containers and VMs).
-    "aclrtDeviceGetBareTgid",
-];
+include!("src/functions.rs");
 
 /// Functions present in every CANN release kvferry can work with: headers
 /// that lack one of these are not ACL headers we understand, and the build
@@ -171,6 +135,7 @@ fn main() {
 
 fn run() -> Result<(), String> {
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=src/functions.rs");
     for var in [
         "KVFERRY_CANN_INCLUDE",
         "KVFERRY_CANN_WHEEL",

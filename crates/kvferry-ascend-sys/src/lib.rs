@@ -128,38 +128,7 @@ pub const HEADER_VERSION: &str = env!("KVFERRY_ACL_HEADER_VERSION");
 /// in the build directory when the headers were fetched.
 pub const INCLUDE_DIR: &str = env!("KVFERRY_ACL_INCLUDE_DIR");
 
-/// The ACL functions this crate binds, whether or not the headers used at
-/// build time declared them all (see [`declared_functions`]).
-pub const FUNCTIONS: &[&str] = &[
-    "aclInit",
-    "aclFinalize",
-    "aclGetRecentErrMsg",
-    "aclrtSetDevice",
-    "aclrtGetDevice",
-    "aclrtGetDeviceCount",
-    "aclrtGetCurrentContext",
-    "aclrtSetCurrentContext",
-    "aclrtCreateStreamWithConfig",
-    "aclrtDestroyStream",
-    "aclrtSynchronizeStreamWithTimeout",
-    "aclrtStreamAbort",
-    "aclrtMemcpy",
-    "aclrtMemcpyAsync",
-    "aclrtMemcpyBatch",
-    "aclrtMemcpyBatchAsync",
-    "aclrtPointerGetAttributes",
-    "aclrtMalloc",
-    "aclrtFree",
-    "aclrtMallocHost",
-    "aclrtFreeHost",
-    "aclrtHostRegister",
-    "aclrtHostUnregister",
-    "aclrtIpcMemGetExportKey",
-    "aclrtIpcMemSetImportPid",
-    "aclrtIpcMemImportByKey",
-    "aclrtIpcMemClose",
-    "aclrtDeviceGetBareTgid",
-];
+include!("functions.rs");
 
 /// The functions of [`FUNCTIONS`] that the headers used at build time declare,
 /// so that [`Acl`] has a method for them.
