@@ -14,7 +14,7 @@ use std::time::Duration;
 use kvferry::{Engine, EngineConfig, Error, Op, TestHooks};
 
 mod common;
-use common::block_ops as ops;
+use common::{block_ops as ops, pattern};
 
 fn target(wait: Duration) -> Engine {
     Engine::new(EngineConfig::new().port(0).transfer_timeout(wait)).unwrap()
@@ -34,28 +34,44 @@ fn initiator(hooks: TestHooks) -> Engine {
     .unwrap()
 }
 
-fn fill(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 13) as u8)
-        .collect()
+/// A target and an initiator on cma, each with `len` registered bytes.
+/// Fields drop in order: both engines before the buffers they registered.
+struct Pair {
+    t: Engine,
+    i: Engine,
+    remote: Vec<u8>,
+    local: Vec<u8>,
+}
+
+fn pair(hooks: TestHooks, len: usize) -> Pair {
+    let mut p = Pair {
+        t: target(Duration::from_secs(10)),
+        i: initiator(hooks),
+        remote: pattern(3, len),
+        local: vec![0u8; len],
+    };
+    // SAFETY: the buffers are moved into `p` with the engines and dropped
+    // after them; moving a Vec does not move its heap memory.
+    unsafe {
+        p.t.register_memory(p.remote.as_mut_ptr() as u64, len as u64, "cpu:0")
+            .unwrap();
+        p.i.register_memory(p.local.as_mut_ptr() as u64, len as u64, "cpu:0")
+            .unwrap();
+    }
+    assert_eq!(p.i.transport_to(p.t.name()).unwrap(), "cma");
+    p
 }
 
 /// Reads and writes of every shape (one slice, many, split over the copy
 /// thread) land byte for byte; returns the target's PIN count afterwards.
 fn round_trips(hooks: TestHooks) -> u64 {
     const LEN: usize = 4 << 20;
-    let t = target(Duration::from_secs(10));
-    let i = initiator(hooks);
-    let mut remote = fill(3, LEN);
-    let mut local = vec![0u8; LEN];
-    // SAFETY: both buffers outlive the engines (dropped at the end).
-    unsafe {
-        t.register_memory(remote.as_mut_ptr() as u64, LEN as u64, "cpu:0")
-            .unwrap();
-        i.register_memory(local.as_mut_ptr() as u64, LEN as u64, "cpu:0")
-            .unwrap();
-    }
-    assert_eq!(i.transport_to(t.name()).unwrap(), "cma");
+    let Pair {
+        t,
+        i,
+        remote,
+        mut local,
+    } = pair(hooks, LEN);
     let (l, r) = (local.as_ptr() as u64, remote.as_ptr() as u64);
     // One contiguous batch (one slice, cut in halves), then scattered ones.
     i.read(t.name(), &ops(l, r, LEN as u64, 128 << 10)).unwrap();
@@ -69,10 +85,10 @@ fn round_trips(hooks: TestHooks) -> u64 {
     i.read(t.name(), &ops(l, r, 32 << 10, 4 << 10)).unwrap();
     assert!(local[..32 << 10] == remote[..32 << 10], "small read");
 
-    local.copy_from_slice(&fill(9, LEN));
+    local.copy_from_slice(&pattern(9, LEN));
     i.write(t.name(), &ops(l, r, LEN as u64, 1 << 20)).unwrap();
     assert!(local == remote, "contiguous write");
-    local.copy_from_slice(&fill(10, LEN));
+    local.copy_from_slice(&pattern(10, LEN));
     let mut rev = ops(l, r, LEN as u64, 64 << 10);
     rev.reverse();
     let id = i.submit(t.name(), kvferry::Opcode::Write, &rev).unwrap();
@@ -104,27 +120,21 @@ fn pin_leases_when_the_board_cannot_be_opened() {
 #[test]
 fn a_board_of_another_process_turns_cma_off() {
     const LEN: usize = 1 << 20;
-    let t = target(Duration::from_secs(10));
-    let i = initiator(TestHooks {
+    let hooks = TestHooks {
         board_in_another_process: true,
         ..TestHooks::default()
-    });
-    let mut remote = fill(3, LEN);
-    let mut local = vec![0u8; LEN];
-    // SAFETY: the buffers outlive the engines.
-    unsafe {
-        t.register_memory(remote.as_mut_ptr() as u64, LEN as u64, "cpu:0")
-            .unwrap();
-        i.register_memory(local.as_mut_ptr() as u64, LEN as u64, "cpu:0")
-            .unwrap();
-    }
-    assert_eq!(i.transport_to(t.name()).unwrap(), "cma");
-    let (l, r) = (local.as_ptr() as u64, remote.as_ptr() as u64);
-    i.read(t.name(), &ops(l, r, LEN as u64, 64 << 10)).unwrap();
-    assert!(local == remote);
-    assert_eq!(i.transport_to(t.name()).unwrap(), "tcp");
-    assert_eq!(t.pin_requests_served(), 0, "no PIN lease, no process_vm_*");
-    drop((i, t));
+    };
+    let p = pair(hooks, LEN);
+    let (l, r) = (p.local.as_ptr() as u64, p.remote.as_ptr() as u64);
+    p.i.read(p.t.name(), &ops(l, r, LEN as u64, 64 << 10))
+        .unwrap();
+    assert!(p.local == p.remote);
+    assert_eq!(p.i.transport_to(p.t.name()).unwrap(), "tcp");
+    assert_eq!(
+        p.t.pin_requests_served(),
+        0,
+        "no PIN lease, no process_vm_*"
+    );
 }
 
 /// A range the target no longer has (the initiator's cached segment still
@@ -133,8 +143,8 @@ fn stale_range_error(hooks: TestHooks) -> Error {
     const LEN: usize = 1 << 20;
     let t = target(Duration::from_secs(10));
     let i = initiator(hooks);
-    let mut a = fill(1, LEN);
-    let mut b = fill(2, LEN);
+    let mut a = pattern(1, LEN);
+    let mut b = pattern(2, LEN);
     let mut local = vec![0u8; LEN];
     // SAFETY: the buffers outlive the engines.
     unsafe {
@@ -226,7 +236,7 @@ fn unregister_under_a_held_slot_is_busy_and_the_region_stays_usable() {
         ..TestHooks::default()
     });
     let mut remote = vec![0u8; LEN];
-    let mut local = fill(7, LEN);
+    let mut local = pattern(7, LEN);
     // SAFETY: the buffers outlive the engines.
     unsafe {
         t.register_memory(remote.as_mut_ptr() as u64, LEN as u64, "cpu:0")
@@ -252,7 +262,7 @@ fn unregister_under_a_held_slot_is_busy_and_the_region_stays_usable() {
         "the held write landed in the still registered region"
     );
     // Still registered and usable, over the fast path.
-    local.copy_from_slice(&fill(8, LEN));
+    local.copy_from_slice(&pattern(8, LEN));
     i.write(t.name(), &ops(l, r, LEN as u64, LEN as u64))
         .unwrap();
     assert!(local == remote);
@@ -404,7 +414,7 @@ fn a_stuck_initiator_makes_unregister_busy_and_a_killed_one_does_not_block_it() 
     let e = t.unregister_memory(r).unwrap_err();
     assert!(matches!(e, Error::RegionBusy { .. }), "{e}");
     let i = initiator(TestHooks::default());
-    let mut local = fill(4, LEN);
+    let mut local = pattern(4, LEN);
     // SAFETY: `local` outlives `i`.
     unsafe { i.register_memory(local.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
     i.write(
