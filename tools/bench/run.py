@@ -217,10 +217,9 @@ def tcp_limit(tools, footprints, seconds, streams=(1, 2, 4)):
     return {"raw": out, "gbps": best, "by_streams": by_streams}
 
 
-def tcp_footprint_limit(results, block, batch=None):
-    """tcp_limit at the footprint of one batch of `block`-sized ops."""
-    batch = batch or HEADLINE_BATCH
-    return results["limits"].get("tcp_footprint", {}).get("gbps", {}).get(str(block * batch))
+def tcp_footprint_limit(results, block):
+    """tcp_limit at the footprint of one headline batch of `block`-sized ops."""
+    return results["limits"].get("tcp_footprint", {}).get("gbps", {}).get(str(block * HEADLINE_BATCH))
 
 
 # ---- kvferry bench --------------------------------------------------------------
