@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use kvferry::transport::Report;
 use kvferry::transport::tcp::TcpTransport;
-use kvferry::wire::{self, Range};
+use kvferry::wire::Range;
 use kvferry::{DeviceJob, DeviceTransport, Error, Location, Opcode, RegionDesc, Segment};
 use kvferry_ascend_sys::ffi;
 use parking_lot::Mutex;
@@ -103,7 +103,7 @@ impl IpcTransport {
     }
 
     /// Has the peer check and pin every remote range of `job`.
-    fn lease(&self, job: &DeviceJob<'_>) -> Result<Vec<u64>, Error> {
+    fn lease(&self, job: &DeviceJob<'_>) -> Result<Vec<(usize, u64)>, Error> {
         let ranges: Vec<Range> = job
             .slices
             .iter()
@@ -112,33 +112,7 @@ impl IpcTransport {
                 len: s.slice.len,
             })
             .collect();
-        let mut leases = Vec::new();
-        for chunk in ranges.chunks(wire::MAX_ENTRIES) {
-            let instance = self.tcp.instance();
-            let r = self
-                .tcp
-                .with_lane(0, |c| c.pin(self.peer(), instance, chunk, job.deadline));
-            match r {
-                Ok(id) => leases.push(id),
-                Err(e) => {
-                    self.release(&leases);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(leases)
-    }
-
-    fn release(&self, leases: &[u64]) {
-        for &l in leases {
-            if let Err(e) = self.tcp.with_lane(0, |c| c.unpin(self.peer(), l)) {
-                // The peer drops a connection's leases when it closes.
-                log::debug!(
-                    "kvferry: releasing ascend-ipc lease {l} at {}: {e}",
-                    self.peer()
-                );
-            }
-        }
+        self.tcp.lease(&ranges, job.deadline)
     }
 
     /// Once per session: the peer allows this process (as the device knows
@@ -408,7 +382,7 @@ impl DeviceTransport for IpcTransport {
             Err(e) => return fail_all(&e),
         };
         if let Err(e) = self.ensure_granted(first_device, job.deadline) {
-            self.release(&leases);
+            self.tcp.release_leases(&leases);
             return fail_all(&e);
         }
         for (device, indices) in &groups {
@@ -417,7 +391,7 @@ impl DeviceTransport for IpcTransport {
                 report(i, r.clone());
             }
         }
-        self.release(&leases);
+        self.tcp.release_leases(&leases);
     }
 }
 

@@ -865,8 +865,7 @@ impl CmaTransport {
             .collect()
     }
 
-    /// Pins the job's remote ranges at the target; returns the leases as
-    /// (lane, lease id): a lease lives on the connection that took it.
+    /// Pins the job's remote ranges at the target (PIN leases).
     fn lease(&self, job: &Job<'_>) -> Result<Vec<(usize, u64)>> {
         let ranges: Vec<wire::Range> = job
             .slices
@@ -876,37 +875,7 @@ impl CmaTransport {
                 len: s.len,
             })
             .collect();
-        let mut leases = Vec::new();
-        for chunk in ranges.chunks(wire::MAX_ENTRIES) {
-            let instance = self.tcp.instance();
-            let r = self.tcp.with_free_lane(|lane, c| {
-                c.pin(self.tcp.peer_name(), instance, chunk, job.deadline)
-                    .map(|id| (lane, id))
-            });
-            match r {
-                Ok(id) => leases.push(id),
-                Err(e) => {
-                    self.release(&leases);
-                    return Err(e);
-                }
-            }
-        }
-        Ok(leases)
-    }
-
-    fn release(&self, leases: &[(usize, u64)]) {
-        for &(lane, l) in leases {
-            if let Err(e) = self
-                .tcp
-                .with_lane(lane, |c| c.unpin(self.tcp.peer_name(), l))
-            {
-                // The target drops a connection's leases when it closes.
-                log::debug!(
-                    "kvferry: releasing cma lease {l} at {}: {e}",
-                    self.tcp.peer_name()
-                );
-            }
-        }
+        self.tcp.lease(&ranges, job.deadline)
     }
 }
 
@@ -971,7 +940,7 @@ impl Transport for CmaTransport {
         let on_board = matches!(lease, Lease::Board(_));
         match lease {
             Lease::Board(slot) => drop(slot),
-            Lease::Pins(l) => self.release(&l),
+            Lease::Pins(l) => self.tcp.release_leases(&l),
         }
         // The pidfd does not reserve the pid: a target that exited during
         // the copy may have handed its pid to another process before the

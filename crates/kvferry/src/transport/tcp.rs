@@ -502,6 +502,40 @@ impl TcpTransport {
         self.use_lane(guard, |c| f(i, c))
     }
 
+    /// Has the peer check and pin `ranges` (PIN, up to `MAX_ENTRIES` ranges
+    /// a request), for a copy that bypasses this connection: cma and the
+    /// device transports. A lease lives on the connection that took it, so
+    /// each comes back as (lane, lease id), for `release_leases`. On an
+    /// error, the leases already taken are released.
+    pub fn lease(&self, ranges: &[wire::Range], deadline: Instant) -> Result<Vec<(usize, u64)>> {
+        let mut leases = Vec::new();
+        for chunk in ranges.chunks(wire::MAX_ENTRIES) {
+            let instance = self.instance();
+            let r = self.with_free_lane(|lane, c| {
+                c.pin(&self.name, instance, chunk, deadline)
+                    .map(|id| (lane, id))
+            });
+            match r {
+                Ok(l) => leases.push(l),
+                Err(e) => {
+                    self.release_leases(&leases);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(leases)
+    }
+
+    /// Releases leases from `lease`. A failure only logs: the peer drops a
+    /// connection's leases when it closes.
+    pub fn release_leases(&self, leases: &[(usize, u64)]) {
+        for &(lane, l) in leases {
+            if let Err(e) = self.with_lane(lane, |c| c.unpin(&self.name, l)) {
+                log::debug!("kvferry: releasing lease {l} at {}: {e}", self.name);
+            }
+        }
+    }
+
     fn use_lane<T>(
         &self,
         mut guard: parking_lot::MutexGuard<'_, Option<Conn>>,
