@@ -223,23 +223,29 @@ def u64(value, what: str) -> int:
     return value
 
 
-def u64_array(values, what: str):
-    """A ctypes uint64 array from a sequence of unsigned 64-bit ints.
-
-    `array('Q', ...)` checks every element in C (type and range), which keeps
-    a 32-op batch at a few microseconds; the ctypes view keeps it alive.
-    """
+def _u64s(values, what: str) -> array.array:
+    """`values` as an `array('Q')`, converted and checked (type and range of
+    every element) in C, or a TypeError / ValueError naming the bad value."""
     if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
         # array() would read bytes as raw machine words: refuse them here.
         raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
     try:
-        arr = array.array("Q", values)
+        return array.array("Q", values)
     except TypeError:
         bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), values)
         raise TypeError(f"{what}: expected a list of ints, got {type(bad).__name__} {bad!r}") from None
     except OverflowError:
         bad = next((v for v in values if isinstance(v, int) and not 0 <= v < 1 << 64), None)
         raise ValueError(f"{what}: {bad!r} is not an unsigned 64-bit value") from None
+
+
+def u64_array(values, what: str):
+    """A ctypes uint64 array from a sequence of unsigned 64-bit ints.
+
+    `array('Q', ...)` checks every element in C (type and range), which keeps
+    a 32-op batch at a few microseconds; the ctypes view keeps it alive.
+    """
+    arr = _u64s(values, what)
     n = len(arr)
     t = _U64_ARRAYS.get(n)
     if t is None:
@@ -250,21 +256,11 @@ def u64_array(values, what: str):
 def u64_columns(columns, names) -> tuple[list, list[int], object]:
     """Lists of unsigned 64-bit ints as C arrays: the address of each (for a
     `_column` argument; None when empty), each list's length, and the
-    object that keeps the memory alive. `array('Q', list)` converts in C,
-    twice as fast as `extend` and far faster than a ctypes array: a 32-op
-    batch costs about 2 us (CPython 3.11)."""
+    object that keeps the memory alive. No ctypes object per column: for a
+    32-op batch that would cost more than the C call (benches/python_call.py)."""
     arrays, pointers, counts = [], [], []
     for values, what in zip(columns, names):
-        if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
-            raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
-        try:
-            arr = array.array("Q", values)
-        except TypeError:
-            bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), values)
-            raise TypeError(f"{what}: expected a list of ints, got {type(bad).__name__} {bad!r}") from None
-        except OverflowError:
-            bad = next((v for v in values if isinstance(v, int) and not 0 <= v < 1 << 64), None)
-            raise ValueError(f"{what}: {bad!r} is not an unsigned 64-bit value") from None
+        arr = _u64s(values, what)
         arrays.append(arr)
         counts.append(len(arr))
         pointers.append(arr.buffer_info()[0] if len(arr) else None)
