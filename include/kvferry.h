@@ -142,6 +142,29 @@ typedef struct kvf_engine kvf_engine;
 // which must be the last call).
 typedef struct kvf_layout kvf_layout;
 
+// Functions of the CPython C API (stable ABI) that the `_pylists` calls
+// use; each field is the address of the function of that name in the
+// running interpreter.
+typedef struct kvf_python_api {
+  // `PyList_Size`.
+  ptrdiff_t (*list_size)(void *list);
+  // `PyList_GetItem` (a borrowed reference).
+  void *(*list_get_item)(void *list, ptrdiff_t index);
+  // `PyLong_AsUnsignedLong` (64 bits on the LP64 hosts kvferry supports;
+  // no Python code runs: a non-int raises). Not `PyLong_AsUnsignedLongLong`,
+  // which converts ints of more than 30 bits (every address) through a
+  // byte array, 3x slower.
+  unsigned long (*long_as_unsigned_long)(void *value);
+  // `PyErr_Occurred`.
+  void *(*err_occurred)(void);
+  // `PyErr_Clear`.
+  void (*err_clear)(void);
+  // `PyEval_SaveThread` (releases the GIL).
+  void *(*eval_save_thread)(void);
+  // `PyEval_RestoreThread` (takes the GIL back).
+  void (*eval_restore_thread)(void *state);
+} kvf_python_api;
+
 // A prefill/decode deployment (one DP rank each, no context parallelism).
 // A plain value: nothing is checked until a call uses it.
 typedef struct kvf_pd_shape {
@@ -340,8 +363,22 @@ kvf_status kvf_config_use_ascend(struct kvf_config *config);
 // `config` is NULL or from `kvf_config_new`; `out` is NULL or writable.
 kvf_status kvf_engine_new(const struct kvf_config *config, struct kvf_engine **out);
 
-// Frees an engine: waits for its in-flight batches, unregisters its memory
-// and closes its port. NULL is a no-op.
+// Shuts an engine down while its handle stays valid: waits up to
+// `timeout_ms` (or `KVF_WAIT_FOREVER`) for the calls on it that other
+// threads are running, then waits for its in-flight batches, unregisters
+// its memory and closes its port. Calls made afterwards fail ("the engine
+// is closed"); calls that start while it waits wait too. If the running
+// calls did not return in time: `KVF_STATUS_TIMEOUT`, and nothing changed.
+// Closing a closed engine is a no-op. Free the handle with
+// `kvf_engine_free` once no thread can use it any more.
+//
+// # Safety
+// `engine` from `kvf_engine_new`, not freed.
+kvf_status kvf_engine_close(const struct kvf_engine *engine, uint64_t timeout_ms);
+
+// Frees an engine (closing it first if `kvf_engine_close` did not): waits
+// for its in-flight batches, unregisters its memory and closes its port.
+// NULL is a no-op.
 //
 // # Safety
 // `engine` is NULL or from `kvf_engine_new`, and no other call on it runs
@@ -450,6 +487,44 @@ kvf_status kvf_engine_transport_to(const struct kvf_engine *engine,
                                    char *buf,
                                    size_t capacity,
                                    size_t *out_len);
+
+// Gives the library the CPython functions of `*api` (every field set).
+// Needed once per process before a `_pylists` call; later calls check
+// their argument and change nothing.
+//
+// # Safety
+// `api` NULL or readable; its fields are the named functions of the
+// running interpreter.
+kvf_status kvf_python_api_install(const struct kvf_python_api *api);
+
+// `kvf_transfer_sync` with the three columns as Python lists of ints,
+// read before the GIL is released for the transfer. An item that is not an
+// int in 0..2^64 leaves Python's TypeError or OverflowError set (ctypes
+// raises it) and moves nothing.
+//
+// # Safety
+// Called through `ctypes.PyDLL` (the GIL held) after
+// `kvf_python_api_install`; `engine` from `kvf_engine_new`; `session` NULL
+// or NUL-terminated; the lists NULL or live Python objects.
+kvf_status kvf_transfer_sync_pylists(const struct kvf_engine *engine,
+                                     const char *session,
+                                     uint32_t opcode,
+                                     void *local_addrs,
+                                     void *remote_addrs,
+                                     void *lens);
+
+// `kvf_batch_submit` with the three columns as Python lists, as
+// `kvf_transfer_sync_pylists`.
+//
+// # Safety
+// As `kvf_transfer_sync_pylists`; `out_batch` NULL or writable.
+kvf_status kvf_batch_submit_pylists(const struct kvf_engine *engine,
+                                    const char *session,
+                                    uint32_t opcode,
+                                    void *local_addrs,
+                                    void *remote_addrs,
+                                    void *lens,
+                                    uint64_t *out_batch);
 
 // `n`, the number of prefill ranks each decode rank pulls from per stage,
 // in `*out_pulls`: 1 under MLA, else `max(1, H/D) / max(1, H/P)`. The shape

@@ -54,6 +54,17 @@ def _message_bytes(message: Any) -> bytes:
     raise TypeError(f"message: expected str or bytes, got {type(message).__name__}")
 
 
+def _lists(locals_, remotes, lengths) -> bool:
+    """Three non-empty lists of one length: what the library reads itself
+    (`_ffi.pylists`)."""
+    return (
+        type(locals_) is list
+        and type(remotes) is list
+        and type(lengths) is list
+        and 0 < len(locals_) == len(remotes) == len(lengths)
+    )
+
+
 def _lib_error(lib, status: int) -> Error:
     message = (lib.kvf_last_error() or b"").decode(errors="replace")
     if not message:
@@ -87,69 +98,51 @@ class Region(NamedTuple):
 
 
 class _Handle:
-    """The engine pointer, the count of calls using it, and what must be
-    released with it. Shared by the Engine and its finalizer (which must
-    not hold the Engine). On the hot path: one C-level lock, twice."""
+    """The engine pointer and what must be released with it; shared by the
+    Engine and its finalizer (which must not hold the Engine).
+
+    Calls need no lock here: the library keeps a handle valid until
+    `kvf_engine_free` and makes `kvf_engine_close` wait for the calls
+    running (later ones fail with "the engine is closed"). Only the
+    finalizer frees, once no thread can hold the Engine."""
 
     def __init__(self, lib, ptr: int):
         self.lib = lib
-        self.ptr: int | None = ptr
+        self.ptr: int = ptr
         self.pid = os.getpid()
-        self.inflight = 0
-        self.lock = threading.Lock()
-        self.idle = threading.Event()
+        self.closed = False
+        self.lock = threading.Lock()  # one close at a time
         self.allocator: ManagedAllocator | None = None
 
-    def acquire(self) -> int:
-        with self.lock:
-            ptr = self.ptr
-            if ptr is None:
-                raise Error(Status.INVALID_ARGUMENT, "the engine is closed")
-            self.inflight += 1
-        return ptr
-
-    def release(self) -> None:
-        with self.lock:
-            self.inflight -= 1
-            if self.inflight == 0 and self.ptr is None:
-                self.idle.set()
-
     def run(self, fn, *args) -> None:
-        """`fn(engine, *args)`, raising its error; no lock held during it."""
-        ptr = self.acquire()
-        try:
-            status = fn(ptr, *args)
-        finally:
-            self.release()
+        """`fn(engine, *args)`, raising its error."""
+        status = fn(self.ptr, *args)
         if status:
             raise _lib_error(self.lib, status)
 
-    def close(self, wait_s: float | None = None) -> None:
+    def close(self, wait_s: float | None = None) -> bool:
+        """Closes the engine once the calls running on it return (waiting at
+        most `wait_s`); False if they did not (the engine stays open)."""
         with self.lock:
-            if self.ptr is None:
-                return
-            ptr = self.ptr
-            self.ptr = None  # no new call starts
-            if self.inflight == 0:
-                self.idle.set()
-        if not self.idle.wait(wait_s):
-            # Only at interpreter exit with daemon threads still inside a
-            # call: freeing would pull the engine from under them.
-            _errors.logger.warning(
-                "kvferry: %d call(s) still running at exit; the engine is left to the OS",
-                self.inflight,
-            )
-            return
-        self.lib.kvf_engine_free(ptr)  # waits for batches, unregisters memory
+            if self.closed:
+                return True
+            timeout = _ffi.KVF_WAIT_FOREVER if wait_s is None else int(wait_s * 1000)
+            if self.lib.kvf_engine_close(self.ptr, timeout) != Status.OK:
+                # Only at interpreter exit with daemon threads still inside a
+                # call: closing would pull the engine from under them.
+                _errors.logger.warning("kvferry: calls still running at exit; the engine is left to the OS")
+                return False
+            self.closed = True
         if self.allocator is not None:
             self.allocator.release_all()
+        return True
 
 
 def _finalize(handle: _Handle) -> None:
     # A forked child has a copy of the engine but none of its threads:
-    # freeing it there would wait for threads that do not exist.
-    if os.getpid() == handle.pid:
-        handle.close(wait_s=5.0)
+    # closing it there would wait for threads that do not exist.
+    if os.getpid() == handle.pid and handle.close(wait_s=5.0):
+        handle.lib.kvf_engine_free(handle.ptr)
 
 
 class Engine:
@@ -231,6 +224,7 @@ class Engine:
         finally:
             lib.kvf_config_free(cfg)
         self._h = _Handle(lib, ptr.value)
+        self._pylists = _ffi.pylists()
         self._finalizer = weakref.finalize(self, _finalize, self._h)
         self._regions: dict[int, Region] = {}
         self._regions_lock = threading.Lock()
@@ -264,13 +258,8 @@ class Engine:
         return v
 
     def _call(self, fn, *args) -> int:
-        """Calls `fn(engine, *args)` with the engine kept alive; no lock is
-        held during the call."""
-        ptr = self._h.acquire()
-        try:
-            return fn(ptr, *args)
-        finally:
-            self._h.release()
+        """`fn(engine, *args)`: its status."""
+        return fn(self._h.ptr, *args)
 
     def _run(self, fn, *args) -> None:
         self._h.run(fn, *args)
@@ -289,12 +278,12 @@ class Engine:
 
     @property
     def closed(self) -> bool:
-        return self._h.ptr is None
+        return self._h.closed
 
     def close(self) -> None:
         """Waits for calls in flight and the engine's batches, unregisters
-        all memory, closes the port and unmaps managed buffers. Idempotent."""
-        self._finalizer.detach()
+        all memory, closes the port and unmaps managed buffers. Idempotent.
+        Later calls fail with "the engine is closed"."""
         self._h.close()
         with self._regions_lock:
             self._regions.clear()
@@ -438,6 +427,15 @@ class Engine:
             raise ValueError(f"{what}: {n} local addresses, {nr} remote addresses and {nl} lengths; they must match")
         return ptrs[0], ptrs[1], ptrs[2], n, (buf, keep)
 
+    def _pylists_call(self, fn, *args) -> int | None:
+        """`fn` (from `_ffi.pylists()`) on this engine: its status, or None
+        for an item that is not an unsigned 64-bit int (nothing moved; the
+        general path names the item, or resolves a buffer among the locals)."""
+        try:
+            return fn(self._h.ptr, *args)
+        except (TypeError, OverflowError):
+            return None
+
     @staticmethod
     def _one(local, remote, length):
         s = span(local, "local")
@@ -453,15 +451,18 @@ class Engine:
         `opcode` is `kvferry.READ` (remote -> local) or `kvferry.WRITE`."""
         sess = _session(session)
         op = opcode if (opcode == 0 or opcode == 1) and type(opcode) is int else self._opcode(opcode)
+        if self._pylists is not None and _lists(local_addrs, remote_addrs, lengths):
+            # The Mooncake API's three lists of ints, read by the library.
+            fn = self._pylists.kvf_transfer_sync_pylists
+            status = self._pylists_call(fn, sess, op, local_addrs, remote_addrs, lengths)
+            if status is not None:
+                if status:
+                    raise _lib_error(self._lib, status)
+                return
         la, ra, na, n, keep = self._ops(local_addrs, remote_addrs, lengths, "transfer")
         if n == 0:
             return
-        h = self._h
-        ptr = h.acquire()
-        try:
-            status = self._lib.kvf_transfer_sync(ptr, sess, op, la, ra, na, n)
-        finally:
-            h.release()
+        status = self._lib.kvf_transfer_sync(self._h.ptr, sess, op, la, ra, na, n)
         if status:
             raise _lib_error(self._lib, status)
         del keep
@@ -496,6 +497,14 @@ class Engine:
         peer receives that message once all the batch's data has landed."""
         sess = _session(session)
         op = self._opcode(opcode)
+        if notify is None and self._pylists is not None and _lists(local_addrs, remote_addrs, lengths):
+            out = ctypes.c_uint64()
+            fn = self._pylists.kvf_batch_submit_pylists
+            status = self._pylists_call(fn, sess, op, local_addrs, remote_addrs, lengths, ctypes.byref(out))
+            if status is not None:
+                if status:
+                    raise _lib_error(self._lib, status)
+                return Batch(self, out.value, len(local_addrs), None)
         la, ra, na, n, keep = self._ops(local_addrs, remote_addrs, lengths, "submit")
         if n == 0:
             raise Error(Status.INVALID_ARGUMENT, "a batch needs at least one op")

@@ -75,6 +75,12 @@ def expected(ctype):
         return {ctypes.POINTER(ctypes.c_void_p)}
     if t.replace("const ", "") in _topology_ffi.STRUCT_POINTERS:
         return {_topology_ffi.STRUCT_POINTERS[t]}
+    if t == "void*":
+        # The Python lists of the `_pylists` calls (through a ctypes.PyDLL).
+        return {ctypes.py_object}
+    if t == "struct kvf_python_api*":
+        # Its address (kvferry._ffi.PythonApi; fields checked below).
+        return {ctypes.c_void_p}
     if ctype.startswith("const ") and t == "uint64_t*":
         # A batch's input columns go as the int address of an array('Q')
         # (_ffi.u64_columns): void * has the same ABI as uint64_t *.
@@ -118,11 +124,25 @@ def test_signatures_match_declarations(header):
 
 
 def test_loaded_functions_carry_the_signatures():
-    lib = _ffi.load()
+    lib, pylists = _ffi.load(), _ffi.pylists()
+    assert pylists is not None, "CPython with a GIL runs these tests: the list fast path must load"
     for name, (restype, argtypes) in _ffi.SIGNATURES.items():
-        fn = getattr(lib, name)
+        fn = getattr(pylists if name in _ffi.PYLISTS_FUNCTIONS else lib, name)
         assert fn.restype == restype, name
         assert list(fn.argtypes) == list(argtypes), name
+
+
+def test_python_api_struct_matches_header(header):
+    body = re.search(r"typedef struct kvf_python_api \{(.*?)\} kvf_python_api;", strip_comments(header), re.S)
+    assert body, "no struct kvf_python_api in the header"
+    fields = re.findall(r"\(\*(\w+)\)\(", body.group(1))
+    assert tuple(fields) == tuple(f for f, _ in _ffi.PYTHON_API_FIELDS)
+    assert [f for f, _ in _ffi.PythonApi._fields_] == fields
+    # Every field is a function of the running interpreter's C API.
+    for _, fn in _ffi.PYTHON_API_FIELDS:
+        getattr(ctypes.pythonapi, fn)
+    # PyLong_AsUnsignedLong stands for a uint64_t conversion: LP64 only.
+    assert ctypes.sizeof(ctypes.c_ulong) == 8
 
 
 def test_status_codes_match_header(header):

@@ -20,6 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include "kvferry.h"
 
@@ -970,6 +974,84 @@ static void test_peer_freed_under_reads(void) {
   }
 }
 
+/* kvf_engine_close while another thread is inside a call: a timeout short
+ * of that call changes nothing; an unbounded close waits for it; afterwards
+ * every call fails cleanly and the handle stays valid until freed. */
+struct blocked_call {
+  kvf_engine *e;
+  const char *session;
+  uint64_t local;
+  kvf_status status;
+};
+
+static void *blocked_call_main(void *arg) {
+  struct blocked_call *c = arg;
+  uint64_t r = 0x1000, n = 8;
+  c->status = kvf_transfer_sync(c->e, c->session, KVF_OP_READ, &c->local, &r, &n, 1);
+  return NULL;
+}
+
+static void test_engine_close(void) {
+  kvf_config *cfg = NULL;
+  kvf_engine *e = NULL;
+  uint8_t *buf = xmalloc(4096);
+  char session[64];
+  struct sockaddr_in addr;
+  socklen_t alen = sizeof addr;
+  int silent = socket(AF_INET, SOCK_STREAM, 0);
+  pthread_t t;
+  struct blocked_call call;
+
+  /* A "peer" that accepts connections and never answers. */
+  memset(&addr, 0, sizeof addr);
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  REQUIRE(silent >= 0 && bind(silent, (struct sockaddr *)&addr, sizeof addr) == 0);
+  REQUIRE(listen(silent, 16) == 0);
+  REQUIRE(getsockname(silent, (struct sockaddr *)&addr, &alen) == 0);
+  snprintf(session, sizeof session, "127.0.0.1:%u", (unsigned)ntohs(addr.sin_port));
+
+  REQUIRE(kvf_config_new(&cfg) == KVF_STATUS_OK);
+  REQUIRE(kvf_config_set_hostname(cfg, "127.0.0.1") == KVF_STATUS_OK);
+  REQUIRE(kvf_config_set_connect_timeout_ms(cfg, 1500) == KVF_STATUS_OK);
+  REQUIRE(kvf_engine_new(cfg, &e) == KVF_STATUS_OK);
+  kvf_config_free(cfg);
+  REQUIRE(kvf_register_memory(e, U(buf), 4096, "cpu:0") == KVF_STATUS_OK);
+
+  call.e = e;
+  call.session = session;
+  call.local = U(buf);
+  call.status = KVF_STATUS_OK;
+  REQUIRE(pthread_create(&t, NULL, blocked_call_main, &call) == 0);
+  {
+    struct timespec pause = {0, 200 * 1000 * 1000};
+    nanosleep(&pause, NULL); /* the call is waiting for the silent peer */
+  }
+  EXPECT(kvf_engine_close(e, 10), KVF_STATUS_TIMEOUT, "still running");
+  /* Nothing changed: the engine still works. */
+  {
+    uint16_t port = 0;
+    EXPECT(kvf_engine_rpc_port(e, &port), KVF_STATUS_OK, NULL);
+    CHECK(port != 0);
+  }
+  EXPECT(kvf_engine_close(e, KVF_WAIT_FOREVER), KVF_STATUS_OK, NULL);
+  REQUIRE(pthread_join(t, NULL) == 0);
+  CHECK(call.status != KVF_STATUS_OK); /* it failed on its own, then close went on */
+  /* Closed: calls fail with a message, closing again is a no-op. */
+  EXPECT(kvf_register_memory(e, U(buf), 4096, "cpu:0"), KVF_STATUS_INVALID_ARGUMENT,
+         "engine is closed");
+  {
+    uint64_t l = U(buf), r = U(bbuf), n = 8;
+    EXPECT(kvf_transfer_sync(e, b_name, KVF_OP_READ, &l, &r, &n, 1), KVF_STATUS_INVALID_ARGUMENT,
+           "engine is closed");
+  }
+  EXPECT(kvf_engine_close(e, 0), KVF_STATUS_OK, NULL);
+  EXPECT(kvf_engine_close(NULL, 0), KVF_STATUS_NULL_POINTER, "engine");
+  kvf_engine_free(e);
+  close(silent);
+  free(buf);
+}
+
 /* ---- threads ---------------------------------------------------------- */
 
 #define THREADS 4
@@ -1171,6 +1253,7 @@ int main(void) {
   test_peer_unregisters_under_writes();
   test_engine_free_waits_for_batches();
   test_peer_freed_under_reads();
+  test_engine_close();
   test_threads();
   test_peer_restarted_on_same_port();
   test_fixed_bugs();

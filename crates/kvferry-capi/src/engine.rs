@@ -1,12 +1,14 @@
 //! `kvf_engine`: creation, identity and memory registration.
 
 use std::ffi::c_char;
+use std::time::Duration;
 
 use kvferry_core::{Engine, EngineConfig, Error, Status};
 
 use crate::boundary::ffi;
 use crate::config::kvf_config;
 use crate::handle;
+use crate::transfer::KVF_WAIT_FOREVER;
 
 /// A transfer engine. Made by `kvf_engine_new`, freed by `kvf_engine_free`.
 /// Thread-safe: every function may be called on one engine from many
@@ -40,8 +42,36 @@ pub unsafe extern "C" fn kvf_engine_new(
     })
 }
 
-/// Frees an engine: waits for its in-flight batches, unregisters its memory
-/// and closes its port. NULL is a no-op.
+/// Shuts an engine down while its handle stays valid: waits up to
+/// `timeout_ms` (or `KVF_WAIT_FOREVER`) for the calls on it that other
+/// threads are running, then waits for its in-flight batches, unregisters
+/// its memory and closes its port. Calls made afterwards fail ("the engine
+/// is closed"); calls that start while it waits wait too. If the running
+/// calls did not return in time: `KVF_STATUS_TIMEOUT`, and nothing changed.
+/// Closing a closed engine is a no-op. Free the handle with
+/// `kvf_engine_free` once no thread can use it any more.
+///
+/// # Safety
+/// `engine` from `kvf_engine_new`, not freed.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_engine_close(engine: *const kvf_engine, timeout_ms: u64) -> Status {
+    ffi!({
+        let timeout = (timeout_ms != KVF_WAIT_FOREVER).then(|| Duration::from_millis(timeout_ms));
+        // SAFETY: forwarded to the caller.
+        if unsafe { handle::engine_close(engine, timeout) }? {
+            Ok(Status::Ok)
+        } else {
+            Err(Error::Timeout {
+                what: "closing the engine: calls on it still running".into(),
+                ms: timeout_ms,
+            })
+        }
+    })
+}
+
+/// Frees an engine (closing it first if `kvf_engine_close` did not): waits
+/// for its in-flight batches, unregisters its memory and closes its port.
+/// NULL is a no-op.
 ///
 /// # Safety
 /// `engine` is NULL or from `kvf_engine_new`, and no other call on it runs

@@ -3,6 +3,9 @@
 
 use std::ffi::{CStr, c_char};
 use std::mem::MaybeUninit;
+use std::time::Duration;
+
+use parking_lot::{MappedRwLockReadGuard, RwLock, RwLockReadGuard};
 
 use kvferry_core::{Engine, EngineConfig, Error};
 use kvferry_topology::SideLayout;
@@ -13,16 +16,61 @@ use crate::topology::kvf_layout;
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// What a `kvf_engine *` points to: the engine until `kvf_engine_close`
+/// takes it, nothing after. Every call holds a read guard while it uses the
+/// engine, so close waits for the calls running and refuses later ones; the
+/// handle itself stays valid until `kvf_engine_free`. That lets a caller
+/// (the Python package) close an engine while other threads may still
+/// call it, without a lock of its own around every call.
+pub(crate) struct EngineCell(RwLock<Option<Engine>>);
+
+/// The engine of a handle, kept open while this lives.
+pub(crate) type EngineRef<'a> = MappedRwLockReadGuard<'a, Engine>;
+
 /// # Safety
 /// `p` is NULL or a live handle from `kvf_engine_new`.
-pub(crate) unsafe fn engine<'a>(p: *const kvf_engine) -> Result<&'a Engine> {
-    // SAFETY: non-NULL engine handles are `Box<Engine>` pointers made by
+unsafe fn engine_cell<'a>(p: *const kvf_engine) -> Result<&'a EngineCell> {
+    // SAFETY: non-NULL engine handles are `Box<EngineCell>` pointers made by
     // `kvf_engine_new` and not yet freed (the caller's promise).
-    unsafe { p.cast::<Engine>().as_ref() }.ok_or(Error::NullPointer { argument: "engine" })
+    unsafe { p.cast::<EngineCell>().as_ref() }.ok_or(Error::NullPointer { argument: "engine" })
+}
+
+/// The engine of handle `p`, or an error if it is NULL or closed.
+///
+/// # Safety
+/// `p` is NULL or a live handle from `kvf_engine_new`.
+pub(crate) unsafe fn engine<'a>(p: *const kvf_engine) -> Result<EngineRef<'a>> {
+    // SAFETY: forwarded to the caller.
+    let cell = unsafe { engine_cell(p) }?;
+    RwLockReadGuard::try_map(cell.0.read(), Option::as_ref).map_err(|_| Error::InvalidArgument {
+        what: "the engine is closed".into(),
+    })
 }
 
 pub(crate) fn engine_into_raw(e: Engine) -> *mut kvf_engine {
-    Box::into_raw(Box::new(e)).cast()
+    Box::into_raw(Box::new(EngineCell(RwLock::new(Some(e))))).cast()
+}
+
+/// Shuts the engine of `p` down once the calls using it have returned,
+/// waiting at most `timeout`; `Ok(false)` if they did not return in time
+/// (nothing changed). Closing a closed engine does nothing.
+///
+/// # Safety
+/// `p` is NULL or a live handle from `kvf_engine_new`.
+pub(crate) unsafe fn engine_close(p: *const kvf_engine, timeout: Option<Duration>) -> Result<bool> {
+    // SAFETY: forwarded to the caller.
+    let cell = unsafe { engine_cell(p) }?;
+    let mut slot = match timeout {
+        None => cell.0.write(),
+        Some(t) => match cell.0.try_write_for(t) {
+            Some(slot) => slot,
+            None => return Ok(false),
+        },
+    };
+    let engine = slot.take();
+    drop(slot); // later calls fail at once instead of waiting for the drop
+    drop(engine); // waits for its batches, unregisters, closes the port
+    Ok(true)
 }
 
 /// # Safety
@@ -30,7 +78,7 @@ pub(crate) fn engine_into_raw(e: Engine) -> *mut kvf_engine {
 pub(crate) unsafe fn engine_free(p: *mut kvf_engine) {
     if !p.is_null() {
         // SAFETY: made by `engine_into_raw`, freed once (caller's promise).
-        drop(unsafe { Box::from_raw(p.cast::<Engine>()) });
+        drop(unsafe { Box::from_raw(p.cast::<EngineCell>()) });
     }
 }
 

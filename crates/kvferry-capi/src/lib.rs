@@ -19,6 +19,7 @@ mod device;
 mod engine;
 mod handle;
 mod notify;
+mod python;
 mod topology;
 mod transfer;
 
@@ -26,6 +27,7 @@ pub use config::*;
 pub use device::*;
 pub use engine::*;
 pub use notify::*;
+pub use python::*;
 pub use topology::*;
 pub use transfer::*;
 

@@ -16,7 +16,7 @@
 
 use std::ffi::c_char;
 
-use kvferry_core::{Engine, Error, Op, Status};
+use kvferry_core::{Error, Op, Status};
 use kvferry_topology::{
     Attention, CacheLayout, PdShape, PlanRequest, PrefixHit, PreparedPlan, PullMapping,
     PushMapping, SideLayout, SplitSide, TopologyError, seed_for_request,
@@ -25,7 +25,7 @@ use kvferry_topology::{
 use crate::boundary::{ffi, refuse};
 use crate::engine::kvf_engine;
 use crate::handle;
-use crate::transfer::opcode;
+use crate::transfer::transfer_target;
 
 /// `kvf_pd_shape.attention`: grouped-query (or multi-head) attention, heads
 /// sharded over TP ranks.
@@ -924,7 +924,7 @@ pub unsafe extern "C" fn kvf_transfer_blocks(
 ) -> Status {
     ffi!({
         // SAFETY: forwarded to the caller.
-        let (e, session, op) = unsafe { engine_args(engine, session, opcode) }?;
+        let (e, session, op) = unsafe { transfer_target(engine, session, opcode) }?;
         // SAFETY: forwarded to the caller.
         let args = unsafe {
             block_args(
@@ -968,7 +968,7 @@ pub unsafe extern "C" fn kvf_batch_submit_blocks(
     ffi!({
         handle::need_out(out_batch, "out_batch")?;
         // SAFETY: forwarded to the caller.
-        let (e, session, op) = unsafe { engine_args(engine, session, opcode) }?;
+        let (e, session, op) = unsafe { transfer_target(engine, session, opcode) }?;
         // SAFETY: forwarded to the caller.
         let args = unsafe {
             block_args(
@@ -989,18 +989,4 @@ pub unsafe extern "C" fn kvf_batch_submit_blocks(
         unsafe { handle::out(out_batch, "out_batch", id.0) }?;
         Ok(Status::Ok)
     })
-}
-
-/// # Safety
-/// `engine` NULL or from `kvf_engine_new`; `session` NULL or NUL-terminated.
-unsafe fn engine_args<'a>(
-    engine: *const kvf_engine,
-    session: *const c_char,
-    raw_opcode: u32,
-) -> Result<(&'a Engine, &'a str, kvferry_core::Opcode), Error> {
-    // SAFETY: forwarded to the caller.
-    let e = unsafe { handle::engine(engine) }?;
-    // SAFETY: forwarded to the caller.
-    let session = unsafe { handle::str_arg(session, "session") }?;
-    Ok((e, session, opcode(raw_opcode)?))
 }

@@ -3,11 +3,11 @@
 use std::ffi::c_char;
 use std::time::Duration;
 
-use kvferry_core::{BatchId, BatchState, Engine, Error, Op, OpState, Opcode, Status};
+use kvferry_core::{BatchId, BatchState, Error, Op, OpState, Opcode, Status};
 
 use crate::boundary::ffi;
 use crate::engine::kvf_engine;
-use crate::handle;
+use crate::handle::{self, EngineRef};
 
 /// Opcode: copy remote memory into local memory.
 pub const KVF_OP_READ: u32 = 0;
@@ -27,6 +27,22 @@ pub(crate) fn opcode(raw: u32) -> Result<Opcode, Error> {
     }
 }
 
+/// The engine, session and opcode of a transfer call, read and checked.
+///
+/// # Safety
+/// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated.
+pub(crate) unsafe fn transfer_target<'a>(
+    engine: *const kvf_engine,
+    session: *const c_char,
+    op: u32,
+) -> Result<(EngineRef<'a>, &'a str, Opcode), Error> {
+    // SAFETY: forwarded to the caller.
+    let e = unsafe { handle::engine(engine) }?;
+    // SAFETY: as above.
+    let session = unsafe { handle::str_arg(session, "session") }?;
+    Ok((e, session, opcode(op)?))
+}
+
 /// The arguments every transfer call shares, read and checked.
 ///
 /// # Safety
@@ -39,12 +55,9 @@ unsafe fn transfer_args<'a>(
     remote: *const u64,
     lens: *const u64,
     n: usize,
-) -> Result<(&'a Engine, &'a str, Opcode, Vec<Op>), Error> {
+) -> Result<(EngineRef<'a>, &'a str, Opcode, Vec<Op>), Error> {
     // SAFETY: forwarded to the caller (all four below).
-    let e = unsafe { handle::engine(engine) }?;
-    // SAFETY: as above.
-    let session = unsafe { handle::str_arg(session, "session") }?;
-    let op = opcode(op)?;
+    let (e, session, op) = unsafe { transfer_target(engine, session, op) }?;
     // SAFETY: as above.
     let local = unsafe { handle::slice_arg(local, n, "local_addrs") }?;
     // SAFETY: as above.
