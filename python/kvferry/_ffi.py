@@ -225,14 +225,15 @@ def pylists() -> ctypes.PyDLL | None:
     global _pylists, _pylists_checked
     if _pylists_checked:
         return _pylists
+    lib = load()  # before taking _lock, which load() takes too
     with _lock:
         if not _pylists_checked:
-            _pylists = _load_pylists()
+            _pylists = _load_pylists(lib)
             _pylists_checked = True
     return _pylists
 
 
-def _load_pylists() -> ctypes.PyDLL | None:
+def _load_pylists(lib: ctypes.CDLL) -> ctypes.PyDLL | None:
     import sysconfig
 
     if (
@@ -242,7 +243,6 @@ def _load_pylists() -> ctypes.PyDLL | None:
         or ctypes.sizeof(ctypes.c_ulong) != 8  # PyLong_AsUnsignedLong reads a uint64_t
     ):
         return None
-    lib = load()
     api = PythonApi(*(ctypes.cast(getattr(ctypes.pythonapi, fn), ctypes.c_void_p).value for _, fn in PYTHON_API_FIELDS))
     if lib.kvf_python_api_install(ctypes.addressof(api)) != 0:
         return None

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from . import _errors, _ffi
 from ._errors import Error, Status, logger
-from .engine import READ, WRITE, Engine
+from .engine import READ, WRITE, Engine, _lib_error
 from .mooncake_config import MooncakeConfig
 
 
@@ -120,14 +120,16 @@ def _mooncake(failure):
         def call(self, *args, **kwargs):
             try:
                 return method(self, *args, **kwargs)
-            except Error as e:
-                return self._fail(name, e.status, e.message, failure)
-            except (TypeError, ValueError, OverflowError) as e:
-                return self._fail(name, Status.INVALID_ARGUMENT, str(e), failure)
+            except _FAILURES as e:
+                return self._failed(name, e, failure)
 
         return call
 
     return wrap
+
+
+#: What a Mooncake-API method turns into its failure value.
+_FAILURES = (Error, TypeError, ValueError, OverflowError)
 
 
 class TransferEngine:
@@ -146,6 +148,11 @@ class TransferEngine:
         _errors.record(int(status), text)
         logger.warning("kvferry: %s", text)
         return failure() if callable(failure) else failure
+
+    def _failed(self, method: str, e: Exception, failure):
+        if isinstance(e, Error):
+            return self._fail(method, e.status, e.message, failure)
+        return self._fail(method, Status.INVALID_ARGUMENT, str(e), failure)
 
     def _e(self) -> Engine:
         engine = self._engine
@@ -331,19 +338,42 @@ class TransferEngine:
         self._e().transfer(target_hostname, WRITE, [buffer], [peer_buffer_address], [length])
         return 0
 
-    @_mooncake(-1)
     def batch_transfer_sync_read(
         self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
     ) -> int:
-        self._e().transfer(target_hostname, READ, buffers, peer_buffer_addresses, lengths)
-        return 0
+        engine = self._engine
+        if engine is not None:
+            status = engine._transfer_lists(target_hostname, READ, buffers, peer_buffer_addresses, lengths)
+            if status is not None:
+                return status and self._lib_failed("batch_transfer_sync_read", engine, status)
+        return self._batch_sync(
+            "batch_transfer_sync_read", READ, target_hostname, buffers, peer_buffer_addresses, lengths
+        )
 
-    @_mooncake(-1)
     def batch_transfer_sync_write(
         self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
     ) -> int:
-        self._e().transfer(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths)
-        return 0
+        engine = self._engine
+        if engine is not None:
+            status = engine._transfer_lists(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths)
+            if status is not None:
+                return status and self._lib_failed("batch_transfer_sync_write", engine, status)
+        return self._batch_sync(
+            "batch_transfer_sync_write", WRITE, target_hostname, buffers, peer_buffer_addresses, lengths
+        )
+
+    def _lib_failed(self, method: str, engine: Engine, status: int) -> int:
+        """-1 for a failed library call of the batch calls' fast path
+        (`Engine._transfer_lists`), recorded as `_mooncake` does."""
+        return self._fail(method, status, _lib_error(engine._lib, status).message, -1)
+
+    def _batch_sync(self, method: str, op: int, session, buffers, peer_buffer_addresses, lengths) -> int:
+        """The batch calls' general path: 0, or -1 as `_mooncake` gives."""
+        try:
+            self._e().transfer(session, op, buffers, peer_buffer_addresses, lengths)
+            return 0
+        except _FAILURES as e:
+            return self._failed(method, e, -1)
 
     @_mooncake(-1)
     def transfer_sync(

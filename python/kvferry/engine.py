@@ -224,7 +224,9 @@ class Engine:
         finally:
             lib.kvf_config_free(cfg)
         self._h = _Handle(lib, ptr.value)
+        # The list fast path (`_ffi.pylists`), or None where it cannot serve.
         self._pylists = _ffi.pylists()
+        self._sync_lists = self._pylists.kvf_transfer_sync_pylists if self._pylists is not None else None
         self._finalizer = weakref.finalize(self, _finalize, self._h)
         self._regions: dict[int, Region] = {}
         self._regions_lock = threading.Lock()
@@ -427,14 +429,27 @@ class Engine:
             raise ValueError(f"{what}: {n} local addresses, {nr} remote addresses and {nl} lengths; they must match")
         return ptrs[0], ptrs[1], ptrs[2], n, (buf, keep)
 
-    def _pylists_call(self, fn, *args) -> int | None:
-        """`fn` (from `_ffi.pylists()`) on this engine: its status, or None
-        for an item that is not an unsigned 64-bit int (nothing moved; the
-        general path names the item, or resolves a buffer among the locals)."""
-        try:
-            return fn(self._h.ptr, *args)
-        except (TypeError, OverflowError):
+    def _transfer_lists(self, session, op: int, local_addrs, remote_addrs, lengths) -> int | None:
+        """`transfer`'s fast path, for the Mooncake API's three lists of ints
+        (read by the library, `_ffi.pylists`): the library's status, or None
+        where it does not serve and nothing moved (other argument types, a
+        session not seen yet, an item it cannot read). The hot path of a
+        connector: kept to a few lookups."""
+        fn = self._sync_lists
+        sess = _SESSIONS.get(session) if type(session) is str else None
+        if (
+            fn is None
+            or sess is None  # not seen yet: the general path checks and caches it
+            or type(local_addrs) is not list
+            or type(remote_addrs) is not list
+            or type(lengths) is not list
+            or not 0 < len(local_addrs) == len(remote_addrs) == len(lengths)
+        ):
             return None
+        try:
+            return fn(self._h.ptr, sess, op, local_addrs, remote_addrs, lengths)
+        except (TypeError, OverflowError):
+            return None  # the general path names the item, or resolves a buffer
 
     @staticmethod
     def _one(local, remote, length):
@@ -449,16 +464,14 @@ class Engine:
         """Moves a batch of ops and returns when all are done; raises the
         first error (nothing moved if the batch was refused up front).
         `opcode` is `kvferry.READ` (remote -> local) or `kvferry.WRITE`."""
-        sess = _session(session)
-        op = opcode if (opcode == 0 or opcode == 1) and type(opcode) is int else self._opcode(opcode)
-        if self._pylists is not None and _lists(local_addrs, remote_addrs, lengths):
-            # The Mooncake API's three lists of ints, read by the library.
-            fn = self._pylists.kvf_transfer_sync_pylists
-            status = self._pylists_call(fn, sess, op, local_addrs, remote_addrs, lengths)
-            if status is not None:
-                if status:
-                    raise _lib_error(self._lib, status)
+        if (opcode == 0 or opcode == 1) and type(opcode) is int:
+            status = self._transfer_lists(session, opcode, local_addrs, remote_addrs, lengths)
+            if status == 0:
                 return
+            if status is not None:
+                raise _lib_error(self._lib, status)
+        sess = _session(session)
+        op = self._opcode(opcode)
         la, ra, na, n, keep = self._ops(local_addrs, remote_addrs, lengths, "transfer")
         if n == 0:
             return
@@ -499,8 +512,12 @@ class Engine:
         op = self._opcode(opcode)
         if notify is None and self._pylists is not None and _lists(local_addrs, remote_addrs, lengths):
             out = ctypes.c_uint64()
-            fn = self._pylists.kvf_batch_submit_pylists
-            status = self._pylists_call(fn, sess, op, local_addrs, remote_addrs, lengths, ctypes.byref(out))
+            try:
+                status = self._pylists.kvf_batch_submit_pylists(
+                    self._h.ptr, sess, op, local_addrs, remote_addrs, lengths, ctypes.byref(out)
+                )
+            except (TypeError, OverflowError):
+                status = None  # as in `transfer`
             if status is not None:
                 if status:
                     raise _lib_error(self._lib, status)

@@ -140,3 +140,11 @@ def test_install_refuses_a_null_function():
     assert lib.kvf_python_api_install(ctypes.addressof(api)) == kvferry.Status.INVALID_ARGUMENT
     assert "list_size is NULL" in lib.kvf_last_error().decode()
     assert lib.kvf_python_api_install(None) == kvferry.Status.NULL_POINTER
+
+
+def test_fast_path_loads_before_anything_else():
+    """`_ffi.pylists()` as the first call of a process (it loads the library
+    itself; it once deadlocked on the loader's lock there)."""
+    code = "from kvferry import _ffi\nassert _ffi.pylists() is not None\nprint('ok')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -92,45 +92,52 @@ impl PythonApi {
             })
     }
 
-    /// The ints of `list` (a Python list), or `None` with Python's error
-    /// indicator set (an item that is not an int in 0..2^64: TypeError or
-    /// OverflowError) for the caller to raise.
+    /// The length of `list`, or an error if it is not a Python list.
     ///
     /// # Safety
-    /// The GIL is held; `list` is a live Python object.
-    unsafe fn read_list(
-        &self,
-        list: *mut c_void,
-        argument: &'static str,
-        out: &mut Vec<u64>,
-    ) -> Result<Option<()>, Error> {
+    /// The GIL is held; `list` is NULL or a live Python object.
+    unsafe fn list_len(&self, list: *mut c_void, argument: &'static str) -> Result<usize, Error> {
         if list.is_null() {
             return Err(Error::NullPointer { argument });
         }
         // SAFETY: the GIL is held and `list` is live (caller's promise).
-        // Nothing below runs Python code (`PyLong_AsUnsignedLong` raises for a
-        // non-int instead of calling `__index__`), so the list cannot
-        // change while it is read.
         let n = unsafe { (self.list_size)(list) };
-        if n < 0 {
-            // SAFETY: as above.
+        usize::try_from(n).map_err(|_| {
+            // SAFETY: as above; PyList_Size raised (not a list).
             unsafe { (self.err_clear)() };
-            return Err(Error::InvalidArgument {
+            Error::InvalidArgument {
                 what: format!("{argument} is not a Python list"),
-            });
-        }
-        out.reserve(n as usize);
-        for i in 0..n {
-            // SAFETY: as above; `i` is in range, so the item is a borrowed
-            // reference to a live object.
+            }
+        })
+    }
+
+    /// Stores item `i` of `list` (a Python list of at least `out.len()`
+    /// items) into `field(out[i])` for every `i`; false with Python's error
+    /// indicator set (an item that is not an int in 0..2^64: TypeError or
+    /// OverflowError) for the caller to raise.
+    ///
+    /// # Safety
+    /// The GIL is held; `list` is a live Python list that long.
+    unsafe fn read_column(
+        &self,
+        list: *mut c_void,
+        out: &mut [Op],
+        field: fn(&mut Op) -> &mut u64,
+    ) -> bool {
+        for (i, op) in (0isize..).zip(out.iter_mut()) {
+            // SAFETY: the GIL is held and `list` is live with more than `i`
+            // items (caller's promise), so the item is a borrowed reference to
+            // a live object. Nothing here runs Python code
+            // (`PyLong_AsUnsignedLong` raises for a non-int instead of calling
+            // `__index__`), so the list cannot change while it is read.
             let value = unsafe { (self.long_as_u64)((self.list_get_item)(list, i)) };
             // SAFETY: as above.
-            if value == u64::MAX && !unsafe { (self.err_occurred)() }.is_null() {
-                return Ok(None);
+            if value == c_ulong::MAX && !unsafe { (self.err_occurred)() }.is_null() {
+                return false;
             }
-            out.push(value);
+            *field(op) = value;
         }
-        Ok(Some(()))
+        true
     }
 }
 
@@ -159,47 +166,45 @@ pub unsafe extern "C" fn kvf_python_api_install(api: *const kvf_python_api) -> S
 ///
 /// # Safety
 /// The GIL is held; the three are NULL or live Python objects.
-unsafe fn ops_of_lists(
-    api: &PythonApi,
-    local: *mut c_void,
-    remote: *mut c_void,
-    lens: *mut c_void,
-) -> Result<Option<Vec<Op>>, Error> {
-    let mut columns: [Vec<u64>; 3] = Default::default();
-    let lists = [
-        (local, "local_addrs"),
-        (remote, "remote_addrs"),
-        (lens, "lens"),
-    ];
-    for ((list, argument), out) in lists.into_iter().zip(&mut columns) {
-        // SAFETY: forwarded to the caller.
-        if unsafe { api.read_list(list, argument, out) }?.is_none() {
-            return Ok(None);
-        }
-    }
-    let [local, remote, lens] = columns;
-    if local.len() != remote.len() || local.len() != lens.len() {
+unsafe fn ops_of_lists(api: &PythonApi, lists: [*mut c_void; 3]) -> Result<Option<Vec<Op>>, Error> {
+    let [local, remote, lens] = lists;
+    // SAFETY: forwarded to the caller (the three below).
+    let n = unsafe { api.list_len(local, "local_addrs") }?;
+    // SAFETY: as above.
+    let n_remote = unsafe { api.list_len(remote, "remote_addrs") }?;
+    // SAFETY: as above.
+    let n_lens = unsafe { api.list_len(lens, "lens") }?;
+    if n != n_remote || n != n_lens {
         return Err(Error::InvalidArgument {
             what: format!(
-                "{} local addresses, {} remote addresses and {} lengths: they must match",
-                local.len(),
-                remote.len(),
-                lens.len()
+                "{n} local addresses, {n_remote} remote addresses and {n_lens} lengths: they must match"
             ),
         });
     }
-    if local.is_empty() {
+    if n == 0 {
         return Err(Error::InvalidArgument {
             what: "a batch needs at least one op (empty lists)".into(),
         });
     }
-    let ops = (0..local.len())
-        .map(|i| Op {
-            local: local[i],
-            remote: remote[i],
-            len: lens[i],
-        })
-        .collect();
+    let mut ops = vec![
+        Op {
+            local: 0,
+            remote: 0,
+            len: 0
+        };
+        n
+    ];
+    let columns: [(*mut c_void, fn(&mut Op) -> &mut u64); 3] = [
+        (local, |op| &mut op.local),
+        (remote, |op| &mut op.remote),
+        (lens, |op| &mut op.len),
+    ];
+    for (list, field) in columns {
+        // SAFETY: the GIL is held; each list is live with `n` items, checked.
+        if !unsafe { api.read_column(list, &mut ops, field) } {
+            return Ok(None);
+        }
+    }
     Ok(Some(ops))
 }
 
@@ -239,9 +244,8 @@ unsafe fn with_lists(
     f: impl FnOnce(&Engine, &str, Opcode, &[Op]) -> Result<(), Error>,
 ) -> Result<Status, Error> {
     let api = PythonApi::installed()?;
-    let [local, remote, lens] = lists;
     // SAFETY: the GIL is held (caller's promise).
-    let Some(ops) = (unsafe { ops_of_lists(&api, local, remote, lens) })? else {
+    let Some(ops) = (unsafe { ops_of_lists(&api, lists) })? else {
         return Ok(refuse(Status::InvalidArgument, NOT_U64));
     };
     // SAFETY: as above; `engine` and `session` are the caller's promise.
