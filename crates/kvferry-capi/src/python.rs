@@ -160,6 +160,9 @@ pub unsafe extern "C" fn kvf_python_api_install(api: *const kvf_python_api) -> S
     })
 }
 
+/// A Python list and the field of `Op` its items go to.
+type Column = (*mut c_void, fn(&mut Op) -> &mut u64);
+
 /// The ops of three Python lists, read with the GIL held. `Ok(None)`: an
 /// item is not an unsigned 64-bit int, Python's error indicator says which
 /// and nothing else happened.
@@ -194,7 +197,7 @@ unsafe fn ops_of_lists(api: &PythonApi, lists: [*mut c_void; 3]) -> Result<Optio
         };
         n
     ];
-    let columns: [(*mut c_void, fn(&mut Op) -> &mut u64); 3] = [
+    let columns: [Column; 3] = [
         (local, |op| &mut op.local),
         (remote, |op| &mut op.remote),
         (lens, |op| &mut op.len),
