@@ -3,8 +3,10 @@
 
 `batch_transfer_sync_read` of 32 contiguous 16-byte ops to a peer engine in
 the same process (the copy is nothing), beside the parts of it: the bare
-`kvf_transfer_sync` with prepared arrays, and the conversion of the three
-lists of ints (`kvferry._ffi.u64_columns`). Best of 5 rounds of 20000 calls,
+`kvf_transfer_sync_pylists` (the library reads the lists: the path the
+whole call takes), the bare `kvf_transfer_sync` with prepared arrays, and
+what converting the three lists of ints in Python would add
+(`kvferry._ffi.u64_columns`, the general path). Best of 5 rounds of 20000 calls,
 in microseconds per call. docs/python.md quotes these figures.
 
     cargo build --release -p kvferry-capi
@@ -44,16 +46,21 @@ def main():
         assert read(session, local, remote, lens) == 0
         engine = a.get_engine()
         lib, ptr, raw_session = engine._lib, engine._h.ptr, session.encode()
+        pylists = _ffi.pylists().kvf_transfer_sync_pylists
         columns = (local, remote, lens)
         names = ("local", "remote", "lengths")
         p, _, keep = _ffi.u64_columns(columns, names)
         rows = [
             ("batch_transfer_sync_read (the whole call)", per_call_us(lambda: read(session, local, remote, lens))),
             (
+                "kvf_transfer_sync_pylists, the lists as they are",
+                per_call_us(lambda: pylists(ptr, raw_session, 0, local, remote, lens)),
+            ),
+            (
                 "kvf_transfer_sync, prepared arrays",
                 per_call_us(lambda: lib.kvf_transfer_sync(ptr, raw_session, 0, p[0], p[1], p[2], N)),
             ),
-            ("the three lists to arrays (u64_columns)", per_call_us(lambda: _ffi.u64_columns(columns, names))),
+            ("the three lists to arrays in Python (u64_columns)", per_call_us(lambda: _ffi.u64_columns(columns, names))),
         ]
         del keep
     for what, us in rows:
