@@ -128,6 +128,24 @@ def _mooncake(failure):
     return wrap
 
 
+def _batch_sync_method(name: str, op: int):
+    """`batch_transfer_sync_read` / `_write`: the hot path of a connector,
+    so no decorator and few lookups. Lists go to the library as they are
+    (`Engine._transfer_lists`); anything else, and a session's first call,
+    take the general path (`_batch_sync`)."""
+
+    def method(self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint="") -> int:
+        engine = self._engine
+        if engine is not None:
+            status = engine._transfer_lists(target_hostname, op, buffers, peer_buffer_addresses, lengths)
+            if status is not None:
+                return status and self._lib_failed(name, engine, status)
+        return self._batch_sync(name, op, target_hostname, buffers, peer_buffer_addresses, lengths)
+
+    method.__name__ = method.__qualname__ = name
+    return method
+
+
 #: What a Mooncake-API method turns into its failure value.
 _FAILURES = (Error, TypeError, ValueError, OverflowError)
 
@@ -338,29 +356,8 @@ class TransferEngine:
         self._e().transfer(target_hostname, WRITE, [buffer], [peer_buffer_address], [length])
         return 0
 
-    def batch_transfer_sync_read(
-        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
-    ) -> int:
-        engine = self._engine
-        if engine is not None:
-            status = engine._transfer_lists(target_hostname, READ, buffers, peer_buffer_addresses, lengths)
-            if status is not None:
-                return status and self._lib_failed("batch_transfer_sync_read", engine, status)
-        return self._batch_sync(
-            "batch_transfer_sync_read", READ, target_hostname, buffers, peer_buffer_addresses, lengths
-        )
-
-    def batch_transfer_sync_write(
-        self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
-    ) -> int:
-        engine = self._engine
-        if engine is not None:
-            status = engine._transfer_lists(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths)
-            if status is not None:
-                return status and self._lib_failed("batch_transfer_sync_write", engine, status)
-        return self._batch_sync(
-            "batch_transfer_sync_write", WRITE, target_hostname, buffers, peer_buffer_addresses, lengths
-        )
+    batch_transfer_sync_read = _batch_sync_method("batch_transfer_sync_read", READ)
+    batch_transfer_sync_write = _batch_sync_method("batch_transfer_sync_write", WRITE)
 
     def _lib_failed(self, method: str, engine: Engine, status: int) -> int:
         """-1 for a failed library call of the batch calls' fast path
