@@ -4,10 +4,11 @@
 `batch_transfer_sync_read` of 32 contiguous 16-byte ops to a peer engine in
 the same process (the copy is nothing), beside the parts of it: the bare
 `kvf_transfer_sync_pylists` (the library reads the lists: the path the
-whole call takes), the bare `kvf_transfer_sync` with prepared arrays, and
-what converting the three lists of ints in Python would add
-(`kvferry._ffi.u64_columns`, the general path). Best of 5 rounds of 20000 calls,
-in microseconds per call. docs/python.md quotes these figures.
+whole call takes), the whole call with that path off, the bare
+`kvf_transfer_sync` with prepared arrays, and what converting the three
+lists of ints in Python costs (`kvferry._ffi.u64_columns`, the general
+path). Best of 5 rounds of 20000 calls, in microseconds per call.
+docs/python.md and tools/bench/discussion.md quote these figures.
 
     cargo build --release -p kvferry-capi
     KVFERRY_LIBRARY=$PWD/target/release/libkvferry.so PYTHONPATH=python python3 benches/python_call.py
@@ -28,6 +29,17 @@ N, BLOCK, CALLS, ROUNDS = 32, 16, 20000, 5
 
 def per_call_us(fn):
     return min(timeit.repeat(fn, number=CALLS, repeat=ROUNDS)) / CALLS * 1e6
+
+
+def whole_call_without_fast_path(te, read, *args):
+    """The whole call as with `KVFERRY_PYLISTS=0`: the lists converted in
+    Python (`u64_columns`), then `kvf_transfer_sync`."""
+    engine = te.get_engine()
+    saved, engine._pylists = engine._pylists, None
+    try:
+        return per_call_us(lambda: read(*args))
+    finally:
+        engine._pylists = saved
 
 
 def main():
@@ -51,7 +63,14 @@ def main():
         names = ("local", "remote", "lengths")
         p, _, keep = _ffi.u64_columns(columns, names)
         rows = [
-            ("batch_transfer_sync_read (the whole call)", per_call_us(lambda: read(session, local, remote, lens))),
+            (
+                "batch_transfer_sync_read (the whole call)",
+                per_call_us(lambda: read(session, local, remote, lens)),
+            ),
+            (
+                "the whole call, fast path off (as KVFERRY_PYLISTS=0)",
+                whole_call_without_fast_path(a, read, session, local, remote, lens),
+            ),
             (
                 "kvf_transfer_sync_pylists, the lists as they are",
                 per_call_us(lambda: pylists(ptr, raw_session, 0, local, remote, lens)),
@@ -60,7 +79,10 @@ def main():
                 "kvf_transfer_sync, prepared arrays",
                 per_call_us(lambda: lib.kvf_transfer_sync(ptr, raw_session, 0, p[0], p[1], p[2], N)),
             ),
-            ("the three lists to arrays in Python (u64_columns)", per_call_us(lambda: _ffi.u64_columns(columns, names))),
+            (
+                "the three lists to arrays in Python (u64_columns)",
+                per_call_us(lambda: _ffi.u64_columns(columns, names)),
+            ),
         ]
         del keep
     for what, us in rows:

@@ -226,7 +226,6 @@ class Engine:
         self._h = _Handle(lib, ptr.value)
         # The list fast path (`_ffi.pylists`), or None where it cannot serve.
         self._pylists = _ffi.pylists()
-        self._sync_lists = self._pylists.kvf_transfer_sync_pylists if self._pylists is not None else None
         self._finalizer = weakref.finalize(self, _finalize, self._h)
         self._regions: dict[int, Region] = {}
         self._regions_lock = threading.Lock()
@@ -435,19 +434,13 @@ class Engine:
         where it does not serve and nothing moved (other argument types, a
         session not seen yet, an item it cannot read). The hot path of a
         connector: kept to a few lookups."""
-        fn = self._sync_lists
+        lib = self._pylists
         sess = _SESSIONS.get(session) if type(session) is str else None
-        if (
-            fn is None
-            or sess is None  # not seen yet: the general path checks and caches it
-            or type(local_addrs) is not list
-            or type(remote_addrs) is not list
-            or type(lengths) is not list
-            or not 0 < len(local_addrs) == len(remote_addrs) == len(lengths)
-        ):
+        # A session not seen yet goes the general way, which checks and caches it.
+        if lib is None or sess is None or not _lists(local_addrs, remote_addrs, lengths):
             return None
         try:
-            return fn(self._h.ptr, sess, op, local_addrs, remote_addrs, lengths)
+            return lib.kvf_transfer_sync_pylists(self._h.ptr, sess, op, local_addrs, remote_addrs, lengths)
         except (TypeError, OverflowError):
             return None  # the general path names the item, or resolves a buffer
 

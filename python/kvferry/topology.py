@@ -685,6 +685,7 @@ def plan_blocks(
     # `_lkeep` and `_rkeep` own the id memory: alive until the return.
     la, lf, ln, _lkeep = _id_span(local_ids, "local_ids")
     ra, rf, rn, _rkeep = _id_span(remote_ids, "remote_ids")
+    # `_options`' test for the defaults, inlined: no call on the common path.
     if (
         pulls == 1
         and offset_index == 0
@@ -718,15 +719,6 @@ def _options_address(pulls, offset_index, split, computed_tokens, tokens_per_blo
     """`_options` as `(address, owner)`: the address of a `kvf_plan_options`
     (the library only reads it; 0 for the defaults) and the object that
     keeps it alive (cached for exact ints, str, None and bool)."""
-    if (
-        pulls == 1
-        and offset_index == 0
-        and split == "local"
-        and computed_tokens is None
-        and tokens_per_block is None
-        and not trim_remote_head
-    ):
-        return 0, None
     key = (pulls, offset_index, split, computed_tokens, tokens_per_block, trim_remote_head)
     # Only exact types are cached: True == 1 as keys.
     cacheable = (
