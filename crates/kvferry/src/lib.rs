@@ -37,6 +37,7 @@ pub mod plan;
 pub mod segment;
 pub mod server;
 pub mod session;
+pub mod socket_owner;
 pub mod staging;
 pub mod transport;
 pub mod wire;

@@ -39,6 +39,8 @@ fn read_write_roundtrip(transport: TransportChoice, expect: &str) {
     ops.reverse();
     e.read(&t.name, &ops).unwrap();
     assert!(buf == pattern(11, LEN), "{expect}: data read differs");
+    // Still the same path once a batch ran (cma first checks the peer's pid).
+    assert_eq!(e.transport_to(&t.name).unwrap(), expect);
 
     // Async write of a new pattern, with a notification that must arrive
     // only after the data: the child checks its buffer when it sees it.
@@ -260,4 +262,105 @@ fn cma_refused_by_the_kernel_falls_back_to_tcp() {
             )
         });
     assert_eq!(line, "INITIATOR ok cma tcp", "{stdout}");
+}
+
+/// A process answering on a peer's port (here: a thread of this test) whose
+/// segment names another process of this host (the victim, a child engine)
+/// and a region in it. That pid holds no end of our connection, so no byte
+/// of the victim is read or written: the batch goes to the impostor over
+/// tcp, which cannot serve it.
+#[test]
+fn an_impostor_naming_another_pid_gets_no_cma() {
+    use kvferry::wire::{self, FrameHeader, Kind};
+    use std::net::{TcpListener, TcpStream};
+
+    const LEN: usize = 64 << 10;
+    let victim = Target::spawn("child_target", 0, LEN, 21, &[]);
+    let e = engine(TransportChoice::Auto, Duration::from_secs(5));
+    let mut buf = vec![0u8; LEN];
+    // SAFETY: `buf` outlives `e`.
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+
+    // The impostor's segment: this host, the victim's pid and buffer.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let name = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let mut seg = e.segment();
+    seg.name = name.clone();
+    seg.instance_id = 0x1234_5678_9abc_def0;
+    seg.pid = victim.child.id();
+    seg.regions[0].addr = victim.addr;
+    seg.regions[0].len = LEN as u64;
+    let seg = wire::encode_segment(&seg);
+    let instance = 0x1234_5678_9abc_def0u64;
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            let seg = seg.clone();
+            std::thread::spawn(move || impostor(&mut s, instance, &seg));
+        }
+    });
+    fn impostor(s: &mut TcpStream, instance: u64, seg: &[u8]) {
+        let mut lease = 1u64;
+        while let Ok(Some(h)) = wire::read_header(s) {
+            if kvferry::net::discard(s, h.payload_len).is_err() {
+                return;
+            }
+            let reply = |s: &mut TcpStream, kind, payload: &[u8]| {
+                let f = FrameHeader::new(kind, h.request_id, payload.len() as u64);
+                wire::write_frame(s, &f, &[payload])
+            };
+            let sent = match Kind::from_u16(h.kind) {
+                Some(Kind::Hello) => {
+                    let r = wire::HelloReply {
+                        version: wire::VERSION,
+                        auth_required: 0,
+                        reserved: 0,
+                        nonce: [0; 16],
+                        instance_id: instance,
+                        proof: [0; 32],
+                    };
+                    reply(s, Kind::HelloReply, bytemuck::bytes_of(&r))
+                }
+                Some(Kind::GetSegment) => reply(s, Kind::SegmentReply, seg),
+                Some(Kind::Pin) => {
+                    lease += 1;
+                    reply(s, Kind::PinOk, &lease.to_le_bytes())
+                }
+                Some(Kind::Unpin) => Ok(()),
+                // No lease board, and no data: READ / WRITE end the connection.
+                Some(Kind::LeaseBoard) => {
+                    let (f, m) =
+                        wire::error_frame(h.request_id, kvferry::Status::Unsupported, "none");
+                    wire::write_frame(s, &f, &[&m])
+                }
+                _ => return,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    let op = Op {
+        local: buf.as_ptr() as u64,
+        remote: victim.addr,
+        len: LEN as u64,
+    };
+    assert!(e.read(&name, &[op]).is_err(), "the impostor serves no data");
+    assert_eq!(e.transport_to(&name).unwrap(), "tcp");
+    assert!(buf.iter().all(|&b| b == 0), "bytes of the victim were read");
+    buf.fill(0xEE);
+    assert!(e.write(&name, &[op]).is_err());
+    // The victim's buffer is as it was, read through the victim itself.
+    let mut check = vec![0u8; LEN];
+    let honest = engine(TransportChoice::Tcp, Duration::from_secs(5));
+    // SAFETY: `check` outlives `honest`.
+    unsafe { honest.register_memory(check.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    let whole = Op {
+        local: check.as_ptr() as u64,
+        remote: victim.addr,
+        len: LEN as u64,
+    };
+    honest.read(&victim.name, &[whole]).unwrap();
+    assert!(check == pattern(21, LEN), "the victim's memory was written");
 }

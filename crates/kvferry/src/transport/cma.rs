@@ -33,6 +33,7 @@ use crate::error::{Error, Result};
 use crate::net::{IOV_MAX, SPIN_BEFORE_SLEEP};
 use crate::plan::{Opcode, Slice};
 use crate::segment::Segment;
+use crate::socket_owner;
 use crate::transport::tcp::{Conn, TcpTransport};
 use crate::transport::{Job, Report, Transport};
 use crate::wire;
@@ -497,10 +498,11 @@ enum Enter<'a> {
 /// Why the lease board could not be used.
 #[derive(Debug)]
 enum SetupError {
-    /// The process our pid names is not the target (another pid
-    /// namespace: a container sharing the host's boot id): no cma at all.
+    /// The process our pid names is not shown to be the target: it holds
+    /// no end of our connection to the peer (a stranger on the peer's
+    /// port, another pid namespace), or we could not tell. No cma at all.
     NotTheTarget(String),
-    /// Anything else: PIN leases instead.
+    /// Anything else, once the pid is shown to serve the peer: PIN leases.
     Other(String),
 }
 
@@ -524,6 +526,18 @@ impl std::fmt::Display for SetupError {
     }
 }
 
+/// Whether the process of `pidfd` still runs (an exited one polls readable).
+fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+    n == 0
+}
+
 impl BoardClient {
     fn setup(
         tcp: &TcpTransport,
@@ -533,7 +547,39 @@ impl BoardClient {
     ) -> std::result::Result<BoardClient, SetupError> {
         let peer = tcp.peer_name();
         let instance = tcp.instance();
-        let mut conn = tcp.open_conn().map_err(|e| e.to_string())?;
+        // Until `pid` is shown to serve the peer, nothing may be copied
+        // into it (socket_owner.rs): every failure before that is
+        // `NotTheTarget`, and the peer goes over tcp.
+        let unproven = |m: String| SetupError::NotTheTarget(m);
+        let mut conn = tcp
+            .open_conn()
+            .map_err(|e| unproven(format!("cannot check that pid {pid} serves {peer}: {e}")))?;
+        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if raw < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(unproven(format!("pidfd_open({pid}): {e}")));
+        }
+        // SAFETY: a fresh descriptor nobody else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) };
+        match socket_owner::holds_peer_end(pid as u32, conn.stream()) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(unproven(format!(
+                    "pid {pid} holds no end of our connection to {peer}"
+                )));
+            }
+            Err(e) => {
+                return Err(unproven(format!(
+                    "cannot tell whether pid {pid} serves {peer}: {e}"
+                )));
+            }
+        }
+        // Alive after the look: the pid was not handed to another process
+        // while we looked (pidfd_open came first).
+        if !pidfd_alive(&pidfd) {
+            return Err(unproven(format!("pid {pid} exited")));
+        }
         let (grant, slots) = conn
             .lease_board(peer, instance, BOARD_SLOTS, deadline)
             .map_err(|e| e.to_string())?;
@@ -601,13 +647,6 @@ impl BoardClient {
         if slots.iter().any(|&s| s >= count || map.slot(s).is_none()) {
             return Err("the grant names slots outside the board".into());
         }
-        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if raw < 0 {
-            return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()).into());
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) };
         Ok(BoardClient {
             map,
             slots: slots
@@ -626,14 +665,7 @@ impl BoardClient {
 
     /// Whether the target process still runs (one `poll`).
     fn alive(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.pidfd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n == 0
+        pidfd_alive(&self.pidfd)
     }
 
     fn take_slot(&self) -> Option<SlotGuard<'_>> {

@@ -86,6 +86,11 @@ impl Conn {
         Ok((conn, instance))
     }
 
+    /// The connection's socket (to look up who holds its other end).
+    pub(crate) fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     fn io(&self, peer: &str, what: &str, e: std::io::Error) -> Error {
         // A socket timeout shows as WouldBlock (EAGAIN) from std's reads.
         if matches!(
