@@ -108,6 +108,10 @@ enum kvf_status
   KVF_STATUS_BAD_BATCH_ID = -30,
   KVF_STATUS_BATCH_IN_PROGRESS = -31,
   KVF_STATUS_TOO_MANY_BATCHES = -32,
+  // A wait ran out and what it waited for is still going on
+  // (`kvf_batch_wait`: the batch keeps running; `kvf_engine_close`:
+  // nothing changed), or a handshake with a peer ran out before
+  // anything started. Never the outcome of a batch.
   KVF_STATUS_TIMEOUT = -33,
   KVF_STATUS_BAD_SESSION = -40,
   KVF_STATUS_PEER_UNREACHABLE = -41,
@@ -116,6 +120,9 @@ enum kvf_status
   KVF_STATUS_PEER_RESTARTED = -44,
   KVF_STATUS_PROTOCOL = -45,
   KVF_STATUS_AUTH_FAILED = -46,
+  // The batch ended because a transfer ran past the engine's transfer
+  // timeout (its unfinished ops failed); nothing of it keeps running.
+  KVF_STATUS_TRANSFER_TIMEOUT = -47,
   KVF_STATUS_DEVICE = -50,
 };
 #ifndef __cplusplus
@@ -730,7 +737,9 @@ kvf_status kvf_batch_submit_blocks(const struct kvf_engine *engine,
 // are done (`KVF_STATUS_OK`) or one failed (its status; see
 // `kvf_last_error`). `local_addrs[i]` is this engine's side of op `i`,
 // `remote_addrs[i]` the peer's, `lens[i]` its length. Every op is
-// validated before any byte moves: a refused batch moves nothing.
+// validated before any byte moves: a refused batch moves nothing. Ops
+// not done within the engine's transfer timeout fail with
+// `KVF_STATUS_TRANSFER_TIMEOUT`.
 //
 // # Safety
 // `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated; the
@@ -776,8 +785,10 @@ kvf_status kvf_batch_submit_write_notify(const struct kvf_engine *engine,
                                          uint64_t *out_batch);
 
 // Where batch `batch` stands: `KVF_STATUS_OK` (all done),
-// `KVF_STATUS_IN_PROGRESS`, or the status of its first error. An unknown
-// or freed id gives `KVF_STATUS_BAD_BATCH_ID`.
+// `KVF_STATUS_IN_PROGRESS`, or the status of its first error
+// (`KVF_STATUS_TRANSFER_TIMEOUT` when the engine's transfer timeout ended
+// it; never `KVF_STATUS_TIMEOUT`). An unknown or freed id gives
+// `KVF_STATUS_BAD_BATCH_ID`.
 //
 // # Safety
 // `engine` from `kvf_engine_new`.
@@ -785,7 +796,11 @@ kvf_status kvf_batch_poll(const struct kvf_engine *engine, uint64_t batch);
 
 // Waits up to `timeout_ms` (or `KVF_WAIT_FOREVER`) for batch `batch`:
 // `KVF_STATUS_OK`, its first error, or `KVF_STATUS_TIMEOUT` if it is still
-// running (it keeps running; wait again or poll).
+// running (it keeps running; wait again or poll). `KVF_STATUS_TIMEOUT`
+// means only that: a batch that ended because a transfer ran past the
+// engine's transfer timeout gives `KVF_STATUS_TRANSFER_TIMEOUT`, every
+// time it is waited for or polled, so a loop that waits again on
+// `KVF_STATUS_TIMEOUT` always ends.
 //
 // # Safety
 // `engine` from `kvf_engine_new`.
@@ -793,7 +808,9 @@ kvf_status kvf_batch_wait(const struct kvf_engine *engine, uint64_t batch, uint6
 
 // The state of op `index` of batch `batch` in `*out_status`:
 // `KVF_STATUS_OK`, `KVF_STATUS_IN_PROGRESS`, or the batch's first error
-// status for an op that failed.
+// status for an op that failed (as `kvf_batch_poll`: never
+// `KVF_STATUS_TIMEOUT`). An index past the batch's ops gives
+// `KVF_STATUS_INVALID_ARGUMENT`.
 //
 // # Safety
 // `engine` from `kvf_engine_new`; `out_status` NULL or writable.

@@ -331,7 +331,8 @@ class Batch {
   }
 
   /// Waits up to `timeout`: true when done, false when still running (it
-  /// keeps running); throws Error with the batch's first error if it failed.
+  /// keeps running); throws Error with the batch's first error if it failed
+  /// (KVF_STATUS_TRANSFER_TIMEOUT when the transfer timeout ended it).
   bool wait(std::chrono::milliseconds timeout) const {
     const kvf_status s = kvf_batch_wait(engine_, id_, detail::timeout_ms(timeout));
     if (s == KVF_STATUS_TIMEOUT) {
