@@ -14,6 +14,7 @@ from __future__ import annotations
 import array
 import ctypes
 import ctypes.util
+import operator
 import os
 import sys
 import threading
@@ -309,18 +310,34 @@ def u64(value, what: str) -> int:
 
 def _u64s(values, what: str) -> array.array:
     """`values` as an `array('Q')`, converted and checked (type and range of
-    every element) in C, or a TypeError / ValueError naming the bad value."""
+    every element) in C, or a TypeError / ValueError naming the bad item
+    (`what[i]` and its value)."""
     if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
         # array() would read bytes as raw machine words: refuse them here.
         raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
+    if not hasattr(values, "__len__"):
+        values = list(values)  # an iterator can be read once: keep its items to name a bad one
     try:
-        return array.array("Q", values)
-    except TypeError:
-        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), values)
-        raise TypeError(f"{what}: expected a list of ints, got {type(bad).__name__} {bad!r}") from None
-    except OverflowError:
-        bad = next((v for v in values if isinstance(v, int) and not 0 <= v < 1 << 64), None)
-        raise ValueError(f"{what}: {bad!r} is not an unsigned 64-bit value") from None
+        arr = array.array("Q", values)
+    except (TypeError, OverflowError):
+        raise _bad_item(values, what) from None
+    return arr
+
+
+def _bad_item(values, what: str) -> Exception:
+    """The error naming the first item of `values` that is not an unsigned
+    64-bit int (a bool, a float, a str, a negative or too large number,
+    also as a numpy scalar)."""
+    for i, v in enumerate(values):
+        if isinstance(v, bool):
+            return TypeError(f"{what}[{i}]: expected an int, got bool {v!r}")
+        try:
+            n = operator.index(v)
+        except TypeError:
+            return TypeError(f"{what}[{i}]: expected an int, got {type(v).__name__} {v!r}")
+        if not 0 <= n < 1 << 64:
+            return ValueError(f"{what}[{i}]: {v!r} is not an unsigned 64-bit value")
+    return TypeError(f"{what}: expected a list of unsigned 64-bit ints")
 
 
 def u64_array(values, what: str):

@@ -115,6 +115,24 @@ def test_errors_carry_status_and_message(engine):
         engine.transfer("127.0.0.1:1", 7, [0x1000], [0x2000], [8])
 
 
+def test_bad_numpy_items_are_named(engine, peer):
+    """A numpy column's bad item is named by index and value (the lookup
+    for it once knew Python ints only and blamed None)."""
+    buf = bytearray(4096)
+    with engine.register(buf) as region:
+        a = region.addr
+        with pytest.raises(ValueError, match=r"lengths\[1\]: .*-1.* is not an unsigned 64-bit value"):
+            engine.transfer(peer.session, 0, [a, a], [peer.addr, peer.addr], np.array([8, -1], dtype=np.int64))
+        with pytest.raises(ValueError, match=r"remote addresses\[0\]: .*-5"):
+            engine.transfer(peer.session, 0, [a], np.array([-5], dtype=np.int64), [8])
+        with pytest.raises(TypeError, match=r"lengths\[0\]: expected an int, got float64"):
+            engine.transfer(peer.session, 0, [a], [peer.addr], np.array([8.0]))
+        with pytest.raises(TypeError, match=r"lengths\[0\]: expected an int, got bool"):
+            engine.transfer(peer.session, 0, [a] * 3, [peer.addr] * 3, np.array([True, False, True]))
+        with pytest.raises(ValueError, match=r"lengths\[1\]: -3 is not"):
+            engine.transfer(peer.session, 0, [a, a], [peer.addr] * 2, (x for x in [8, -3]))
+
+
 def test_notifications(peer):
     with kvferry.Engine() as e:
         e.notify(peer.session, b"\x00\xffbinary")
