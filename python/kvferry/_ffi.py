@@ -14,6 +14,8 @@ from __future__ import annotations
 import array
 import ctypes
 import ctypes.util
+import math
+import numbers
 import operator
 import os
 import sys
@@ -306,6 +308,22 @@ def u64(value, what: str) -> int:
     if not 0 <= value < 1 << 64:
         raise ValueError(f"{what}: {value} is not an unsigned 64-bit value")
     return value
+
+
+def timeout_ms(seconds, what: str) -> int:
+    """A timeout in seconds as the `uint64_t timeout_ms` of a wait: None is
+    `KVF_WAIT_FOREVER`; a real number must be finite, not negative, and
+    below it (ctypes would wrap `1e30` or `-1` into some other wait)."""
+    if seconds is None:
+        return KVF_WAIT_FOREVER
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise TypeError(f"{what}: expected seconds as a number or None, got {type(seconds).__name__} {seconds!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{what}: {seconds!r} is not a finite, non-negative number of seconds (None: no limit)")
+    ms = int(seconds * 1000)
+    if ms >= KVF_WAIT_FOREVER:
+        raise ValueError(f"{what}: {seconds!r} s is longer than the library can wait (None: no limit)")
+    return ms
 
 
 def _u64s(values, what: str) -> array.array:
