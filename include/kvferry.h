@@ -149,9 +149,9 @@ typedef struct kvf_engine kvf_engine;
 // which must be the last call).
 typedef struct kvf_layout kvf_layout;
 
-// Functions of the CPython C API (stable ABI) that the `_pylists` calls
-// use; each field is the address of the function of that name in the
-// running interpreter.
+// What the `_pylists` calls use of the CPython C API (stable ABI): the
+// address of each named function of the running interpreter, then the
+// two bool objects.
 typedef struct kvf_python_api {
   // `PyList_Size`.
   ptrdiff_t (*list_size)(void *list);
@@ -170,6 +170,14 @@ typedef struct kvf_python_api {
   void *(*eval_save_thread)(void);
   // `PyEval_RestoreThread` (takes the GIL back).
   void (*eval_restore_thread)(void *state);
+  // `PyErr_BadArgument` (raises TypeError).
+  int (*err_bad_argument)(void);
+  // `Py_True`. `bool` subclasses `int`, so `PyLong_AsUnsignedLong`
+  // takes `True` as 1; these two (the only bool objects there are) let
+  // an item be refused with one pointer comparison each.
+  const void *true_object;
+  // `Py_False`.
+  const void *false_object;
 } kvf_python_api;
 
 // A prefill/decode deployment (one DP rank each, no context parallelism).
@@ -506,8 +514,8 @@ kvf_status kvf_python_api_install(const struct kvf_python_api *api);
 
 // `kvf_transfer_sync` with the three columns as Python lists of ints,
 // read before the GIL is released for the transfer. An item that is not an
-// int in 0..2^64 leaves Python's TypeError or OverflowError set (ctypes
-// raises it) and moves nothing.
+// int in 0..2^64, or is a bool, leaves Python's TypeError or OverflowError
+// set (ctypes raises it) and moves nothing.
 //
 // # Safety
 // Called through `ctypes.PyDLL` (the GIL held) after

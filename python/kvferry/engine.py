@@ -487,15 +487,7 @@ class Engine:
     def write_batch(self, session: str, local_addrs, remote_addrs, lengths=None) -> None:
         self.transfer(session, WRITE, local_addrs, remote_addrs, lengths)
 
-    @staticmethod
-    def _opcode(opcode: Any) -> int:
-        try:
-            op = int(opcode)
-        except (TypeError, ValueError):
-            raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {opcode!r}") from None
-        if isinstance(opcode, bool) or op not in (READ, WRITE):
-            raise ValueError(f"opcode: expected kvferry.READ (0) or kvferry.WRITE (1), got {opcode!r}")
-        return op
+    _opcode = staticmethod(_ffi.opcode)
 
     def submit(self, session: str, opcode: int, local_addrs, remote_addrs, lengths=None, *, notify=None) -> "Batch":
         """Starts a batch in the background and returns it (validated first:

@@ -162,6 +162,21 @@ def test_bad_numpy_items_are_named(engine, peer):
             engine.transfer(peer.session, 0, [a, a], [peer.addr] * 2, (x for x in [8, -3]))
 
 
+@pytest.mark.parametrize("opcode", [0.0, 1.0, 0.5, "0", "1", None, True, False, b"\x00"])
+def test_opcode_is_an_int(engine, opcode):
+    with pytest.raises(TypeError, match="opcode"):
+        engine.transfer("127.0.0.1:1", opcode, [0x1000], [0x2000], [8])
+    with pytest.raises(TypeError, match="opcode"):
+        engine.submit("127.0.0.1:1", opcode, [0x1000], [0x2000], [8])
+
+
+def test_opcode_takes_int_likes(engine, peer):
+    buf = bytearray(8)
+    with engine.register(buf):
+        for opcode in (kvferry.READ, kvferry.TransferOpcode.Read, np.int64(0), np.uint8(0)):
+            engine.transfer(peer.session, opcode, [buf], [peer.addr], [8])
+
+
 def test_notifications(peer):
     with kvferry.Engine() as e:
         e.notify(peer.session, b"\x00\xffbinary")
