@@ -107,6 +107,8 @@ def test_batch_a_frozen_peer_timed_out_is_minus_two(monkeypatch):
         p.fill(0, b"answers")
         assert te.transfer_sync_read(p.session, local.addr, p.addr, 7) == 0, kvferry.last_error()
         os.kill(p.pid, signal.SIGSTOP)
+        _, st = os.waitpid(p.pid, os.WUNTRACED)  # stopped, not just signalled: until then it may answer
+        assert os.WIFSTOPPED(st)
 
         bid = te.batch_transfer_async_read(p.session, [local.addr], [p.addr], [4096])
         assert bid != 0, kvferry.last_error()

@@ -1127,6 +1127,10 @@ static void test_batch_ended_by_transfer_timeout(void) {
   EXPECT(kvf_transfer_sync(e, peer, KVF_OP_READ, &l, &remote, &n, 1), KVF_STATUS_OK, NULL);
   CHECK(buf[0] == 0x3c && buf[4095] == 0x3c);
   REQUIRE(kill(pid, SIGSTOP) == 0);
+  { /* Stopped, not just signalled: until then it may still answer. */
+    int st = 0;
+    REQUIRE(waitpid(pid, &st, WUNTRACED) == pid && WIFSTOPPED(st));
+  }
 
   REQUIRE(kvf_batch_submit(e, peer, KVF_OP_READ, &l, &remote, &n, 1, &id) == KVF_STATUS_OK);
   /* Running: a short wait runs out, and says so. */
