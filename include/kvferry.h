@@ -291,7 +291,10 @@ kvf_status kvf_config_new(struct kvf_config **out);
 void kvf_config_free(struct kvf_config *config);
 
 // The host name or address peers reach this engine at (default
-// `KVFERRY_HOSTNAME`, else 127.0.0.1).
+// `KVFERRY_HOSTNAME`, else 127.0.0.1): an IPv4 address, an IPv6 address
+// (`"::1"` or `"[::1]"`), or a DNS name of letters, digits, `-`, `_` and
+// dots; anything a peer could not parse back from the engine's name
+// `"host:port"` is `KVF_STATUS_INVALID_ARGUMENT`.
 //
 // # Safety
 // `config` as for every `kvf_config_*`; `hostname` is NULL or a NUL-terminated string.
@@ -309,13 +312,15 @@ kvf_status kvf_config_set_port(struct kvf_config *config, uint16_t port);
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_port_range(struct kvf_config *config, uint16_t lo, uint16_t hi);
 
-// Deadline for connecting to a peer, in milliseconds.
+// Deadline for connecting to a peer (and its handshake), in
+// milliseconds (> 0; default 3000).
 //
 // # Safety
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_connect_timeout_ms(struct kvf_config *config, uint64_t ms);
 
-// Deadline of a whole batch, in milliseconds.
+// Deadline of a whole batch, in milliseconds (> 0; default 10000); also
+// how long unregistering waits for in-flight transfers.
 //
 // # Safety
 // `config` is NULL or from `kvf_config_new`.
