@@ -108,6 +108,10 @@ enum kvf_status
   KVF_STATUS_BAD_BATCH_ID = -30,
   KVF_STATUS_BATCH_IN_PROGRESS = -31,
   KVF_STATUS_TOO_MANY_BATCHES = -32,
+  // A wait ran out and what it waited for is still going on
+  // (`kvf_batch_wait`: the batch keeps running; `kvf_engine_close`:
+  // nothing changed), or a handshake with a peer ran out before
+  // anything started. Never the outcome of a batch.
   KVF_STATUS_TIMEOUT = -33,
   KVF_STATUS_BAD_SESSION = -40,
   KVF_STATUS_PEER_UNREACHABLE = -41,
@@ -116,6 +120,9 @@ enum kvf_status
   KVF_STATUS_PEER_RESTARTED = -44,
   KVF_STATUS_PROTOCOL = -45,
   KVF_STATUS_AUTH_FAILED = -46,
+  // The batch ended because a transfer ran past the engine's transfer
+  // timeout (its unfinished ops failed); nothing of it keeps running.
+  KVF_STATUS_TRANSFER_TIMEOUT = -47,
   KVF_STATUS_DEVICE = -50,
 };
 #ifndef __cplusplus
@@ -142,9 +149,9 @@ typedef struct kvf_engine kvf_engine;
 // which must be the last call).
 typedef struct kvf_layout kvf_layout;
 
-// Functions of the CPython C API (stable ABI) that the `_pylists` calls
-// use; each field is the address of the function of that name in the
-// running interpreter.
+// What the `_pylists` calls use of the CPython C API (stable ABI): the
+// address of each named function of the running interpreter, then the
+// two bool objects.
 typedef struct kvf_python_api {
   // `PyList_Size`.
   ptrdiff_t (*list_size)(void *list);
@@ -163,6 +170,14 @@ typedef struct kvf_python_api {
   void *(*eval_save_thread)(void);
   // `PyEval_RestoreThread` (takes the GIL back).
   void (*eval_restore_thread)(void *state);
+  // `PyErr_BadArgument` (raises TypeError).
+  int (*err_bad_argument)(void);
+  // `Py_True`. `bool` subclasses `int`, so `PyLong_AsUnsignedLong`
+  // takes `True` as 1; these two (the only bool objects there are) let
+  // an item be refused with one pointer comparison each.
+  const void *true_object;
+  // `Py_False`.
+  const void *false_object;
 } kvf_python_api;
 
 // A prefill/decode deployment (one DP rank each, no context parallelism).
@@ -276,7 +291,10 @@ kvf_status kvf_config_new(struct kvf_config **out);
 void kvf_config_free(struct kvf_config *config);
 
 // The host name or address peers reach this engine at (default
-// `KVFERRY_HOSTNAME`, else 127.0.0.1).
+// `KVFERRY_HOSTNAME`, else 127.0.0.1): an IPv4 address, an IPv6 address
+// (`"::1"` or `"[::1]"`), or a DNS name of letters, digits, `-`, `_` and
+// dots; anything a peer could not parse back from the engine's name
+// `"host:port"` is `KVF_STATUS_INVALID_ARGUMENT`.
 //
 // # Safety
 // `config` as for every `kvf_config_*`; `hostname` is NULL or a NUL-terminated string.
@@ -294,13 +312,15 @@ kvf_status kvf_config_set_port(struct kvf_config *config, uint16_t port);
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_port_range(struct kvf_config *config, uint16_t lo, uint16_t hi);
 
-// Deadline for connecting to a peer, in milliseconds.
+// Deadline for connecting to a peer (and its handshake), in
+// milliseconds (> 0; default 3000).
 //
 // # Safety
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_connect_timeout_ms(struct kvf_config *config, uint64_t ms);
 
-// Deadline of a whole batch, in milliseconds.
+// Deadline of a whole batch, in milliseconds (> 0; default 10000); also
+// how long unregistering waits for in-flight transfers.
 //
 // # Safety
 // `config` is NULL or from `kvf_config_new`.
@@ -499,8 +519,8 @@ kvf_status kvf_python_api_install(const struct kvf_python_api *api);
 
 // `kvf_transfer_sync` with the three columns as Python lists of ints,
 // read before the GIL is released for the transfer. An item that is not an
-// int in 0..2^64 leaves Python's TypeError or OverflowError set (ctypes
-// raises it) and moves nothing.
+// int in 0..2^64, or is a bool, leaves Python's TypeError or OverflowError
+// set (ctypes raises it) and moves nothing.
 //
 // # Safety
 // Called through `ctypes.PyDLL` (the GIL held) after
@@ -730,7 +750,9 @@ kvf_status kvf_batch_submit_blocks(const struct kvf_engine *engine,
 // are done (`KVF_STATUS_OK`) or one failed (its status; see
 // `kvf_last_error`). `local_addrs[i]` is this engine's side of op `i`,
 // `remote_addrs[i]` the peer's, `lens[i]` its length. Every op is
-// validated before any byte moves: a refused batch moves nothing.
+// validated before any byte moves: a refused batch moves nothing. Ops
+// not done within the engine's transfer timeout fail with
+// `KVF_STATUS_TRANSFER_TIMEOUT`.
 //
 // # Safety
 // `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated; the
@@ -776,8 +798,10 @@ kvf_status kvf_batch_submit_write_notify(const struct kvf_engine *engine,
                                          uint64_t *out_batch);
 
 // Where batch `batch` stands: `KVF_STATUS_OK` (all done),
-// `KVF_STATUS_IN_PROGRESS`, or the status of its first error. An unknown
-// or freed id gives `KVF_STATUS_BAD_BATCH_ID`.
+// `KVF_STATUS_IN_PROGRESS`, or the status of its first error
+// (`KVF_STATUS_TRANSFER_TIMEOUT` when the engine's transfer timeout ended
+// it; never `KVF_STATUS_TIMEOUT`). An unknown or freed id gives
+// `KVF_STATUS_BAD_BATCH_ID`.
 //
 // # Safety
 // `engine` from `kvf_engine_new`.
@@ -785,7 +809,11 @@ kvf_status kvf_batch_poll(const struct kvf_engine *engine, uint64_t batch);
 
 // Waits up to `timeout_ms` (or `KVF_WAIT_FOREVER`) for batch `batch`:
 // `KVF_STATUS_OK`, its first error, or `KVF_STATUS_TIMEOUT` if it is still
-// running (it keeps running; wait again or poll).
+// running (it keeps running; wait again or poll). `KVF_STATUS_TIMEOUT`
+// means only that: a batch that ended because a transfer ran past the
+// engine's transfer timeout gives `KVF_STATUS_TRANSFER_TIMEOUT`, every
+// time it is waited for or polled, so a loop that waits again on
+// `KVF_STATUS_TIMEOUT` always ends.
 //
 // # Safety
 // `engine` from `kvf_engine_new`.
@@ -793,7 +821,9 @@ kvf_status kvf_batch_wait(const struct kvf_engine *engine, uint64_t batch, uint6
 
 // The state of op `index` of batch `batch` in `*out_status`:
 // `KVF_STATUS_OK`, `KVF_STATUS_IN_PROGRESS`, or the batch's first error
-// status for an op that failed.
+// status for an op that failed (as `kvf_batch_poll`: never
+// `KVF_STATUS_TIMEOUT`). An index past the batch's ops gives
+// `KVF_STATUS_INVALID_ARGUMENT`.
 //
 // # Safety
 // `engine` from `kvf_engine_new`; `out_status` NULL or writable.

@@ -152,7 +152,8 @@ class Config {
   Config(const Config &) = delete;
   Config &operator=(const Config &) = delete;
 
-  /// Host name or address peers reach the engine at.
+  /// Host name or address peers reach the engine at (an IPv4 or IPv6
+  /// address, or a DNS name: what peers can parse back from "host:port").
   Config &hostname(const std::string &host) {
     detail::check(kvf_config_set_hostname(config_, host.c_str()), "kvf_config_set_hostname");
     return *this;
@@ -167,12 +168,13 @@ class Config {
     detail::check(kvf_config_set_port_range(config_, lo, hi), "kvf_config_set_port_range");
     return *this;
   }
+  /// Deadline for connecting to a peer (> 0).
   Config &connect_timeout(std::chrono::milliseconds t) {
     detail::check(kvf_config_set_connect_timeout_ms(config_, detail::timeout_ms(t)),
                   "kvf_config_set_connect_timeout_ms");
     return *this;
   }
-  /// Deadline of a whole batch; also how long unregistering waits for it.
+  /// Deadline of a whole batch (> 0); also how long unregistering waits for it.
   Config &transfer_timeout(std::chrono::milliseconds t) {
     detail::check(kvf_config_set_transfer_timeout_ms(config_, detail::timeout_ms(t)),
                   "kvf_config_set_transfer_timeout_ms");
@@ -331,7 +333,8 @@ class Batch {
   }
 
   /// Waits up to `timeout`: true when done, false when still running (it
-  /// keeps running); throws Error with the batch's first error if it failed.
+  /// keeps running); throws Error with the batch's first error if it failed
+  /// (KVF_STATUS_TRANSFER_TIMEOUT when the transfer timeout ended it).
   bool wait(std::chrono::milliseconds timeout) const {
     const kvf_status s = kvf_batch_wait(engine_, id_, detail::timeout_ms(timeout));
     if (s == KVF_STATUS_TIMEOUT) {

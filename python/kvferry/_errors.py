@@ -14,7 +14,9 @@ class Status(enum.IntEnum):
     """`kvf_status` of include/kvferry.h (checked against it by the tests).
 
     0 is success, positive is "not done yet", negative values are errors
-    grouped by area in blocks of ten.
+    grouped by area in blocks of ten. `TIMEOUT` means a wait ran out while
+    what it waited for goes on; a batch that the engine's transfer timeout
+    ended failed with `TRANSFER_TIMEOUT`.
     """
 
     OK = 0
@@ -44,6 +46,7 @@ class Status(enum.IntEnum):
     PEER_RESTARTED = -44
     PROTOCOL = -45
     AUTH_FAILED = -46
+    TRANSFER_TIMEOUT = -47
     DEVICE = -50
 
     @classmethod

@@ -14,6 +14,9 @@ from __future__ import annotations
 import array
 import ctypes
 import ctypes.util
+import math
+import numbers
+import operator
 import os
 import sys
 import threading
@@ -182,8 +185,8 @@ def candidate_paths() -> list[Path]:
 #: read Python lists with the GIL held and release it themselves.
 PYLISTS_FUNCTIONS = ("kvf_transfer_sync_pylists", "kvf_batch_submit_pylists")
 
-#: The fields of `struct kvf_python_api`, in order: the CPython function
-#: each one is set to (tests/test_header.py checks the names).
+#: The function fields of `struct kvf_python_api`, in order: the CPython
+#: function each one is set to (tests/test_header.py checks the names).
 PYTHON_API_FIELDS = (
     ("list_size", "PyList_Size"),
     ("list_get_item", "PyList_GetItem"),
@@ -192,13 +195,22 @@ PYTHON_API_FIELDS = (
     ("err_clear", "PyErr_Clear"),
     ("eval_save_thread", "PyEval_SaveThread"),
     ("eval_restore_thread", "PyEval_RestoreThread"),
+    ("err_bad_argument", "PyErr_BadArgument"),
+)
+
+#: The object fields that follow them: `Py_True` and `Py_False`, by address
+#: (CPython's `id()`), so that the library refuses bools as ints.
+PYTHON_API_OBJECTS = (
+    ("true_object", True),
+    ("false_object", False),
 )
 
 
 class PythonApi(ctypes.Structure):
-    """`struct kvf_python_api`: function pointers, each as its address."""
+    """`struct kvf_python_api`: function pointers, then object pointers,
+    each as its address."""
 
-    _fields_ = [(field, ctypes.c_void_p) for field, _ in PYTHON_API_FIELDS]
+    _fields_ = [(field, ctypes.c_void_p) for field, _ in PYTHON_API_FIELDS + PYTHON_API_OBJECTS]
 
 
 def _declare(lib: ctypes.CDLL, names=None) -> None:
@@ -243,7 +255,10 @@ def _load_pylists(lib: ctypes.CDLL) -> ctypes.PyDLL | None:
         or ctypes.sizeof(ctypes.c_ulong) != 8  # PyLong_AsUnsignedLong reads a uint64_t
     ):
         return None
-    api = PythonApi(*(ctypes.cast(getattr(ctypes.pythonapi, fn), ctypes.c_void_p).value for _, fn in PYTHON_API_FIELDS))
+    api = PythonApi(
+        *(ctypes.cast(getattr(ctypes.pythonapi, fn), ctypes.c_void_p).value for _, fn in PYTHON_API_FIELDS),
+        *(id(obj) for _, obj in PYTHON_API_OBJECTS),
+    )
     if lib.kvf_python_api_install(ctypes.addressof(api)) != 0:
         return None
     py = ctypes.PyDLL(library_path())
@@ -307,20 +322,72 @@ def u64(value, what: str) -> int:
     return value
 
 
+def opcode(value) -> int:
+    """`KVF_OP_READ` or `KVF_OP_WRITE` from an int (or an IntEnum such as
+    `TransferOpcode`, or a numpy integer); a float, bool or str is refused
+    rather than truncated or parsed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {type(value).__name__} {value!r}")
+    op = int(value)
+    if op not in (KVF_OP_READ, KVF_OP_WRITE):
+        raise ValueError(f"opcode: expected kvferry.READ (0) or kvferry.WRITE (1), got {value!r}")
+    return op
+
+
+def timeout_ms(seconds, what: str) -> int:
+    """A timeout in seconds as the `uint64_t timeout_ms` of a wait: None is
+    `KVF_WAIT_FOREVER`; a real number must be finite, not negative, and
+    below it (ctypes would wrap `1e30` or `-1` into some other wait)."""
+    if seconds is None:
+        return KVF_WAIT_FOREVER
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
+        raise TypeError(f"{what}: expected seconds as a number or None, got {type(seconds).__name__} {seconds!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{what}: {seconds!r} is not a finite, non-negative number of seconds (None: no limit)")
+    ms = int(seconds * 1000)
+    if ms >= KVF_WAIT_FOREVER:
+        raise ValueError(f"{what}: {seconds!r} s is longer than the library can wait (None: no limit)")
+    return ms
+
+
 def _u64s(values, what: str) -> array.array:
     """`values` as an `array('Q')`, converted and checked (type and range of
-    every element) in C, or a TypeError / ValueError naming the bad value."""
+    every element) in C, or a TypeError / ValueError naming the bad item
+    (`what[i]` and its value)."""
     if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
         # array() would read bytes as raw machine words: refuse them here.
         raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
+    kind = type(values)
+    if not hasattr(values, "__len__"):
+        values = list(values)  # an iterator can be read once: keep its items to name a bad one
+        kind = list
     try:
-        return array.array("Q", values)
-    except TypeError:
-        bad = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), values)
-        raise TypeError(f"{what}: expected a list of ints, got {type(bad).__name__} {bad!r}") from None
-    except OverflowError:
-        bad = next((v for v in values if isinstance(v, int) and not 0 <= v < 1 << 64), None)
-        raise ValueError(f"{what}: {bad!r} is not an unsigned 64-bit value") from None
+        arr = array.array("Q", values)
+    except (TypeError, OverflowError):
+        raise _bad_item(values, what) from None
+    # array('Q') takes a bool as the int it subclasses (True: a length of one
+    # byte). Refused as by `u64` and the library's list fast path; items of
+    # arrays (array('Q'), numpy, torch) are never Python bools.
+    holds_objects = kind is list or kind is tuple or not (kind is array.array or hasattr(values, "dtype"))
+    if holds_objects and bool in map(type, values):
+        raise _bad_item(values, what)
+    return arr
+
+
+def _bad_item(values, what: str) -> Exception:
+    """The error naming the first item of `values` that is not an unsigned
+    64-bit int (a bool, a float, a str, a negative or too large number,
+    also as a numpy scalar)."""
+    for i, v in enumerate(values):
+        if isinstance(v, bool):
+            return TypeError(f"{what}[{i}]: expected an int, got bool {v!r}")
+        try:
+            n = operator.index(v)
+        except TypeError:
+            return TypeError(f"{what}[{i}]: expected an int, got {type(v).__name__} {v!r}")
+        if not 0 <= n < 1 << 64:
+            return ValueError(f"{what}[{i}]: {v!r} is not an unsigned 64-bit value")
+    return TypeError(f"{what}: expected a list of unsigned 64-bit ints")
 
 
 def u64_array(values, what: str):

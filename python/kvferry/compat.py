@@ -473,7 +473,9 @@ class TransferEngine:
         if status != Status.BAD_BATCH_ID:
             engine._call(lib.kvf_batch_free, bid)
         self._fail("transfer_check_status", status, f"batch {bid:#x}: {error}", None)
-        return -2 if status == Status.TIMEOUT else -1
+        # A poll never says TIMEOUT (that is a wait running out); a batch the
+        # transfer timeout ended says TRANSFER_TIMEOUT.
+        return -2 if status == Status.TRANSFER_TIMEOUT else -1
 
     @_mooncake(-1)
     def get_batch_transfer_status(self, batch_ids) -> int:

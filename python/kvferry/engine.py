@@ -126,7 +126,7 @@ class _Handle:
         with self.lock:
             if self.closed:
                 return True
-            timeout = _ffi.KVF_WAIT_FOREVER if wait_s is None else int(wait_s * 1000)
+            timeout = _ffi.timeout_ms(wait_s, "wait_s")
             if self.lib.kvf_engine_close(self.ptr, timeout) != Status.OK:
                 # Only at interpreter exit with daemon threads still inside a
                 # call: closing would pull the engine from under them.
@@ -487,15 +487,7 @@ class Engine:
     def write_batch(self, session: str, local_addrs, remote_addrs, lengths=None) -> None:
         self.transfer(session, WRITE, local_addrs, remote_addrs, lengths)
 
-    @staticmethod
-    def _opcode(opcode: Any) -> int:
-        try:
-            op = int(opcode)
-        except (TypeError, ValueError):
-            raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {opcode!r}") from None
-        if isinstance(opcode, bool) or op not in (READ, WRITE):
-            raise ValueError(f"opcode: expected kvferry.READ (0) or kvferry.WRITE (1), got {opcode!r}")
-        return op
+    _opcode = staticmethod(_ffi.opcode)
 
     def submit(self, session: str, opcode: int, local_addrs, remote_addrs, lengths=None, *, notify=None) -> "Batch":
         """Starts a batch in the background and returns it (validated first:
@@ -630,14 +622,18 @@ class Batch:
         return True
 
     def wait(self, timeout: float | None = None) -> None:
-        """Waits until the batch ends (at most `timeout` seconds; None: until
-        the engine's transfer timeout ends it). Raises its error, or
-        `Error(TIMEOUT)` if it is still running after `timeout`."""
-        ms = _ffi.KVF_WAIT_FOREVER if timeout is None else max(0, int(timeout * 1000))
+        """Waits until the batch ends (at most `timeout` seconds, a finite
+        number >= 0; None: until the engine's transfer timeout ends it).
+        Raises its error (`Status.TRANSFER_TIMEOUT` when that timeout ended
+        it), or `Error(TIMEOUT)` if it is still running after `timeout`:
+        only then, so waiting again on TIMEOUT ends."""
+        ms = _ffi.timeout_ms(timeout, "timeout")
         self.engine._run(self.engine._lib.kvf_batch_wait, self.id, ms)
 
     def op_status(self, index: int) -> Status | int:
-        """OK, IN_PROGRESS, or the batch's error for a failed op."""
+        """OK, IN_PROGRESS, or the batch's error for a failed op (`index`:
+        an int from 0; past the batch's ops, `Error(INVALID_ARGUMENT)`)."""
+        index = _ffi.u64(index, "index")
         out = ctypes.c_int32()
         self.engine._run(self.engine._lib.kvf_batch_op_status, self.id, index, ctypes.byref(out))
         return Status.of(out.value)

@@ -759,16 +759,7 @@ def _engine_of(engine: Any):
     raise TypeError(f"engine: expected a kvferry.Engine or TransferEngine, got {type(engine).__name__}")
 
 
-def _opcode(opcode: Any) -> int:
-    if isinstance(opcode, bool):
-        raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {opcode!r}")
-    try:
-        op = int(opcode)
-    except (TypeError, ValueError):
-        raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {opcode!r}") from None
-    if op not in (READ, WRITE):
-        raise ValueError(f"opcode: expected kvferry.READ (0) or kvferry.WRITE (1), got {opcode!r}")
-    return op
+_opcode = _ffi.opcode
 
 
 def transfer_blocks(

@@ -105,6 +105,26 @@ def test_addresses_of_wrong_type_or_range(te, peer, local, addr):
     fails(te.register_memory(addr, 4096), -1)
 
 
+def test_bools_are_not_addresses_or_lengths(te, peer, local):
+    """bool subclasses int: `transfer_sync_read(s, a, b, True)` moved one
+    byte and returned 0. Refused wherever an address or a length goes, as
+    are floats for an opcode."""
+    local.fill(0, b"\x00")
+    peer.fill(0, b"X")
+    fails(te.transfer_sync_read(peer.session, local.addr, peer.addr, True), -1, "lengths[0]", "bool")
+    fails(te.transfer_sync_write(peer.session, local.addr, peer.addr, True), -1, "bool")
+    fails(te.batch_transfer_sync_read(peer.session, [local.addr], [peer.addr], [True]), -1, "bool")
+    fails(te.batch_transfer_async_read(peer.session, [local.addr], [peer.addr], [True]), 0, "bool")
+    fails(te.transfer_submit_write(peer.session, local.addr, peer.addr, True), 0, "bool")
+    fails(te.transfer_sync_read(peer.session, True, peer.addr, 8), -1, "bool")
+    fails(te.batch_transfer_sync_read(peer.session, [local.addr], [False], [8]), -1, "remote addresses[0]", "bool")
+    fails(te.transfer_sync(peer.session, local.addr, peer.addr, 1, 0.0), -1, "opcode", "float")
+    fails(te.batch_transfer_sync(peer.session, [local.addr], [peer.addr], [1], 0.0), -1, "opcode")
+    fails(te.batch_transfer_async(peer.session, [local.addr], [peer.addr], [1], 1.0), 0, "opcode")
+    fails(te.transfer_sync(peer.session, local.addr, peer.addr, 1, True), -1, "opcode")
+    assert local.bytes(0, 1) == b"\x00" and peer.get(0, 1) == b"X"
+
+
 def test_list_arguments_of_wrong_shape(te, peer, local):
     s, lo, r = peer.session, local.addr, peer.addr
     fails(te.batch_transfer_sync_read(s, [lo, lo], [r], [8, 8]), -1, "must match")

@@ -2,9 +2,13 @@
 Mooncake's calls and return conventions. Each test runs with an initiator
 forced to tcp and one choosing the path itself (same host: cma)."""
 
+import os
+import signal
 import time
 
-from conftest import MiB, pattern
+import pytest
+from conftest import Buffer, MiB, pattern
+from peer import Peer
 
 import kvferry
 
@@ -84,6 +88,62 @@ def test_submit_write_and_check_status(te, peer, local):
     assert status == 1
     assert peer.get(7 * MiB, 64 << 10) == pattern(64 << 10, 6)
     assert te.transfer_check_status(bid) == -1  # freed once it reported 1
+
+
+def test_batch_a_frozen_peer_timed_out_is_minus_two(monkeypatch):
+    """COMPAT section 1: `transfer_check_status` is -2 for a batch that timed
+    out, -1 for other failures. The library reports such a batch as
+    TRANSFER_TIMEOUT (it said TIMEOUT, which also meant "a wait ran out,
+    still running", so a C caller could not tell them apart); -2 follows
+    it, and `Batch.wait` says TIMEOUT only while the batch runs. A peer that
+    handshook, then froze (SIGSTOP); tcp, so it must answer."""
+    p = Peer("tcp", MiB)
+    monkeypatch.setenv("KVFERRY_TRANSFER_TIMEOUT_MS", "400")
+    monkeypatch.setenv("KVFERRY_CONNECT_TIMEOUT_MS", "400")
+    te = kvferry.TransferEngine()
+    try:
+        assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0, kvferry.last_error()
+        local = Buffer(te, 64 << 10)
+        p.fill(0, b"answers")
+        assert te.transfer_sync_read(p.session, local.addr, p.addr, 7) == 0, kvferry.last_error()
+        os.kill(p.pid, signal.SIGSTOP)
+        _, st = os.waitpid(p.pid, os.WUNTRACED)  # stopped, not just signalled: until then it may answer
+        assert os.WIFSTOPPED(st)
+
+        bid = te.batch_transfer_async_read(p.session, [local.addr], [p.addr], [4096])
+        assert bid != 0, kvferry.last_error()
+        assert te.transfer_check_status(bid) == 0  # pending
+        deadline = time.monotonic() + 10
+        while (status := te.transfer_check_status(bid)) == 0:
+            assert time.monotonic() < deadline, "the batch never ended"
+            time.sleep(0.01)
+        assert status == -2, kvferry.last_error()
+        assert kvferry.last_status() == kvferry.Status.TRANSFER_TIMEOUT
+        assert "timed out" in kvferry.last_error()
+        assert te.transfer_check_status(bid) == -1  # freed once it reported -2
+
+        # get_batch_transfer_status: -1 for a timeout as for any failure.
+        bid = te.batch_transfer_async_read(p.session, [local.addr], [p.addr], [4096])
+        assert te.get_batch_transfer_status([bid]) == -1
+        assert kvferry.last_status() == kvferry.Status.TRANSFER_TIMEOUT
+
+        # The Pythonic API: TIMEOUT while it runs, TRANSFER_TIMEOUT once ended.
+        b = te.get_engine().submit_read(p.session, [local.addr], [p.addr], [4096])
+        with pytest.raises(kvferry.Error) as err:
+            b.wait(0.05)
+        assert err.value.status == kvferry.Status.TIMEOUT
+        for timeout in (None, 0, 0.01):
+            with pytest.raises(kvferry.Error) as err:
+                b.wait(timeout)
+            assert err.value.status == kvferry.Status.TRANSFER_TIMEOUT, err.value
+        with pytest.raises(kvferry.Error) as err:
+            b.poll()
+        assert err.value.status == kvferry.Status.TRANSFER_TIMEOUT
+        assert b.op_status(0) == kvferry.Status.TRANSFER_TIMEOUT
+        b.free()
+    finally:
+        p.kill()  # SIGKILL ends a stopped process too
+        te.close()
 
 
 def test_generic_transfer_calls_take_opcodes(te, peer, local):

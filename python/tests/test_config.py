@@ -70,6 +70,53 @@ def test_bad_environment_is_an_initialize_failure(monkeypatch):
     assert "ASCEND_TRANSFER_TIMEOUT" in kvferry.last_error()
 
 
+@pytest.mark.parametrize(
+    "var, value, words",
+    [
+        ("KVFERRY_TRANSFER_TIMEOUT_MS", "0", ["transfer timeout of 0 ms"]),
+        ("ASCEND_TRANSFER_TIMEOUT", "0", ["transfer timeout of 0 ms"]),
+        ("MC_TRANSFER_TIMEOUT", "0", ["transfer timeout of 0 ms"]),
+        ("KVFERRY_CONNECT_TIMEOUT_MS", "0", ["connect timeout of 0 ms"]),
+        ("ASCEND_CONNECT_TIMEOUT", "0", ["connect timeout of 0 ms"]),
+        ("KVFERRY_HOSTNAME", "a b", ["characters"]),
+        ("KVFERRY_HOSTNAME", "host:80", ["IPv6"]),
+    ],
+)
+def test_environment_no_engine_can_run_with_fails_initialize(monkeypatch, var, value, words):
+    """A timeout of 0 failed every transfer ("timed out after 0 ms"); a
+    hostname like "a b" gave an engine name no peer can parse. Both fail
+    initialize, naming the variable."""
+    for outranking in ("KVFERRY_TRANSFER_TIMEOUT_MS", "ASCEND_TRANSFER_TIMEOUT", "KVFERRY_CONNECT_TIMEOUT_MS"):
+        monkeypatch.delenv(outranking, raising=False)  # conftest sets some
+    monkeypatch.setenv(var, value)
+    te = kvferry.TransferEngine()
+    assert te.initialize("", "P2PHANDSHAKE", "tcp", "") == -1
+    assert var in kvferry.last_error()
+    for w in words:
+        assert w in kvferry.last_error()
+    assert kvferry.last_status() == kvferry.Status.INVALID_ARGUMENT
+
+
+def test_arguments_no_engine_can_run_with_are_refused():
+    for kwargs, words in [
+        ({"transfer_timeout_ms": 0}, "transfer timeout of 0 ms"),
+        ({"connect_timeout_ms": 0}, "connect timeout of 0 ms"),
+        ({"hostname": "a b"}, "hostname"),
+        ({"hostname": "a..b"}, "hostname"),
+        ({"hostname": "1.2.3"}, "hostname"),
+    ]:
+        with pytest.raises(kvferry.Error) as err:
+            kvferry.Engine(**kwargs)
+        assert err.value.status == kvferry.Status.INVALID_ARGUMENT and words in err.value.message, kwargs
+    te = kvferry.TransferEngine()
+    assert te.initialize("a b:16000", "P2PHANDSHAKE", "tcp", "") == -1
+    assert "hostname" in kvferry.last_error()
+    # The forms peers parse are accepted, IPv6 in brackets too.
+    for host, name in [("localhost", "localhost"), ("[::1]", "[::1]"), ("::1", "[::1]")]:
+        with kvferry.Engine(host, 0) as e:
+            assert e.name == f"{name}:{e.port}"
+
+
 def test_unknown_protocol_warns_and_works(caplog):
     with kvferry.TransferEngine() as te:
         assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "carrier-pigeon", "") == 0

@@ -115,6 +115,68 @@ def test_errors_carry_status_and_message(engine):
         engine.transfer("127.0.0.1:1", 7, [0x1000], [0x2000], [8])
 
 
+def test_batch_index_and_timeout_are_checked(engine, peer):
+    """What ctypes would wrap silently: an index of 2**64 reading op 0, -1
+    reading op 2**64-1, a timeout of 1e30 s becoming some other wait."""
+    buf = bytearray(4096)
+    with engine.register(buf):
+        with engine.submit_read(peer.session, [buf], [peer.addr]) as b:
+            for index in (2**64, -1, -(2**64)):
+                with pytest.raises(ValueError, match=f"index: {index}"):
+                    b.op_status(index)
+            for index in (True, 0.0, "0", None):
+                with pytest.raises(TypeError, match="index"):
+                    b.op_status(index)
+            b.wait(10)
+            assert b.op_status(0) == kvferry.Status.OK
+            with pytest.raises(kvferry.Error) as err:
+                b.op_status(1)  # a real index past the batch: the library says so
+            assert err.value.status == kvferry.Status.INVALID_ARGUMENT
+            for timeout in (1e30, 2**64 / 1000, -1, -0.001, float("inf"), float("-inf"), float("nan")):
+                with pytest.raises(ValueError, match="timeout"):
+                    b.wait(timeout)
+            for timeout in ("1", True, b"", [1]):
+                with pytest.raises(TypeError, match="timeout"):
+                    b.wait(timeout)
+            b.wait(0)
+            b.wait(0.5)
+            b.wait(np.float32(1.5))
+            b.wait(None)  # no limit
+
+
+def test_bad_numpy_items_are_named(engine, peer):
+    """A numpy column's bad item is named by index and value (the lookup
+    for it once knew Python ints only and blamed None)."""
+    buf = bytearray(4096)
+    with engine.register(buf) as region:
+        a = region.addr
+        with pytest.raises(ValueError, match=r"lengths\[1\]: .*-1.* is not an unsigned 64-bit value"):
+            engine.transfer(peer.session, 0, [a, a], [peer.addr, peer.addr], np.array([8, -1], dtype=np.int64))
+        with pytest.raises(ValueError, match=r"remote addresses\[0\]: .*-5"):
+            engine.transfer(peer.session, 0, [a], np.array([-5], dtype=np.int64), [8])
+        with pytest.raises(TypeError, match=r"lengths\[0\]: expected an int, got float64"):
+            engine.transfer(peer.session, 0, [a], [peer.addr], np.array([8.0]))
+        with pytest.raises(TypeError, match=r"lengths\[0\]: expected an int, got bool"):
+            engine.transfer(peer.session, 0, [a] * 3, [peer.addr] * 3, np.array([True, False, True]))
+        with pytest.raises(ValueError, match=r"lengths\[1\]: -3 is not"):
+            engine.transfer(peer.session, 0, [a, a], [peer.addr] * 2, (x for x in [8, -3]))
+
+
+@pytest.mark.parametrize("opcode", [0.0, 1.0, 0.5, "0", "1", None, True, False, b"\x00"])
+def test_opcode_is_an_int(engine, opcode):
+    with pytest.raises(TypeError, match="opcode"):
+        engine.transfer("127.0.0.1:1", opcode, [0x1000], [0x2000], [8])
+    with pytest.raises(TypeError, match="opcode"):
+        engine.submit("127.0.0.1:1", opcode, [0x1000], [0x2000], [8])
+
+
+def test_opcode_takes_int_likes(engine, peer):
+    buf = bytearray(8)
+    with engine.register(buf):
+        for opcode in (kvferry.READ, kvferry.TransferOpcode.Read, np.int64(0), np.uint8(0)):
+            engine.transfer(peer.session, opcode, [buf], [peer.addr], [8])
+
+
 def test_notifications(peer):
     with kvferry.Engine() as e:
         e.notify(peer.session, b"\x00\xffbinary")

@@ -135,10 +135,15 @@ def test_loaded_functions_carry_the_signatures():
 def test_python_api_struct_matches_header(header):
     body = re.search(r"typedef struct kvf_python_api \{(.*?)\} kvf_python_api;", strip_comments(header), re.S)
     assert body, "no struct kvf_python_api in the header"
-    fields = re.findall(r"\(\*(\w+)\)\(", body.group(1))
-    assert tuple(fields) == tuple(f for f, _ in _ffi.PYTHON_API_FIELDS)
-    assert [f for f, _ in _ffi.PythonApi._fields_] == fields
-    # Every field is a function of the running interpreter's C API.
+    # Function pointers `ret (*name)(params);`, then object pointers `const void *name;`.
+    fields = re.findall(r"\(\*(\w+)\)\(|\bvoid \*(\w+);", body.group(1))
+    functions = [f for f, _ in fields if f]
+    objects = [o for f, o in fields if not f]
+    assert [f or o for f, o in fields] == functions + objects, "object fields come after the functions"
+    assert tuple(functions) == tuple(f for f, _ in _ffi.PYTHON_API_FIELDS)
+    assert tuple(objects) == tuple(f for f, _ in _ffi.PYTHON_API_OBJECTS) == ("true_object", "false_object")
+    assert [f for f, _ in _ffi.PythonApi._fields_] == functions + objects
+    # Every function field is a function of the running interpreter's C API.
     for _, fn in _ffi.PYTHON_API_FIELDS:
         getattr(ctypes.pythonapi, fn)
     # PyLong_AsUnsignedLong stands for a uint64_t conversion: LP64 only.

@@ -65,6 +65,9 @@ def test_lists_take_the_fast_path(engine, dst, peer, monkeypatch):
     [
         ("0x1000", TypeError, "str"),
         (4096.0, TypeError, "float"),
+        # bool subclasses int: True would be read as 1 (a length of one byte).
+        (True, TypeError, "bool"),
+        (False, TypeError, "bool"),
         (-1, ValueError, "-1"),
         (1 << 64, ValueError, str(1 << 64)),
     ],
@@ -81,6 +84,41 @@ def test_a_bad_item_moves_nothing_and_is_named(engine, dst, peer, bad, error, wo
     with pytest.raises(error, match=words):
         engine.submit_read(peer.session, *cols)
     assert dst.raw[: 4 * 4096] == bytes(4 * 4096)
+
+
+def test_the_library_refuses_bools_itself(engine, dst, peer):
+    """`PyLong_AsUnsignedLong` takes True as 1 (bool subclasses int): the
+    fast path checks for the two bool objects itself, raises TypeError and
+    moves nothing, in every column and in both calls."""
+    base = ctypes.addressof(dst)
+    lib, session = _ffi.pylists(), peer.session.encode()
+    peer.fill(0, b"moved!!!")
+    ctypes.memset(base, 0, 8)
+    for column in range(3):
+        for flag in (True, False):
+            cols = [[base], [peer.addr], [8]]
+            cols[column] = [flag]
+            with pytest.raises(TypeError):
+                lib.kvf_transfer_sync_pylists(engine._h.ptr, session, _ffi.KVF_OP_READ, *cols)
+            out = ctypes.c_uint64()
+            with pytest.raises(TypeError):
+                lib.kvf_batch_submit_pylists(engine._h.ptr, session, _ffi.KVF_OP_READ, *cols, ctypes.byref(out))
+    assert dst.raw[:8] == bytes(8)
+    lib.kvf_transfer_sync_pylists(engine._h.ptr, session, _ffi.KVF_OP_READ, [base], [peer.addr], [8])
+    assert dst.raw[:8] == b"moved!!!"
+
+
+@pytest.mark.parametrize("column, name", [(0, "local addresses"), (1, "remote addresses"), (2, "lengths")])
+def test_the_general_path_refuses_bools(engine, dst, peer, column, name):
+    """Tuples go the general way, whose array('Q') takes True as 1: it
+    refuses bools too, naming the item."""
+    base = ctypes.addressof(dst)
+    ctypes.memset(base, 0, 8)
+    cols = [[base], [peer.addr], [8]]
+    cols[column] = [True]
+    with pytest.raises(TypeError, match=rf"{name}\[0\].*bool"):
+        engine.read_batch(peer.session, *map(tuple, cols))
+    assert dst.raw[:8] == bytes(8)
 
 
 def test_mismatched_and_empty_lists(engine, dst, peer):

@@ -23,7 +23,10 @@
 #include <unistd.h>
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/wait.h>
 
 #include "kvferry.h"
 
@@ -129,6 +132,7 @@ static void test_version_and_status_strings(void) {
       KVF_STATUS_PEER_UNREACHABLE,
       KVF_STATUS_TRANSFER_FAILED,
       KVF_STATUS_IO,
+      KVF_STATUS_TRANSFER_TIMEOUT,
   };
   /* Far outside the blocks in use, so that codes added later (new codes
    * fill gaps in their block) do not turn these into known ones. */
@@ -170,6 +174,7 @@ static void test_version_and_status_strings(void) {
   CHECK(KVF_STATUS_ZERO_LENGTH_OP == -20 && KVF_STATUS_REMOTE_OUT_OF_RANGE == -23);
   CHECK(KVF_STATUS_BAD_BATCH_ID == -30 && KVF_STATUS_TIMEOUT == -33);
   CHECK(KVF_STATUS_BAD_SESSION == -40 && KVF_STATUS_IO == -43);
+  CHECK(KVF_STATUS_TRANSFER_TIMEOUT == -47);
   CHECK(KVF_OP_READ == 0 && KVF_OP_WRITE == 1 && KVF_WAIT_FOREVER == UINT64_MAX);
   CHECK(sizeof(kvf_status) == 4);
 }
@@ -207,12 +212,28 @@ static void test_config_errors(void) {
   EXPECT(kvf_config_set_port_range(c, 9, 9), KVF_STATUS_OK, NULL);
   EXPECT(kvf_config_set_connect_timeout_ms(c, 100), KVF_STATUS_OK, NULL);
   EXPECT(kvf_config_set_transfer_timeout_ms(c, 100), KVF_STATUS_OK, NULL);
+  /* A timeout of 0 would fail every connection or transfer at once. */
+  EXPECT(kvf_config_set_connect_timeout_ms(c, 0), KVF_STATUS_INVALID_ARGUMENT,
+         "connect timeout of 0 ms");
+  EXPECT(kvf_config_set_transfer_timeout_ms(c, 0), KVF_STATUS_INVALID_ARGUMENT,
+         "transfer timeout of 0 ms");
+  /* Host names: only what a peer can parse back from "host:port". */
+  {
+    static const char *const bad_hosts[] = {"", "a b", "a b:c", "host:80", "[::1]:80",
+                                            "a..b", "1.2.3", "h\xc3\xa9te", "fe80::1%eth0"};
+    static const char *const good_hosts[] = {"10.0.0.7", "node-7.cluster", "prefill_0", "::1",
+                                             "[::1]"};
+    size_t i;
+    for (i = 0; i < sizeof bad_hosts / sizeof bad_hosts[0]; i++) {
+      EXPECT(kvf_config_set_hostname(c, bad_hosts[i]), KVF_STATUS_INVALID_ARGUMENT, "hostname");
+    }
+    for (i = 0; i < sizeof good_hosts / sizeof good_hosts[0]; i++) {
+      EXPECT(kvf_config_set_hostname(c, good_hosts[i]), KVF_STATUS_OK, NULL);
+    }
+  }
 
-  /* kvf_engine_new: NULL out, an empty host name, a port that is taken. */
+  /* kvf_engine_new: NULL out, a port that is taken. */
   EXPECT(kvf_engine_new(c, NULL), KVF_STATUS_NULL_POINTER, "out");
-  EXPECT(kvf_config_set_hostname(c, ""), KVF_STATUS_OK, NULL);
-  EXPECT(kvf_engine_new(c, &e), KVF_STATUS_INVALID_ARGUMENT, "hostname");
-  CHECK(e == sentinel);
   REQUIRE(kvf_engine_rpc_port(A, &busy_port) == KVF_STATUS_OK);
   snprintf(port_text, sizeof port_text, "%u", (unsigned)busy_port);
   EXPECT(kvf_config_set_hostname(c, "127.0.0.1"), KVF_STATUS_OK, NULL);
@@ -1052,6 +1073,110 @@ static void test_engine_close(void) {
   free(buf);
 }
 
+/* A peer that stops answering mid-batch (SIGSTOP: its engine handshook,
+ * then froze). KVF_STATUS_TIMEOUT must mean "still running, wait again"
+ * and nothing else: a batch that the transfer timeout ended reports
+ * KVF_STATUS_TRANSFER_TIMEOUT from every wait, poll and op status, so a
+ * caller that loops while kvf_batch_wait says TIMEOUT stops. (It did not:
+ * the batch's own failure was KVF_STATUS_TIMEOUT too.) */
+#define SILENT_PEER_ARG "--silent-peer"
+
+/* The child's side: an engine with 64 KiB registered, its name and the
+ * buffer's address on stdout, then nothing until it is killed. */
+static int run_silent_peer(void) {
+  kvf_engine *e = new_engine(0, 0, 0);
+  uint8_t *mem = xmalloc(65536);
+  char name[64];
+  memset(mem, 0x3c, 65536);
+  REQUIRE(kvf_register_memory(e, U(mem), 65536, "cpu:0") == KVF_STATUS_OK);
+  engine_name(e, name, sizeof name);
+  printf("%s %" PRIu64 "\n", name, U(mem));
+  fflush(stdout);
+  for (;;) {
+    pause();
+  }
+}
+
+static void test_batch_ended_by_transfer_timeout(void) {
+  int fds[2];
+  pid_t pid;
+  FILE *from_peer;
+  char line[160], peer[64], transport[16];
+  uint64_t remote = 0, id = 0, l, n = 4096;
+  uint8_t *buf = xmalloc(65536);
+  kvf_config *cfg = NULL;
+  kvf_engine *e = NULL;
+  kvf_status s, os = KVF_STATUS_OK;
+  int rounds;
+
+  REQUIRE(pipe(fds) == 0);
+  pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    /* Only async-signal-safe calls between fork and exec. */
+    dup2(fds[1], STDOUT_FILENO);
+    close(fds[0]);
+    close(fds[1]);
+    execl("/proc/self/exe", "api_test", SILENT_PEER_ARG, (char *)NULL);
+    _exit(127);
+  }
+  close(fds[1]);
+  from_peer = fdopen(fds[0], "r");
+  REQUIRE(from_peer != NULL && fgets(line, sizeof line, from_peer) != NULL);
+  REQUIRE(sscanf(line, "%63s %" SCNu64, peer, &remote) == 2);
+
+  /* tcp, so that the frozen process has to answer every request. */
+  REQUIRE(kvf_config_new(&cfg) == KVF_STATUS_OK);
+  REQUIRE(kvf_config_set_hostname(cfg, "127.0.0.1") == KVF_STATUS_OK);
+  REQUIRE(kvf_config_set_port(cfg, 0) == KVF_STATUS_OK);
+  REQUIRE(kvf_config_set_transport(cfg, "tcp") == KVF_STATUS_OK);
+  REQUIRE(kvf_config_set_connect_timeout_ms(cfg, 1000) == KVF_STATUS_OK);
+  REQUIRE(kvf_config_set_transfer_timeout_ms(cfg, 600) == KVF_STATUS_OK);
+  REQUIRE(kvf_engine_new(cfg, &e) == KVF_STATUS_OK);
+  kvf_config_free(cfg);
+  REQUIRE(kvf_register_memory(e, U(buf), 65536, "cpu:0") == KVF_STATUS_OK);
+  l = U(buf);
+  /* Handshake while the peer answers; then it freezes. */
+  EXPECT(kvf_engine_transport_to(e, peer, transport, sizeof transport, NULL), KVF_STATUS_OK,
+         NULL);
+  CHECK(strcmp(transport, "tcp") == 0);
+  EXPECT(kvf_transfer_sync(e, peer, KVF_OP_READ, &l, &remote, &n, 1), KVF_STATUS_OK, NULL);
+  CHECK(buf[0] == 0x3c && buf[4095] == 0x3c);
+  REQUIRE(kill(pid, SIGSTOP) == 0);
+  { /* Stopped, not just signalled: until then it may still answer. */
+    int st = 0;
+    REQUIRE(waitpid(pid, &st, WUNTRACED) == pid && WIFSTOPPED(st));
+  }
+
+  REQUIRE(kvf_batch_submit(e, peer, KVF_OP_READ, &l, &remote, &n, 1, &id) == KVF_STATUS_OK);
+  /* Running: a short wait runs out, and says so. */
+  EXPECT(kvf_batch_wait(e, id, 50), KVF_STATUS_TIMEOUT, hex(id));
+  /* What a C caller does: wait again while TIMEOUT. It must end. */
+  rounds = 0;
+  do {
+    prime_last_error();
+    s = kvf_batch_wait(e, id, 10);
+  } while (s == KVF_STATUS_TIMEOUT && ++rounds < 1000);
+  EXPECT_GOT(s, KVF_STATUS_TRANSFER_TIMEOUT, "timed out", peer);
+  /* Ended: every way of asking says TRANSFER_TIMEOUT, never TIMEOUT. */
+  EXPECT(kvf_batch_wait(e, id, 0), KVF_STATUS_TRANSFER_TIMEOUT, "timed out");
+  EXPECT(kvf_batch_wait(e, id, 10), KVF_STATUS_TRANSFER_TIMEOUT, "timed out");
+  EXPECT(kvf_batch_wait(e, id, KVF_WAIT_FOREVER), KVF_STATUS_TRANSFER_TIMEOUT, "timed out");
+  EXPECT(kvf_batch_poll(e, id), KVF_STATUS_TRANSFER_TIMEOUT, "timed out");
+  EXPECT(kvf_batch_op_status(e, id, 0, &os), KVF_STATUS_OK, NULL);
+  CHECK(os == KVF_STATUS_TRANSFER_TIMEOUT);
+  EXPECT(kvf_batch_free(e, id), KVF_STATUS_OK, NULL);
+  /* A synchronous transfer reports the same. */
+  EXPECT(kvf_transfer_sync(e, peer, KVF_OP_READ, &l, &remote, &n, 1),
+         KVF_STATUS_TRANSFER_TIMEOUT, "timed out");
+
+  kvf_engine_free(e);
+  kill(pid, SIGKILL);
+  REQUIRE(waitpid(pid, NULL, 0) == pid);
+  fclose(from_peer);
+  free(buf);
+}
+
 /* ---- threads ---------------------------------------------------------- */
 
 #define THREADS 4
@@ -1212,8 +1337,12 @@ static void test_fixed_bugs(void) {
 
 /* ---- main ------------------------------------------------------------- */
 
-int main(void) {
-  const char *first = kvf_last_error();
+int main(int argc, char **argv) {
+  const char *first;
+  if (argc > 1 && strcmp(argv[1], SILENT_PEER_ARG) == 0) {
+    return run_silent_peer();
+  }
+  first = kvf_last_error();
   /* Before any failure on this thread the last error is empty. */
   CHECK(first != NULL && first[0] == '\0');
   REQUIRE(kvf_config_new(&marker_config) == KVF_STATUS_OK);
@@ -1254,6 +1383,7 @@ int main(void) {
   test_engine_free_waits_for_batches();
   test_peer_freed_under_reads();
   test_engine_close();
+  test_batch_ended_by_transfer_timeout();
   test_threads();
   test_peer_restarted_on_same_port();
   test_fixed_bugs();

@@ -170,10 +170,12 @@ void test_config() {
   EXPECT_ERROR(cfg.port_range(10, 9), KVF_STATUS_INVALID_ARGUMENT, "10-9");
   EXPECT_ERROR(cfg.transport("carrier-pigeon"), KVF_STATUS_INVALID_ARGUMENT, "carrier-pigeon");
 
-  // An empty host name is refused when the engine is made.
-  Config bad;
-  bad.hostname("").port(0);
-  EXPECT_ERROR(Engine{bad}, KVF_STATUS_INVALID_ARGUMENT, "hostname");
+  // A host name no peer could parse back from "host:port", and a timeout
+  // of 0, are refused by the setter.
+  EXPECT_ERROR(cfg.hostname(""), KVF_STATUS_INVALID_ARGUMENT, "hostname");
+  EXPECT_ERROR(cfg.hostname("a b"), KVF_STATUS_INVALID_ARGUMENT, "hostname");
+  EXPECT_ERROR(cfg.transfer_timeout(0ms), KVF_STATUS_INVALID_ARGUMENT, "transfer timeout");
+  EXPECT_ERROR(cfg.connect_timeout(0ms), KVF_STATUS_INVALID_ARGUMENT, "connect timeout");
 
   // Moved-from: owns nothing, refuses use, destroys and reassigns fine.
   Config moved = std::move(cfg);

@@ -3,6 +3,7 @@
 use std::ffi::c_char;
 use std::time::Duration;
 
+use kvferry_core::config::check_hostname;
 use kvferry_core::{EngineConfig, Error, Status, TransportChoice};
 
 use crate::boundary::ffi;
@@ -62,7 +63,10 @@ unsafe fn update(
 }
 
 /// The host name or address peers reach this engine at (default
-/// `KVFERRY_HOSTNAME`, else 127.0.0.1).
+/// `KVFERRY_HOSTNAME`, else 127.0.0.1): an IPv4 address, an IPv6 address
+/// (`"::1"` or `"[::1]"`), or a DNS name of letters, digits, `-`, `_` and
+/// dots; anything a peer could not parse back from the engine's name
+/// `"host:port"` is `KVF_STATUS_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `config` as for every `kvf_config_*`; `hostname` is NULL or a NUL-terminated string.
@@ -72,9 +76,28 @@ pub unsafe extern "C" fn kvf_config_set_hostname(
     hostname: *const c_char,
 ) -> Status {
     // SAFETY: forwarded to the caller.
-    let h = unsafe { handle::str_arg(hostname, "hostname") }.map(str::to_owned);
+    let h = unsafe { handle::str_arg(hostname, "hostname") };
     // SAFETY: forwarded to the caller.
-    unsafe { update(config, |c| Ok(c.hostname(h?))) }
+    unsafe {
+        update(config, |c| {
+            let h = h?;
+            let host = check_hostname(h).map_err(|reason| Error::InvalidArgument {
+                what: format!("hostname {h:?}: {reason}"),
+            })?;
+            Ok(c.hostname(host))
+        })
+    }
+}
+
+/// A timeout of `ms` milliseconds, refused when 0: nothing could finish
+/// within it.
+fn nonzero_ms(ms: u64, what: &str) -> Result<Duration, Error> {
+    if ms == 0 {
+        return Err(Error::InvalidArgument {
+            what: format!("{what} of 0 ms: nothing could finish in time; give at least 1 ms"),
+        });
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// Listen on exactly `port` (0: any free port).
@@ -110,7 +133,8 @@ pub unsafe extern "C" fn kvf_config_set_port_range(
     }
 }
 
-/// Deadline for connecting to a peer, in milliseconds.
+/// Deadline for connecting to a peer (and its handshake), in
+/// milliseconds (> 0; default 3000).
 ///
 /// # Safety
 /// `config` is NULL or from `kvf_config_new`.
@@ -120,10 +144,15 @@ pub unsafe extern "C" fn kvf_config_set_connect_timeout_ms(
     ms: u64,
 ) -> Status {
     // SAFETY: forwarded to the caller.
-    unsafe { update(config, |c| Ok(c.connect_timeout(Duration::from_millis(ms)))) }
+    unsafe {
+        update(config, |c| {
+            Ok(c.connect_timeout(nonzero_ms(ms, "connect timeout")?))
+        })
+    }
 }
 
-/// Deadline of a whole batch, in milliseconds.
+/// Deadline of a whole batch, in milliseconds (> 0; default 10000); also
+/// how long unregistering waits for in-flight transfers.
 ///
 /// # Safety
 /// `config` is NULL or from `kvf_config_new`.
@@ -134,10 +163,9 @@ pub unsafe extern "C" fn kvf_config_set_transfer_timeout_ms(
 ) -> Status {
     // SAFETY: forwarded to the caller.
     unsafe {
-        update(
-            config,
-            |c| Ok(c.transfer_timeout(Duration::from_millis(ms))),
-        )
+        update(config, |c| {
+            Ok(c.transfer_timeout(nonzero_ms(ms, "transfer timeout")?))
+        })
     }
 }
 

@@ -10,13 +10,14 @@
 //! transfer.
 //!
 //! The library neither links against nor looks up Python: the package hands
-//! it the addresses of six functions of the CPython stable ABI
-//! (`kvf_python_api_install`, from `ctypes.pythonapi`), so one build serves
-//! every Python version and the library loads fine where Python is absent.
+//! it the addresses of eight functions of the CPython stable ABI and of the
+//! two bool objects (`kvf_python_api_install`, from `ctypes.pythonapi`), so
+//! one build serves every Python version and the library loads fine where
+//! Python is absent.
 //! The `_pylists` functions are called through a `ctypes.PyDLL` handle
 //! (the GIL held on entry, Python's error indicator checked on return).
 
-use std::ffi::{c_char, c_ulong, c_void};
+use std::ffi::{c_char, c_int, c_ulong, c_void};
 use std::sync::OnceLock;
 
 use kvferry_core::{Engine, Error, Op, Opcode, Status};
@@ -26,9 +27,9 @@ use crate::engine::kvf_engine;
 use crate::handle;
 use crate::transfer::transfer_target;
 
-/// Functions of the CPython C API (stable ABI) that the `_pylists` calls
-/// use; each field is the address of the function of that name in the
-/// running interpreter.
+/// What the `_pylists` calls use of the CPython C API (stable ABI): the
+/// address of each named function of the running interpreter, then the
+/// two bool objects.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct kvf_python_api {
@@ -49,6 +50,14 @@ pub struct kvf_python_api {
     pub eval_save_thread: Option<unsafe extern "C" fn() -> *mut c_void>,
     /// `PyEval_RestoreThread` (takes the GIL back).
     pub eval_restore_thread: Option<unsafe extern "C" fn(state: *mut c_void)>,
+    /// `PyErr_BadArgument` (raises TypeError).
+    pub err_bad_argument: Option<unsafe extern "C" fn() -> c_int>,
+    /// `Py_True`. `bool` subclasses `int`, so `PyLong_AsUnsignedLong`
+    /// takes `True` as 1; these two (the only bool objects there are) let
+    /// an item be refused with one pointer comparison each.
+    pub true_object: *const c_void,
+    /// `Py_False`.
+    pub false_object: *const c_void,
 }
 
 /// The installed functions, every one present.
@@ -61,6 +70,10 @@ struct PythonApi {
     err_clear: unsafe extern "C" fn(),
     save_thread: unsafe extern "C" fn() -> *mut c_void,
     restore_thread: unsafe extern "C" fn(*mut c_void),
+    bad_argument: unsafe extern "C" fn() -> c_int,
+    /// `Py_True` and `Py_False`, compared by address only.
+    true_object: usize,
+    false_object: usize,
 }
 
 static PYTHON_API: OnceLock<PythonApi> = OnceLock::new();
@@ -72,6 +85,8 @@ impl PythonApi {
                 what: format!("kvf_python_api.{field} is NULL"),
             })
         }
+        let object =
+            |p: *const c_void, field: &str| need((!p.is_null()).then_some(p as usize), field);
         Ok(Self {
             list_size: need(api.list_size, "list_size")?,
             list_get_item: need(api.list_get_item, "list_get_item")?,
@@ -80,6 +95,9 @@ impl PythonApi {
             err_clear: need(api.err_clear, "err_clear")?,
             save_thread: need(api.eval_save_thread, "eval_save_thread")?,
             restore_thread: need(api.eval_restore_thread, "eval_restore_thread")?,
+            bad_argument: need(api.err_bad_argument, "err_bad_argument")?,
+            true_object: object(api.true_object, "true_object")?,
+            false_object: object(api.false_object, "false_object")?,
         })
     }
 
@@ -113,8 +131,8 @@ impl PythonApi {
 
     /// Stores item `i` of `list` (a Python list of at least `out.len()`
     /// items) into `field(out[i])` for every `i`; false with Python's error
-    /// indicator set (an item that is not an int in 0..2^64: TypeError or
-    /// OverflowError) for the caller to raise.
+    /// indicator set (an item that is not an int in 0..2^64, or is a bool:
+    /// TypeError or OverflowError) for the caller to raise.
     ///
     /// # Safety
     /// The GIL is held; `list` is a live Python list that long.
@@ -130,7 +148,15 @@ impl PythonApi {
             // a live object. Nothing here runs Python code
             // (`PyLong_AsUnsignedLong` raises for a non-int instead of calling
             // `__index__`), so the list cannot change while it is read.
-            let value = unsafe { (self.long_as_u64)((self.list_get_item)(list, i)) };
+            let item = unsafe { (self.list_get_item)(list, i) };
+            if item as usize == self.true_object || item as usize == self.false_object {
+                // SAFETY: the GIL is held; sets TypeError, runs no Python code.
+                unsafe { (self.bad_argument)() };
+                return false;
+            }
+            // SAFETY: as above; `item` is a live int (or another object, for
+            // which this raises).
+            let value = unsafe { (self.long_as_u64)(item) };
             // SAFETY: as above.
             if value == c_ulong::MAX && !unsafe { (self.err_occurred)() }.is_null() {
                 return false;
@@ -213,7 +239,7 @@ unsafe fn ops_of_lists(api: &PythonApi, lists: [*mut c_void; 3]) -> Result<Optio
 
 /// The last error when a list item is refused (Python's exception, raised
 /// by ctypes, names the item).
-const NOT_U64: &str = "a list item is not an int in 0..2^64";
+const NOT_U64: &str = "a list item is not an int in 0..2^64 (or is a bool)";
 
 /// Runs `f` with the GIL released, taking it back however `f` ends.
 ///
@@ -263,8 +289,8 @@ unsafe fn with_lists(
 
 /// `kvf_transfer_sync` with the three columns as Python lists of ints,
 /// read before the GIL is released for the transfer. An item that is not an
-/// int in 0..2^64 leaves Python's TypeError or OverflowError set (ctypes
-/// raises it) and moves nothing.
+/// int in 0..2^64, or is a bool, leaves Python's TypeError or OverflowError
+/// set (ctypes raises it) and moves nothing.
 ///
 /// # Safety
 /// Called through `ctypes.PyDLL` (the GIL held) after

@@ -83,7 +83,9 @@ unsafe fn transfer_args<'a>(
 /// are done (`KVF_STATUS_OK`) or one failed (its status; see
 /// `kvf_last_error`). `local_addrs[i]` is this engine's side of op `i`,
 /// `remote_addrs[i]` the peer's, `lens[i]` its length. Every op is
-/// validated before any byte moves: a refused batch moves nothing.
+/// validated before any byte moves: a refused batch moves nothing. Ops
+/// not done within the engine's transfer timeout fail with
+/// `KVF_STATUS_TRANSFER_TIMEOUT`.
 ///
 /// # Safety
 /// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated; the
@@ -179,8 +181,10 @@ pub unsafe extern "C" fn kvf_batch_submit_write_notify(
 }
 
 /// Where batch `batch` stands: `KVF_STATUS_OK` (all done),
-/// `KVF_STATUS_IN_PROGRESS`, or the status of its first error. An unknown
-/// or freed id gives `KVF_STATUS_BAD_BATCH_ID`.
+/// `KVF_STATUS_IN_PROGRESS`, or the status of its first error
+/// (`KVF_STATUS_TRANSFER_TIMEOUT` when the engine's transfer timeout ended
+/// it; never `KVF_STATUS_TIMEOUT`). An unknown or freed id gives
+/// `KVF_STATUS_BAD_BATCH_ID`.
 ///
 /// # Safety
 /// `engine` from `kvf_engine_new`.
@@ -199,7 +203,11 @@ pub unsafe extern "C" fn kvf_batch_poll(engine: *const kvf_engine, batch: u64) -
 
 /// Waits up to `timeout_ms` (or `KVF_WAIT_FOREVER`) for batch `batch`:
 /// `KVF_STATUS_OK`, its first error, or `KVF_STATUS_TIMEOUT` if it is still
-/// running (it keeps running; wait again or poll).
+/// running (it keeps running; wait again or poll). `KVF_STATUS_TIMEOUT`
+/// means only that: a batch that ended because a transfer ran past the
+/// engine's transfer timeout gives `KVF_STATUS_TRANSFER_TIMEOUT`, every
+/// time it is waited for or polled, so a loop that waits again on
+/// `KVF_STATUS_TIMEOUT` always ends.
 ///
 /// # Safety
 /// `engine` from `kvf_engine_new`.
@@ -224,7 +232,9 @@ pub unsafe extern "C" fn kvf_batch_wait(
 
 /// The state of op `index` of batch `batch` in `*out_status`:
 /// `KVF_STATUS_OK`, `KVF_STATUS_IN_PROGRESS`, or the batch's first error
-/// status for an op that failed.
+/// status for an op that failed (as `kvf_batch_poll`: never
+/// `KVF_STATUS_TIMEOUT`). An index past the batch's ops gives
+/// `KVF_STATUS_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// `engine` from `kvf_engine_new`; `out_status` NULL or writable.

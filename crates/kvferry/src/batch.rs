@@ -30,8 +30,19 @@ pub enum OpState {
 pub enum BatchState {
     InProgress,
     Done,
-    /// The first error any slice hit.
+    /// The first error any slice hit. Never `Error::Timeout`: a batch that
+    /// a timeout ended failed with `Error::TransferTimeout`, so that a
+    /// caller can tell it from a wait that ran out while the batch goes on.
     Failed(Error),
+}
+
+/// The error a batch records for `e`: a timeout that ended it becomes
+/// `TransferTimeout` (`Timeout` is kept for waits that ran out).
+fn ended_by(e: Error) -> Error {
+    match e {
+        Error::Timeout { what, ms } => Error::TransferTimeout { what, ms },
+        other => other,
+    }
 }
 
 #[derive(Debug)]
@@ -72,7 +83,7 @@ impl Batch {
                     *f = true;
                 }
             }
-            p.first_error.get_or_insert(e);
+            p.first_error.get_or_insert_with(|| ended_by(e));
         }
         p.slices_left -= 1;
         if p.slices_left == 0 {
@@ -88,7 +99,7 @@ impl Batch {
             return;
         }
         p.op_failed.iter_mut().for_each(|f| *f = true);
-        p.first_error.get_or_insert(e);
+        p.first_error.get_or_insert_with(|| ended_by(e));
         p.slices_left = 0;
         self.finished.notify_all();
     }
@@ -117,7 +128,8 @@ impl Batch {
     }
 
     /// Waits until the batch ends or `timeout` passes: `Ok` when all ops are
-    /// done, the first error when one failed, `Timeout` when still running.
+    /// done, the first error when one failed, `Timeout` when still running
+    /// (and only then: see [`BatchState::Failed`]).
     pub fn wait(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now().checked_add(timeout);
         let mut p = self.progress.lock();
@@ -289,5 +301,36 @@ mod tests {
         assert_eq!(b.op_state(3), None);
         let e = b.wait(Duration::from_secs(1)).unwrap_err();
         assert!(e.to_string().contains("first"));
+    }
+
+    /// `Timeout` from a wait means "still running": a batch that a timeout
+    /// ended must say something else, or a caller waiting in a loop until
+    /// the answer is not `Timeout` would never stop.
+    #[test]
+    fn a_batch_ended_by_a_timeout_is_not_still_running() {
+        let running = Batch::new(2, 2);
+        running.complete_slice(&slice(0, 0), Ok(()));
+        assert!(matches!(
+            running.wait(Duration::from_millis(1)),
+            Err(Error::Timeout { .. })
+        ));
+        let timed_out = |e: &Error| {
+            matches!(e, Error::TransferTimeout { what, ms: 300 } if what == "read with peer")
+                && e.status() == crate::Status::TransferTimeout
+        };
+        let peer_silent = || Error::Timeout {
+            what: "read with peer".into(),
+            ms: 300,
+        };
+        running.complete_slice(&slice(1, 1), Err(peer_silent()));
+        let e = running.wait(Duration::from_millis(1)).unwrap_err();
+        assert!(timed_out(&e), "{e:?}");
+        assert!(timed_out(&running.wait(Duration::MAX).unwrap_err()));
+        assert!(matches!(running.state(), BatchState::Failed(ref e) if timed_out(e)));
+        assert_eq!(running.op_state(1), Some(OpState::Failed));
+
+        let failed_whole = Batch::new(1, 3);
+        failed_whole.fail_all(peer_silent());
+        assert!(timed_out(&failed_whole.wait(Duration::ZERO).unwrap_err()));
     }
 }

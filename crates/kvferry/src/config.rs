@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::device::DeviceRuntime;
 use crate::error::{Error, Result};
+use crate::session::host_problem;
 
 /// Which transport to use for remote peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,6 +138,21 @@ pub struct Settings {
     pub staging_pool: StagingPoolSize,
 }
 
+/// `host` as an engine's hostname, or why it cannot be one: what
+/// [`host_problem`] accepts, which is what peers accept in a session id
+/// (`"[::1]"` is taken as `"::1"`).
+pub fn check_hostname(host: &str) -> std::result::Result<String, &'static str> {
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .filter(|h| h.contains(':'))
+        .unwrap_or(host);
+    match host_problem(bare) {
+        None => Ok(bare.to_owned()),
+        Some(reason) => Err(reason),
+    }
+}
+
 pub const DEFAULT_PORT_RANGE: (u16, u16) = (15000, 17000);
 /// Mooncake's code uses 10 s for Ascend transfers; kvferry takes the same.
 pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -148,7 +164,9 @@ impl EngineConfig {
     pub fn new() -> Self {
         Self::default()
     }
-    /// The host peers reach this engine at (IPv4, IPv6 or a name).
+    /// The host peers reach this engine at: an IPv4 or IPv6 address (the
+    /// latter also in brackets) or a host name, as [`check_hostname`]
+    /// accepts; checked when the engine is created.
     pub fn hostname(mut self, h: impl Into<String>) -> Self {
         self.hostname = Some(h.into());
         self
@@ -162,10 +180,13 @@ impl EngineConfig {
         self.port_range = Some((lo, hi));
         self
     }
+    /// Deadline for connecting to a peer and its handshake (> 0).
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.connect_timeout = Some(d);
         self
     }
+    /// Deadline of a whole batch (> 0); also how long unregistering waits
+    /// for in-flight transfers.
     pub fn transfer_timeout(mut self, d: Duration) -> Self {
         self.transfer_timeout = Some(d);
         self
@@ -254,14 +275,17 @@ impl EngineConfig {
         };
 
         let hostname = match &self.hostname {
-            Some(h) => h.clone(),
-            None => env("KVFERRY_HOSTNAME")
-                .filter(|h| !h.is_empty())
-                .unwrap_or_else(|| "127.0.0.1".to_owned()),
+            Some(h) => check_hostname(h)
+                .map_err(|reason| Error::invalid(format!("hostname {h:?}: {reason}")))?,
+            None => match env("KVFERRY_HOSTNAME").filter(|h| !h.is_empty()) {
+                Some(h) => check_hostname(&h).map_err(|reason| {
+                    Error::invalid(format!(
+                        "environment variable KVFERRY_HOSTNAME={h:?}: {reason}"
+                    ))
+                })?,
+                None => "127.0.0.1".to_owned(),
+            },
         };
-        if hostname.is_empty() {
-            return Err(Error::invalid("hostname is empty"));
-        }
         let port = match self.port {
             Some(p) => Some(p),
             None => num("KVFERRY_PORT")?
@@ -287,19 +311,57 @@ impl EngineConfig {
                 port_range.0, port_range.1
             )));
         }
-        let connect_timeout = match self.connect_timeout {
-            Some(d) => d,
-            None => ms("KVFERRY_CONNECT_TIMEOUT_MS")?
-                .or(ms("ASCEND_CONNECT_TIMEOUT")?)
-                .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        // A timeout of 0 would fail every connection or transfer at once
+        // ("timed out after 0 ms"): refused, naming where it came from.
+        // Every variable is read (a malformed one is an error even when one
+        // before it is set); the first one set wins.
+        let timeout = |what: &str,
+                       set: Option<Duration>,
+                       vars: &[(&str, Option<Duration>)],
+                       default: Duration|
+         -> Result<Duration> {
+            let (d, from) = match set {
+                Some(d) => (d, String::new()),
+                None => match vars.iter().find_map(|&(k, v)| Some((v?, k))) {
+                    Some((d, key)) => (d, format!(" (environment variable {key})")),
+                    None => (default, String::new()),
+                },
+            };
+            if d.is_zero() {
+                return Err(Error::invalid(format!(
+                    "{what} of 0 ms{from}: nothing could finish in time; give at least 1 ms"
+                )));
+            }
+            Ok(d)
         };
-        let transfer_timeout = match self.transfer_timeout {
-            Some(d) => d,
-            None => ms("KVFERRY_TRANSFER_TIMEOUT_MS")?
-                .or(ms("ASCEND_TRANSFER_TIMEOUT")?)
-                .or(num("MC_TRANSFER_TIMEOUT")?.map(Duration::from_secs))
-                .unwrap_or(DEFAULT_TRANSFER_TIMEOUT),
-        };
+        let connect_timeout = timeout(
+            "connect timeout",
+            self.connect_timeout,
+            &[
+                (
+                    "KVFERRY_CONNECT_TIMEOUT_MS",
+                    ms("KVFERRY_CONNECT_TIMEOUT_MS")?,
+                ),
+                ("ASCEND_CONNECT_TIMEOUT", ms("ASCEND_CONNECT_TIMEOUT")?),
+            ],
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
+        let transfer_timeout = timeout(
+            "transfer timeout",
+            self.transfer_timeout,
+            &[
+                (
+                    "KVFERRY_TRANSFER_TIMEOUT_MS",
+                    ms("KVFERRY_TRANSFER_TIMEOUT_MS")?,
+                ),
+                ("ASCEND_TRANSFER_TIMEOUT", ms("ASCEND_TRANSFER_TIMEOUT")?),
+                (
+                    "MC_TRANSFER_TIMEOUT",
+                    num("MC_TRANSFER_TIMEOUT")?.map(Duration::from_secs),
+                ),
+            ],
+            DEFAULT_TRANSFER_TIMEOUT,
+        )?;
         let slice_size = match self.slice_size {
             Some(s) => s,
             None => num("KVFERRY_SLICE_SIZE")?.unwrap_or(DEFAULT_SLICE_SIZE),
@@ -475,6 +537,102 @@ mod tests {
         );
         for bad in ["4", "4:", ":8", "x:8", "0:8", "4:0", "2000:8"] {
             assert!(pool(&[("ASCEND_BUFFER_POOL", bad)]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused_naming_their_source() {
+        let refused = |c: EngineConfig, vars: &[(&str, &str)], words: &[&str]| {
+            let e = c.resolve_with(with(vars)).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { .. }), "{e}");
+            for w in words {
+                assert!(e.to_string().contains(w), "{w:?} not in: {e}");
+            }
+        };
+        let zero = Duration::ZERO;
+        refused(
+            EngineConfig::new().transfer_timeout(zero),
+            &[],
+            &["transfer timeout of 0 ms"],
+        );
+        refused(
+            EngineConfig::new().connect_timeout(zero),
+            &[],
+            &["connect timeout of 0 ms"],
+        );
+        for (var, what) in [
+            ("KVFERRY_TRANSFER_TIMEOUT_MS", "transfer timeout"),
+            ("ASCEND_TRANSFER_TIMEOUT", "transfer timeout"),
+            ("MC_TRANSFER_TIMEOUT", "transfer timeout"),
+            ("KVFERRY_CONNECT_TIMEOUT_MS", "connect timeout"),
+            ("ASCEND_CONNECT_TIMEOUT", "connect timeout"),
+        ] {
+            refused(EngineConfig::new(), &[(var, "0")], &[what, var]);
+        }
+        // The first variable set decides; a 0 below it does not matter, a
+        // 0 above it does.
+        let s = EngineConfig::new()
+            .resolve_with(with(&[
+                ("ASCEND_TRANSFER_TIMEOUT", "500"),
+                ("MC_TRANSFER_TIMEOUT", "0"),
+            ]))
+            .unwrap();
+        assert_eq!(s.transfer_timeout, Duration::from_millis(500));
+        refused(
+            EngineConfig::new(),
+            &[
+                ("KVFERRY_TRANSFER_TIMEOUT_MS", "0"),
+                ("ASCEND_TRANSFER_TIMEOUT", "500"),
+            ],
+            &["KVFERRY_TRANSFER_TIMEOUT_MS"],
+        );
+        // Set on the config, a good value wins over a 0 in the environment.
+        let s = EngineConfig::new()
+            .connect_timeout(Duration::from_millis(1))
+            .resolve_with(with(&[("ASCEND_CONNECT_TIMEOUT", "0")]))
+            .unwrap();
+        assert_eq!(s.connect_timeout, Duration::from_millis(1));
+    }
+
+    #[test]
+    fn hostnames_are_what_peers_can_parse() {
+        let host =
+            |c: EngineConfig, vars: &[(&str, &str)]| c.resolve_with(with(vars)).map(|s| s.hostname);
+        for good in [
+            "10.0.0.7",
+            "node-7.cluster",
+            "prefill_0",
+            "::1",
+            "fe80::1:2",
+        ] {
+            assert_eq!(host(EngineConfig::new().hostname(good), &[]).unwrap(), good);
+            assert_eq!(
+                host(EngineConfig::new(), &[("KVFERRY_HOSTNAME", good)]).unwrap(),
+                good
+            );
+        }
+        assert_eq!(
+            host(EngineConfig::new().hostname("[::1]"), &[]).unwrap(),
+            "::1"
+        );
+        for bad in [
+            "",
+            "a b",
+            "a b:c",
+            "host:80",
+            "[::1]:80",
+            "[host]",
+            "a..b",
+            "1.2.3",
+            "h\u{e9}te",
+        ] {
+            let e = host(EngineConfig::new().hostname(bad), &[]).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { .. }), "{bad:?}: {e}");
+            assert!(e.to_string().contains("hostname"), "{e}");
+            if !bad.is_empty() {
+                let e = host(EngineConfig::new(), &[("KVFERRY_HOSTNAME", bad)]).unwrap_err();
+                assert!(e.to_string().contains("KVFERRY_HOSTNAME"), "{e}");
+            }
         }
     }
 

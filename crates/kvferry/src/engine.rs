@@ -597,7 +597,8 @@ impl Engine {
     }
 
     /// Waits up to `timeout` for batch `id`: `Ok` when done, its first
-    /// error when it failed, `Timeout` when it is still running.
+    /// error when it failed (`TransferTimeout` when a timeout ended it),
+    /// `Timeout` only when it is still running.
     pub fn wait(&self, id: BatchId, timeout: Duration) -> Result<()> {
         self.batches.get(id)?.wait(timeout).map_err(|e| match e {
             Error::Timeout { ms, .. } => Error::Timeout {

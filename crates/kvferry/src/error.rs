@@ -84,8 +84,17 @@ pub enum Error {
     #[error("{limit} batches are already live; free finished ones first")]
     TooManyBatches { limit: usize },
 
+    /// A wait ran out while what it waited for goes on (a batch still
+    /// running, calls still inside a closing engine), or a handshake ran
+    /// out before anything started.
     #[error("{what} timed out after {ms} ms")]
     Timeout { what: String, ms: u64 },
+
+    /// A batch (or synchronous transfer) ended because a transfer did not
+    /// finish in time (the engine's transfer timeout): its unfinished ops
+    /// failed. Unlike `Timeout`, nothing is left running.
+    #[error("transfer timed out: {what} timed out after {ms} ms")]
+    TransferTimeout { what: String, ms: u64 },
 
     #[error("transfer with peer {peer} failed: {reason}")]
     TransferFailed { peer: String, reason: String },
@@ -162,6 +171,7 @@ impl Error {
             Error::BatchInProgress { .. } => Status::BatchInProgress,
             Error::TooManyBatches { .. } => Status::TooManyBatches,
             Error::Timeout { .. } => Status::Timeout,
+            Error::TransferTimeout { .. } => Status::TransferTimeout,
             Error::TransferFailed { .. } => Status::TransferFailed,
             Error::PeerRestarted { .. } => Status::PeerRestarted,
             Error::Protocol { .. } => Status::Protocol,
@@ -205,6 +215,10 @@ pub enum Status {
     BadBatchId = -30,
     BatchInProgress = -31,
     TooManyBatches = -32,
+    /// A wait ran out and what it waited for is still going on
+    /// (`kvf_batch_wait`: the batch keeps running; `kvf_engine_close`:
+    /// nothing changed), or a handshake with a peer ran out before
+    /// anything started. Never the outcome of a batch.
     Timeout = -33,
     // -40 .. -49: peers and the network
     BadSession = -40,
@@ -214,13 +228,16 @@ pub enum Status {
     PeerRestarted = -44,
     Protocol = -45,
     AuthFailed = -46,
+    /// The batch ended because a transfer ran past the engine's transfer
+    /// timeout (its unfinished ops failed); nothing of it keeps running.
+    TransferTimeout = -47,
     // -50 .. -59: device memory (NPU)
     Device = -50,
 }
 
 impl Status {
     /// Every status, for tables and tests.
-    pub fn all() -> [Status; 28] {
+    pub fn all() -> [Status; 29] {
         [
             Status::Ok,
             Status::InProgress,
@@ -249,6 +266,7 @@ impl Status {
             Status::PeerRestarted,
             Status::Protocol,
             Status::AuthFailed,
+            Status::TransferTimeout,
             Status::Device,
         ]
     }
@@ -283,6 +301,7 @@ impl Status {
             Status::PeerRestarted => c"peer restarted",
             Status::Protocol => c"protocol error",
             Status::AuthFailed => c"authentication failed",
+            Status::TransferTimeout => c"transfer timed out",
             Status::Device => c"device runtime call failed",
         }
     }

@@ -16,8 +16,56 @@ pub struct PeerAddr {
     pub port: u16,
 }
 
+/// Why `host` cannot be the host part of a session id (`None`: it can).
+///
+/// The one rule for both ends of a session id: an engine's configured
+/// hostname (`EngineConfig::hostname`, `KVFERRY_HOSTNAME`) becomes its name
+/// `"host:port"`, which peers parse with [`PeerAddr::parse`]; a host one
+/// side accepts and the other refuses would give an engine nobody can
+/// reach. Accepted: an IPv4 address, an IPv6 address (without brackets),
+/// or a DNS name: dot-separated labels of 1 to 63 ASCII letters, digits,
+/// `-` and `_` (container names such as `prefill_0` resolve), 253 bytes at
+/// most, not all digits (`1.2.3` is no IPv4 address and no name either).
+pub fn host_problem(host: &str) -> Option<&'static str> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    if host.is_empty() {
+        return Some("the host is empty");
+    }
+    if host.contains(':') {
+        return match host.parse::<Ipv6Addr>() {
+            Ok(_) => None,
+            Err(_) => Some("a host with ':' must be an IPv6 address"),
+        };
+    }
+    if host.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return match host.parse::<Ipv4Addr>() {
+            Ok(_) => None,
+            Err(_) => Some("not an IPv4 address, and a host name is not all digits"),
+        };
+    }
+    if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    {
+        return Some(
+            "the host has characters no host name or address has (letters, digits, '-', '_', '.')",
+        );
+    }
+    if host.len() > 253 {
+        return Some("a host name has at most 253 characters");
+    }
+    if host
+        .split('.')
+        .any(|label| label.is_empty() || label.len() > 63)
+    {
+        return Some("a host name's dot-separated labels have 1 to 63 characters");
+    }
+    None
+}
+
 impl PeerAddr {
-    /// Parses `"host:port"`, `"1.2.3.4:port"` or `"[v6::addr]:port"`.
+    /// Parses `"host:port"`, `"1.2.3.4:port"` or `"[v6::addr]:port"`; the
+    /// host must pass [`host_problem`].
     pub fn parse(session: &str) -> Result<PeerAddr> {
         let bad = |reason: &str| Error::BadSession {
             session: session.to_owned(),
@@ -40,14 +88,8 @@ impl PeerAddr {
             }
             (h, p)
         };
-        if host.is_empty() {
-            return Err(bad("the host is empty"));
-        }
-        if !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
-        {
-            return Err(bad("the host has characters no host name or address has"));
+        if let Some(reason) = host_problem(host) {
+            return Err(bad(reason));
         }
         let port: u16 = port
             .parse()
@@ -135,6 +177,8 @@ mod tests {
         ok("node-7.cluster:80", "node-7.cluster", 80);
         ok("[::1]:16000", "::1", 16000);
         ok("[fe80::1:2]:1", "fe80::1:2", 1);
+        ok("prefill_0:9", "prefill_0", 9);
+        ok("a-1.B-2.example:9", "a-1.B-2.example", 9);
         for bad in [
             "",
             "host",
@@ -148,6 +192,12 @@ mod tests {
             "[nothost]:80",
             "a b:80",
             "host:80 ",
+            "a..b:80",
+            ".host:80",
+            "1.2.3:80",
+            "300.1.1.1:80",
+            "h\u{e9}te:80",
+            "h%t:80",
         ] {
             assert!(
                 matches!(PeerAddr::parse(bad), Err(Error::BadSession { .. })),
@@ -155,5 +205,48 @@ mod tests {
             );
         }
         assert_eq!(PeerAddr::parse("[::1]:5").unwrap().to_string(), "[::1]:5");
+    }
+
+    /// What an engine may be named is what a peer can parse back.
+    #[test]
+    fn accepted_hosts_round_trip_as_session_ids() {
+        let long_label = "a".repeat(63);
+        let longest = [long_label.as_str(); 4].join(".")[..253].to_owned();
+        for host in [
+            "127.0.0.1",
+            "::1",
+            "fe80::1:2",
+            "localhost",
+            "node-7.cluster",
+            "prefill_0",
+            long_label.as_str(),
+            longest.as_str(),
+        ] {
+            assert_eq!(host_problem(host), None, "{host}");
+            let name = PeerAddr {
+                host: host.into(),
+                port: 7,
+            }
+            .to_string();
+            assert_eq!(PeerAddr::parse(&name).unwrap().host, host, "{name}");
+        }
+        let too_long_label = "a".repeat(64);
+        let too_long = format!("{longest}a");
+        for host in [
+            "",
+            "a b",
+            "a:b",
+            "[::1]",
+            "fe80::1%eth0",
+            "a..b",
+            "host.",
+            "1.2.3",
+            "256.0.0.1",
+            too_long_label.as_str(),
+            too_long.as_str(),
+            "h\u{e9}te",
+        ] {
+            assert!(host_problem(host).is_some(), "{host:?} accepted");
+        }
     }
 }

@@ -107,7 +107,12 @@ fn killed_mid_batch(transport: TransportChoice) {
             Err(err) => {
                 failed += 1;
                 assert!(
-                    !matches!(err, Error::Timeout { .. } | Error::Internal { .. }),
+                    !matches!(
+                        err,
+                        Error::Timeout { .. }
+                            | Error::TransferTimeout { .. }
+                            | Error::Internal { .. }
+                    ),
                     "unclear error: {err}"
                 );
             }
