@@ -49,6 +49,7 @@ pub(crate) struct Shared {
     pub(crate) host_id: String,
     pub(crate) registry: Registry,
     pub(crate) secret: Option<Vec<u8>>,
+    /// Bounds a frame, from its first byte to the end of its reply.
     pub(crate) transfer_timeout: Duration,
     notifications: Mutex<VecDeque<Notification>>,
     /// The device runtime (if any), its staging pool and device regions.
@@ -153,9 +154,7 @@ fn bind(settings: &Settings) -> Result<TcpListener> {
 
 impl Core {
     fn deadline(&self) -> Instant {
-        let now = Instant::now();
-        now.checked_add(self.settings.transfer_timeout)
-            .unwrap_or(now + Duration::from_secs(86400 * 365))
+        crate::net::deadline_after(self.settings.transfer_timeout)
     }
 
     fn identity(&self) -> ClientIdentity {

@@ -6,14 +6,18 @@
 //! against this engine's own registry before a byte moves. A frame that
 //! breaks the protocol gets an ERROR frame and the connection is closed;
 //! other connections are unaffected.
+//!
+//! A frame must arrive whole, and its reply leave, within the transfer
+//! timeout from its first byte, however slowly its bytes come: a peer
+//! cannot hold a connection (and a request's pins) by trickling them.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -158,7 +162,7 @@ fn accept_loop(
 }
 
 struct Handler {
-    stream: TcpStream,
+    stream: net::Stream,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     /// cma leases of this connection: pins held until UNPIN or disconnect.
@@ -166,6 +170,9 @@ struct Handler {
     next_lease: u64,
     /// This connection's id (owner of its lease board slots).
     id: u64,
+    /// The deadline of the frame being served: the rest of the frame and
+    /// the reply to it must be through by then (`net::Stream`).
+    deadline: Instant,
 }
 
 /// Why a connection ends.
@@ -174,17 +181,14 @@ type Close = String;
 impl Handler {
     fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>, id: u64) -> Self {
         let _ = stream.set_nodelay(true);
-        // Once a frame has started, the rest must follow within the
-        // deadline; set once, so the per-frame path makes no setsockopt.
-        let _ = stream.set_read_timeout(Some(shared.transfer_timeout));
-        let _ = stream.set_write_timeout(Some(shared.transfer_timeout));
         Handler {
-            stream,
+            stream: net::Stream::new(stream),
             shared,
             stop,
             leases: HashMap::new(),
             next_lease: 1,
             id,
+            deadline: Instant::now(),
         }
     }
 
@@ -192,21 +196,22 @@ impl Handler {
     /// every tick. `false` when the engine stops; a peer that closed is
     /// seen by the header read that follows (a clean end of stream).
     fn wait_for_frame(&self) -> io::Result<bool> {
-        if net::spin_until_readable(&self.stream)? {
+        let s = self.stream.get_ref();
+        if net::spin_until_readable(s)? {
             return Ok(true);
         }
         loop {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(false);
             }
-            if net::wait_readable(&self.stream, TICK)? {
+            if net::wait_readable(s, TICK)? {
                 return Ok(true);
             }
         }
     }
 
     fn send(&mut self, h: &FrameHeader, payload: &[&[u8]]) -> io::Result<()> {
-        wire::write_frame(&mut self.stream, h, payload)
+        self.stream.write_frame(h, payload, self.deadline)
     }
 
     fn send_error(&mut self, request_id: u64, status: Status, message: &str) -> io::Result<()> {
@@ -217,8 +222,13 @@ impl Handler {
     /// Sends an ERROR frame and ends the connection.
     fn reject(&mut self, request_id: u64, message: String) -> Result<(), Close> {
         let _ = self.send_error(request_id, Status::Protocol, &message);
-        let _ = self.stream.flush();
         Err(message)
+    }
+
+    fn read_payload(&mut self, len: u64) -> Result<Vec<u8>, Close> {
+        self.stream
+            .read_payload(len, self.deadline)
+            .map_err(|e| e.to_string())
     }
 
     fn serve(mut self) -> Result<(), Close> {
@@ -226,7 +236,9 @@ impl Handler {
         let mut hello_done = false;
         let mut awaiting_auth: Option<([u8; 16], [u8; 16])> = None;
         while self.wait_for_frame().map_err(io)? {
-            let h = match wire::read_header(&mut self.stream).map_err(io)? {
+            // Everything of this frame, and the reply to it, by then.
+            self.deadline = net::deadline_after(self.shared.transfer_timeout);
+            let h = match self.stream.read_header(self.deadline).map_err(io)? {
                 Some(h) => h,
                 None => return Ok(()),
             };
@@ -243,7 +255,7 @@ impl Handler {
                         "this engine requires the shared secret: AUTH expected".into(),
                     );
                 }
-                let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                let p = self.read_payload(len)?;
                 let auth: wire::Auth = match wire::pod_from(&p) {
                     Ok(a) => a,
                     Err(m) => return self.reject(rid, m),
@@ -271,7 +283,7 @@ impl Handler {
                     if hello_done {
                         return self.reject(rid, "second HELLO".into());
                     }
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let hello: wire::Hello = match wire::pod_from(&p) {
                         Ok(x) => x,
                         Err(m) => return self.reject(rid, m),
@@ -319,14 +331,14 @@ impl Handler {
                 }
                 Kind::Read | Kind::Write | Kind::Pin => self.serve_table(kind, h)?,
                 Kind::Unpin => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let Ok(id) = <[u8; 8]>::try_from(p.as_slice()) else {
                         return self.reject(rid, "UNPIN payload is not 8 bytes".into());
                     };
                     self.leases.remove(&u64::from_le_bytes(id));
                 }
                 Kind::LeaseBoard => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let req: wire::BoardRequest = match wire::pod_from(&p) {
                         Ok(x) => x,
                         Err(m) => return self.reject(rid, m),
@@ -334,7 +346,7 @@ impl Handler {
                     self.serve_board(rid, req).map_err(io)?;
                 }
                 Kind::LeaseRegions => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let Ok(inst) = <[u8; 8]>::try_from(p.as_slice()) else {
                         return self.reject(rid, "LEASE_REGIONS payload is not 8 bytes".into());
                     };
@@ -342,7 +354,7 @@ impl Handler {
                         .map_err(io)?;
                 }
                 Kind::Notify => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let (name, message) = match wire::decode_notify(&p) {
                         Ok(x) => x,
                         Err(m) => return self.reject(rid, m),
@@ -357,12 +369,12 @@ impl Handler {
                     }
                 }
                 Kind::Ping => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     self.send(&FrameHeader::new(Kind::Pong, rid, p.len() as u64), &[&p])
                         .map_err(io)?;
                 }
                 Kind::DeviceControl => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let reply = match &self.shared.device.runtime {
                         Some(rt) => rt.serve_control(&p),
                         None => Err(crate::error::Error::Unsupported {
@@ -496,14 +508,13 @@ impl Handler {
         if h.payload_len < wire::TABLE_HEAD_LEN as u64 {
             return self.reject(rid, format!("{kind:?} payload shorter than its table head"));
         }
-        let head_bytes =
-            net::read_payload(&mut self.stream, wire::TABLE_HEAD_LEN as u64).map_err(io)?;
+        let head_bytes = self.read_payload(wire::TABLE_HEAD_LEN as u64)?;
         let head = match wire::decode_table_head(&head_bytes, h.payload_len) {
             Ok(x) => x,
             Err(m) => return self.reject(rid, m),
         };
         let table_len = 16 * u64::from(head.count);
-        let table = net::read_payload(&mut self.stream, table_len).map_err(io)?;
+        let table = self.read_payload(table_len)?;
         let (ranges, total) = match wire::decode_ranges(&table) {
             Ok(x) => x,
             Err(m) => return self.reject(rid, m),
@@ -533,15 +544,21 @@ impl Handler {
             Ok(p) => p,
             Err((status, msg)) => {
                 if kind == Kind::Write {
-                    net::discard(&mut self.stream, rest).map_err(io)?;
+                    self.stream.discard(rest, self.deadline).map_err(io)?;
                 }
                 return self.send_error(rid, status, &msg).map_err(io);
             }
         };
         // Ranges in device memory are staged through pinned host buffers.
-        if let Some(served) =
-            crate::staging::serve(&self.shared, &mut self.stream, kind, rid, &ranges, &pins)
-        {
+        if let Some(served) = crate::staging::serve(
+            &self.shared,
+            &mut self.stream,
+            self.deadline,
+            kind,
+            rid,
+            &ranges,
+            &pins,
+        ) {
             return served.map_err(io);
         }
         let raw: Vec<RawRange> = ranges
@@ -557,14 +574,17 @@ impl Handler {
                 // SAFETY: every range lies inside a region pinned in `pins`
                 // for the whole call; registered memory is valid until
                 // unregistered, which waits for pins.
-                unsafe { net::send_ranges(&self.stream, &[bytemuck::bytes_of(&hdr)], &raw) }
-                    .map_err(io)?;
+                unsafe {
+                    self.stream
+                        .send_ranges(&[bytemuck::bytes_of(&hdr)], &raw, self.deadline)
+                }
+                .map_err(io)?;
             }
             Kind::Write => {
                 // SAFETY: as above; the data lands straight in the
                 // registered ranges, and is acknowledged only once all of
                 // it is in place.
-                unsafe { net::recv_ranges(&self.stream, &raw) }.map_err(io)?;
+                unsafe { self.stream.recv_ranges(&raw, self.deadline) }.map_err(io)?;
                 self.send(&FrameHeader::new(Kind::WriteAck, rid, 0), &[])
                     .map_err(io)?;
             }

@@ -1,17 +1,23 @@
 //! What arrives on an engine's port from a client that does not play by
 //! the rules: garbage, truncated, oversized and wrong-version frames, reads
-//! outside registered memory, a wrong shared secret. Each gets an ERROR
-//! frame or a clean refusal, and the engine keeps serving everyone else.
+//! outside registered memory, a wrong shared secret, frames trickled a byte
+//! at a time. Each gets an ERROR frame, a clean refusal or a closed
+//! connection within its deadline, and the engine keeps serving everyone
+//! else. A target that trickles its replies fails the initiator's batch at
+//! its deadline.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
 use kvferry::wire::{self, FrameHeader, Kind};
 use kvferry::{Engine, EngineConfig, Error, Op, Status, TransportChoice};
 
+/// The transfer timeout of the engines made by `engine`.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn engine(cfg: EngineConfig) -> Engine {
-    Engine::new(cfg.port(0).transfer_timeout(Duration::from_secs(2))).unwrap()
+    Engine::new(cfg.port(0).transfer_timeout(TRANSFER_TIMEOUT)).unwrap()
 }
 
 fn connect(e: &Engine) -> TcpStream {
@@ -296,7 +302,12 @@ fn nobody_listening_is_a_fast_clear_error() {
 }
 
 fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
-    let h = FrameHeader::new(kind, 9, payload.len() as u64);
+    frame_for(kind, 9, payload)
+}
+
+/// A frame of `kind` for (or answering) request `rid`.
+fn frame_for(kind: Kind, rid: u64, payload: &[u8]) -> Vec<u8> {
+    let h = FrameHeader::new(kind, rid, payload.len() as u64);
     let mut out = bytemuck::bytes_of(&h).to_vec();
     out.extend_from_slice(payload);
     out
@@ -395,4 +406,199 @@ fn lease_board_requests_are_checked() {
     drop(held);
     e.unregister_memory(buf.as_ptr() as u64).unwrap();
     still_serves(&e);
+}
+
+/// Sends `bytes` one every `every` until the peer closes the connection (or
+/// `give_up` passes: `None`); returns how long after the first byte it
+/// closed. Anything the peer sends meanwhile is skipped.
+fn trickle(
+    s: &mut TcpStream,
+    bytes: &[u8],
+    every: Duration,
+    give_up: Duration,
+) -> Option<Duration> {
+    s.set_read_timeout(Some(every)).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    for b in bytes {
+        if start.elapsed() > give_up {
+            return None;
+        }
+        if s.write_all(&[*b]).is_err() {
+            return Some(start.elapsed());
+        }
+        let next = Instant::now() + every;
+        while Instant::now() < next {
+            match s.read(&mut buf) {
+                Ok(0) => return Some(start.elapsed()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Some(start.elapsed()),
+            }
+        }
+    }
+    None
+}
+
+/// A byte every 1.5 s: each read of the target (transfer timeout 2 s)
+/// would see one in time, but the frame is not complete in time.
+const TRICKLE: Duration = Duration::from_millis(1500);
+
+/// The target closed the connection `TRANSFER_TIMEOUT` after a frame's
+/// first byte (within the trickle's resolution).
+fn assert_cut(closed: Option<Duration>, what: &str) {
+    let closed = closed.unwrap_or_else(|| panic!("{what}: still open"));
+    assert!(
+        closed >= TRANSFER_TIMEOUT - Duration::from_millis(100)
+            && closed < TRANSFER_TIMEOUT + Duration::from_secs(1),
+        "{what}: closed {closed:?} after the first byte"
+    );
+}
+
+/// A frame, or a refused WRITE's data the target discards, trickled a
+/// byte at a time: the target closes the connection at the transfer
+/// timeout from the frame's first byte.
+#[test]
+fn a_request_trickled_byte_by_byte_is_cut_at_the_transfer_timeout() {
+    let give_up = TRANSFER_TIMEOUT * 3;
+    let e = engine(EngineConfig::new());
+    let mut s = connect(&e);
+    let instance = hello(&mut s).instance_id;
+    let t = wire::encode_table(
+        instance,
+        &[wire::Range {
+            addr: 0x10,
+            len: 16,
+        }],
+    );
+    assert_cut(
+        trickle(&mut s, &frame(Kind::Read, &t), TRICKLE, give_up),
+        "a READ header",
+    );
+    let mut s = connect(&e);
+    hello(&mut s);
+    let h = FrameHeader::new(Kind::Write, 3, t.len() as u64 + 16);
+    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    assert_cut(
+        trickle(&mut s, &[0x5a; 16], TRICKLE, give_up),
+        "a refused WRITE's data",
+    );
+    still_serves(&e);
+}
+
+/// A WRITE whose data is trickled holds pins on its ranges until the
+/// target cuts it at the transfer timeout: unregister, which waits for
+/// pins that long, succeeds instead of finding the region busy forever.
+#[test]
+fn a_trickled_write_does_not_keep_its_ranges_pinned() {
+    let e = engine(EngineConfig::new());
+    let mut mem = vec![0u8; 4096];
+    let addr = mem.as_mut_ptr() as u64;
+    // SAFETY: `mem` outlives the engine's use of it (unregistered below).
+    unsafe { e.register_memory(addr, 4096, "cpu:0") }.unwrap();
+    let mut s = connect(&e);
+    let instance = hello(&mut s).instance_id;
+    let t = wire::encode_table(instance, &[wire::Range { addr, len: 16 }]);
+    let h = FrameHeader::new(Kind::Write, 3, t.len() as u64 + 16);
+    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    let (closed, unregistered) = std::thread::scope(|scope| {
+        let dripper = scope.spawn(|| trickle(&mut s, &[0x5a; 16], TRICKLE, TRANSFER_TIMEOUT * 3));
+        std::thread::sleep(TRANSFER_TIMEOUT / 2);
+        let unregistered = e.unregister_memory(addr);
+        (dripper.join().unwrap(), unregistered)
+    });
+    unregistered.unwrap();
+    assert_cut(closed, "a WRITE's data");
+    drop(mem);
+    still_serves(&e);
+}
+
+/// A fake target that greets, serves a segment with one host region, and
+/// answers a READ with a READ_DATA header whose bytes it then trickles, one
+/// every 300 ms. The initiator's read fails with a timeout at its transfer
+/// timeout (2 s), not when the last byte would have come (20 minutes on).
+#[test]
+fn a_reply_trickled_to_the_initiator_fails_at_its_deadline() {
+    const REMOTE: u64 = 0x7f00_0000_0000;
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let peer = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let segment = kvferry::Segment {
+        name: peer.clone(),
+        instance_id: 42,
+        epoch: 1,
+        host_id: "another host".into(),
+        pid: 1,
+        regions: vec![kvferry::RegionDesc {
+            addr: REMOTE,
+            len: 4096,
+            location: kvferry::Location::Host,
+        }],
+        exports: Default::default(),
+    };
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        while let Some((h, p)) = read_frame(&mut s) {
+            let rid = h.request_id;
+            let reply = match Kind::from_u16(h.kind) {
+                Some(Kind::Hello) => {
+                    let hello: wire::Hello = wire::pod_from(&p).unwrap();
+                    let r = wire::HelloReply {
+                        version: 1,
+                        auth_required: 0,
+                        reserved: 0,
+                        nonce: hello.nonce,
+                        instance_id: 42,
+                        proof: [0; 32],
+                    };
+                    frame_for(Kind::HelloReply, rid, bytemuck::bytes_of(&r))
+                }
+                Some(Kind::GetSegment) => {
+                    frame_for(Kind::SegmentReply, rid, &wire::encode_segment(&segment))
+                }
+                Some(Kind::Read) => {
+                    let (ranges, total) = wire::decode_ranges(&p[16..]).unwrap();
+                    assert_eq!(ranges.len(), 1);
+                    let h = FrameHeader::new(Kind::ReadData, rid, total);
+                    s.write_all(bytemuck::bytes_of(&h)).unwrap();
+                    trickle(
+                        &mut s,
+                        &vec![1; total as usize],
+                        Duration::from_millis(300),
+                        Duration::from_secs(60),
+                    );
+                    return;
+                }
+                _ => return,
+            };
+            s.write_all(&reply).unwrap();
+        }
+    });
+    // On a thread of its own, which a failing test leaves behind.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let i = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+        let mut local = vec![0u8; 4096];
+        // SAFETY: `local` outlives `i` (dropped first, below).
+        unsafe { i.register_memory(local.as_mut_ptr() as u64, 4096, "cpu:0") }.unwrap();
+        let op = Op {
+            local: local.as_ptr() as u64,
+            remote: REMOTE,
+            len: 4096,
+        };
+        let start = Instant::now();
+        let r = i.read(&peer, &[op]);
+        let _ = tx.send((r, start.elapsed()));
+        drop(i);
+        drop(local);
+    });
+    let (r, took) = rx
+        .recv_timeout(TRANSFER_TIMEOUT * 5)
+        .expect("the read is still waiting for the trickle");
+    let e = r.unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(took < TRANSFER_TIMEOUT + Duration::from_secs(1), "{took:?}");
 }
