@@ -338,6 +338,14 @@ kvf_status kvf_config_set_secret(struct kvf_config *config, const char *secret);
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_lanes(struct kvf_config *config, uint32_t lanes);
 
+// Connections this engine serves at once, from all peers (> 0; default
+// `KVFERRY_MAX_CONNECTIONS`, else 1024). A connection over the limit is
+// refused at once; its initiator sees the peer as unreachable.
+//
+// # Safety
+// `config` is NULL or from `kvf_config_new`.
+kvf_status kvf_config_set_max_connections(struct kvf_config *config, uint32_t connections);
+
 // Makes engines created from `config` handle Ascend NPU memory: memory
 // registered as `"npu:N"` (or found to be device memory for `"*"`) is
 // checked and exported for same-host peers, moved device-to-device with

@@ -51,6 +51,10 @@ pub(crate) struct Shared {
     pub(crate) secret: Option<Vec<u8>>,
     /// Bounds a frame, from its first byte to the end of its reply.
     pub(crate) transfer_timeout: Duration,
+    /// Bounds how long a new connection may take to say HELLO (and AUTH).
+    pub(crate) connect_timeout: Duration,
+    /// Connections served at once; more are refused.
+    pub(crate) max_connections: usize,
     notifications: Mutex<VecDeque<Notification>>,
     /// The device runtime (if any), its staging pool and device regions.
     pub(crate) device: DeviceState,
@@ -414,6 +418,8 @@ impl Engine {
             registry: Registry::new(),
             secret: settings.secret.clone(),
             transfer_timeout: settings.transfer_timeout,
+            connect_timeout: settings.connect_timeout,
+            max_connections: settings.max_connections,
             notifications: Mutex::new(VecDeque::new()),
             device: DeviceState::new(config.runtime().cloned(), settings.staging_pool),
             board: board.clone(),

@@ -7,9 +7,12 @@
 //! breaks the protocol gets an ERROR frame and the connection is closed;
 //! other connections are unaffected.
 //!
-//! A frame must arrive whole, and its reply leave, within the transfer
-//! timeout from its first byte, however slowly its bytes come: a peer
-//! cannot hold a connection (and a request's pins) by trickling them.
+//! What a peer can hold: at most `max_connections` connections (more are
+//! refused at once); a connection that has not said HELLO (and proved the
+//! secret) within the connect timeout is closed; a frame must arrive
+//! whole, and its reply leave, within the transfer timeout from its first
+//! byte. A greeted connection may stay idle for as long as its peer likes:
+//! initiators keep their lanes open between batches.
 
 use std::collections::HashMap;
 use std::io;
@@ -98,7 +101,26 @@ fn accept_loop(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors (EMFILE), say: the pending connection
+                // stays queued and accept fails again at once. Pause rather
+                // than spin on it.
+                log::debug!("kvferry: {} cannot accept a connection: {e}", shared.name);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        {
+            let open = conns.open.lock();
+            if open.len() >= shared.max_connections {
+                let n = open.len();
+                drop(open);
+                refuse(stream, &shared.name, n);
+                continue;
+            }
+        }
         let Ok(clone) = stream.try_clone() else {
             continue;
         };
@@ -161,6 +183,30 @@ fn accept_loop(
     }
 }
 
+/// Turns away a connection over the limit: an ERROR frame about the
+/// connection (request id 0), sent without waiting, then close.
+fn refuse(stream: TcpStream, name: &str, open: usize) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    log::debug!(
+        "kvferry: {name} refuses a connection from {peer}: {open} connections are open, the limit (KVFERRY_MAX_CONNECTIONS)"
+    );
+    let message = format!(
+        "{name} serves {open} connections, its limit (KVFERRY_MAX_CONNECTIONS); try again later"
+    );
+    let (h, msg) = wire::error_frame(0, Status::PeerUnreachable, &message);
+    // A fresh socket's send buffer takes the frame; never block the acceptor.
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = wire::write_frame(&mut &stream, &h, &[&msg]);
+        let _ = stream.shutdown(Shutdown::Write);
+        // Closing with unread bytes (the peer's HELLO, if it came already)
+        // would reset the connection, and the peer might lose the frame.
+        let _ = io::Read::read(&mut &stream, &mut [0u8; 256]);
+    }
+}
+
 struct Handler {
     stream: net::Stream,
     shared: Arc<Shared>,
@@ -170,6 +216,8 @@ struct Handler {
     next_lease: u64,
     /// This connection's id (owner of its lease board slots).
     id: u64,
+    /// When the connection must have said HELLO (and AUTH) by.
+    hello_by: Instant,
     /// The deadline of the frame being served: the rest of the frame and
     /// the reply to it must be through by then (`net::Stream`).
     deadline: Instant,
@@ -178,9 +226,20 @@ struct Handler {
 /// Why a connection ends.
 type Close = String;
 
+/// What `wait_for_frame` saw.
+enum Next {
+    /// The next frame's first byte (or the peer's end of stream).
+    Frame,
+    /// The engine stops.
+    Stop,
+    /// The deadline it was given passed first.
+    Expired,
+}
+
 impl Handler {
     fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>, id: u64) -> Self {
         let _ = stream.set_nodelay(true);
+        let hello_by = net::deadline_after(shared.connect_timeout);
         Handler {
             stream: net::Stream::new(stream),
             shared,
@@ -188,24 +247,32 @@ impl Handler {
             leases: HashMap::new(),
             next_lease: 1,
             id,
-            deadline: Instant::now(),
+            hello_by,
+            deadline: hello_by,
         }
     }
 
     /// Waits for the next frame's first byte, looking at the stop flag
-    /// every tick. `false` when the engine stops; a peer that closed is
-    /// seen by the header read that follows (a clean end of stream).
-    fn wait_for_frame(&self) -> io::Result<bool> {
+    /// every tick, until `until` if given. A peer that closed is seen by
+    /// the header read that follows (a clean end of stream).
+    fn wait_for_frame(&self, until: Option<Instant>) -> io::Result<Next> {
         let s = self.stream.get_ref();
         if net::spin_until_readable(s)? {
-            return Ok(true);
+            return Ok(Next::Frame);
         }
         loop {
             if self.stop.load(Ordering::Relaxed) {
-                return Ok(false);
+                return Ok(Next::Stop);
             }
-            if net::wait_readable(s, TICK)? {
-                return Ok(true);
+            let tick = match until {
+                None => TICK,
+                Some(t) => match t.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(TICK),
+                    _ => return Ok(Next::Expired),
+                },
+            };
+            if net::wait_readable(s, tick)? {
+                return Ok(Next::Frame);
             }
         }
     }
@@ -235,9 +302,34 @@ impl Handler {
         let io = |e: io::Error| e.to_string();
         let mut hello_done = false;
         let mut awaiting_auth: Option<([u8; 16], [u8; 16])> = None;
-        while self.wait_for_frame().map_err(io)? {
+        loop {
+            // Before the handshake is through, the connect timeout bounds
+            // the wait and the frames: a connection that never greets
+            // (a port scan, a stray client) does not hold a thread forever.
+            let greeting = !hello_done;
+            match self
+                .wait_for_frame(greeting.then_some(self.hello_by))
+                .map_err(io)?
+            {
+                Next::Frame => {}
+                Next::Stop => return Ok(()),
+                Next::Expired => {
+                    return Err(format!(
+                        "no {} within the connect timeout ({} ms)",
+                        if awaiting_auth.is_some() {
+                            "AUTH"
+                        } else {
+                            "HELLO"
+                        },
+                        self.shared.connect_timeout.as_millis()
+                    ));
+                }
+            }
             // Everything of this frame, and the reply to it, by then.
             self.deadline = net::deadline_after(self.shared.transfer_timeout);
+            if greeting {
+                self.deadline = self.deadline.min(self.hello_by);
+            }
             let h = match self.stream.read_header(self.deadline).map_err(io)? {
                 Some(h) => h,
                 None => return Ok(()),
@@ -411,7 +503,6 @@ impl Handler {
                 }
             }
         }
-        Ok(())
     }
 
     /// The refusal for a request naming another instance than this one.

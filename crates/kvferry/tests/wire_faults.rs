@@ -1,10 +1,10 @@
 //! What arrives on an engine's port from a client that does not play by
 //! the rules: garbage, truncated, oversized and wrong-version frames, reads
 //! outside registered memory, a wrong shared secret, frames trickled a byte
-//! at a time. Each gets an ERROR frame, a clean refusal or a closed
-//! connection within its deadline, and the engine keeps serving everyone
-//! else. A target that trickles its replies fails the initiator's batch at
-//! its deadline.
+//! at a time, connections that never greet or come in floods. Each gets an
+//! ERROR frame, a clean refusal or a closed connection within its deadline,
+//! and the engine keeps serving everyone else. A target that trickles its
+//! replies fails the initiator's batch at its deadline.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -35,6 +35,11 @@ fn read_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
 }
 
 fn hello(s: &mut TcpStream) -> wire::HelloReply {
+    try_hello(s).expect("hello reply")
+}
+
+/// Says HELLO; `None` when something else than a HELLO_REPLY comes back.
+fn try_hello(s: &mut TcpStream) -> Option<wire::HelloReply> {
     let hello = wire::Hello {
         min_version: 1,
         max_version: 1,
@@ -43,10 +48,9 @@ fn hello(s: &mut TcpStream) -> wire::HelloReply {
         instance_id: 0,
     };
     let h = FrameHeader::new(Kind::Hello, 1, std::mem::size_of::<wire::Hello>() as u64);
-    wire::write_frame(s, &h, &[bytemuck::bytes_of(&hello)]).unwrap();
-    let (h, p) = read_frame(s).expect("hello reply");
-    assert_eq!(h.kind, Kind::HelloReply as u16);
-    wire::pod_from(&p).unwrap()
+    wire::write_frame(s, &h, &[bytemuck::bytes_of(&hello)]).ok()?;
+    let (h, p) = read_frame(s)?;
+    (h.kind == Kind::HelloReply as u16).then(|| wire::pod_from(&p).unwrap())
 }
 
 /// Sends `bytes`, expects an ERROR frame with `status`, then a closed connection.
@@ -601,4 +605,112 @@ fn a_reply_trickled_to_the_initiator_fails_at_its_deadline() {
     let e = r.unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
     assert!(took < TRANSFER_TIMEOUT + Duration::from_secs(1), "{took:?}");
+}
+
+/// How long until the peer closes `s` (EOF or reset); panics if it is
+/// still open after 5 s.
+fn closed_after(s: &mut TcpStream) -> Duration {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("still open after {:?}", start.elapsed())
+            }
+            Err(_) => return start.elapsed(),
+        }
+    }
+}
+
+/// A connection must say HELLO (and AUTH, when the engine has a secret)
+/// within the connect timeout, else it is closed; a greeted connection
+/// may stay idle as long as it likes.
+#[test]
+fn a_connection_that_does_not_greet_is_closed_after_the_connect_timeout() {
+    let connect_timeout = Duration::from_millis(300);
+    let e = engine(EngineConfig::new().connect_timeout(connect_timeout));
+    let secured = engine(
+        EngineConfig::new()
+            .connect_timeout(connect_timeout)
+            .secret("s3cret"),
+    );
+    let mut idle = connect(&e);
+    hello(&mut idle);
+    let limit = Duration::from_millis(1500); // below the transfer timeout
+    // Says nothing.
+    let mut s = connect(&e);
+    let t = closed_after(&mut s);
+    assert!(t < limit, "silent: {t:?}");
+    // Says half a HELLO.
+    let mut s = connect(&e);
+    s.write_all(&bytemuck::bytes_of(&FrameHeader::new(Kind::Hello, 1, 32))[..10])
+        .unwrap();
+    let t = closed_after(&mut s);
+    assert!(t < limit, "half a HELLO: {t:?}");
+    // Says HELLO, then never proves the secret.
+    let mut s = connect(&secured);
+    assert_eq!(hello(&mut s).auth_required, 1);
+    let t = closed_after(&mut s);
+    assert!(t < limit, "no AUTH: {t:?}");
+    // The greeted connection idled through all of this and still works.
+    std::thread::sleep(connect_timeout * 2);
+    let ping = FrameHeader::new(Kind::Ping, 8, 2);
+    wire::write_frame(&mut idle, &ping, &[b"hi"]).unwrap();
+    let (h, p) = read_frame(&mut idle).expect("a PONG");
+    assert_eq!((h.kind, p.as_slice()), (Kind::Pong as u16, &b"hi"[..]));
+    still_serves(&e);
+}
+
+/// At most `max_connections` at once: one more is refused at once with an
+/// ERROR about the connection (request id 0), which an initiator reports
+/// as an unreachable peer with the reason; a connection that ends is
+/// counted out.
+#[test]
+fn connections_over_the_limit_are_refused() {
+    let e = engine(EngineConfig::new().max_connections(4));
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = connect(&e);
+            hello(&mut s);
+            s
+        })
+        .collect();
+    let mut s = connect(&e);
+    let (h, msg) = read_frame(&mut s).expect("an ERROR frame");
+    let msg = String::from_utf8_lossy(&msg).into_owned();
+    assert_eq!(
+        (h.kind, h.request_id, h.status),
+        (Kind::ErrorReply as u16, 0, Status::PeerUnreachable as i32),
+        "{msg}"
+    );
+    assert!(msg.contains("KVFERRY_MAX_CONNECTIONS"), "{msg}");
+    assert!(read_frame(&mut s).is_none(), "still open");
+
+    let c = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+    let err = c.notify(e.name(), b"x").unwrap_err();
+    assert!(
+        matches!(err, Error::PeerUnreachable { .. })
+            && err.to_string().contains("KVFERRY_MAX_CONNECTIONS"),
+        "{err}"
+    );
+
+    // One closes: room for one more (once its handler has ended).
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while try_hello(&mut connect(&e)).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
 }

@@ -152,18 +152,20 @@ impl Conn {
             peer: peer.to_owned(),
             detail: d,
         })?;
-        if h.request_id != rid {
-            return Err(Error::Protocol {
-                peer: peer.to_owned(),
-                detail: format!("reply to request {} while waiting for {rid}", h.request_id),
-            });
-        }
-        if kind == Kind::ErrorReply {
+        // Request id 0: about the connection, not a request (a target
+        // refusing a connection over its limit).
+        if kind == Kind::ErrorReply && (h.request_id == rid || h.request_id == 0) {
             let msg = self
                 .stream
                 .read_payload(h.payload_len, self.deadline)
                 .map_err(|e| self.io(peer, "reading an error", e))?;
             return Err(wire::remote_error(peer, &h, &msg));
+        }
+        if h.request_id != rid {
+            return Err(Error::Protocol {
+                peer: peer.to_owned(),
+                detail: format!("reply to request {} while waiting for {rid}", h.request_id),
+            });
         }
         if kind != expect {
             return Err(Error::Protocol {
