@@ -1,10 +1,11 @@
 //! What arrives on an engine's port from a client that does not play by
 //! the rules: garbage, truncated, oversized and wrong-version frames, reads
 //! outside registered memory, a wrong shared secret, frames trickled a byte
-//! at a time, connections that never greet or come in floods. Each gets an
-//! ERROR frame, a clean refusal or a closed connection within its deadline,
-//! and the engine keeps serving everyone else. A target that trickles its
-//! replies fails the initiator's batch at its deadline.
+//! at a time, connections that never greet or come in floods, a flood of
+//! notifications. Each gets an ERROR frame, a clean refusal or a closed
+//! connection within its deadline, and the engine keeps serving everyone
+//! else. A target that trickles its replies fails the initiator's batch at
+//! its deadline.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -713,4 +714,37 @@ fn connections_over_the_limit_are_refused() {
         std::thread::sleep(Duration::from_millis(20));
     }
     drop(held);
+}
+
+/// Undrained notifications are capped in bytes (64 MiB), not only in
+/// count: a sender of 1 MiB messages sees its notify refused, with a
+/// message that says why, once 64 MiB are queued; taking notifications
+/// makes room.
+#[test]
+fn queued_notifications_are_capped_in_bytes() {
+    let e = engine(EngineConfig::new());
+    let c = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+    let big = vec![7u8; (1 << 20) - 64];
+    let size = big.len() + c.name().len();
+    let mut sent = 0;
+    let err = loop {
+        match c.notify(e.name(), &big) {
+            Ok(()) => sent += 1,
+            Err(err) => break err,
+        }
+        assert!(sent <= 80, "{sent} notifications of 1 MiB queued");
+    };
+    assert_eq!(sent, kvferry::engine::MAX_NOTIFICATION_BYTES / size);
+    assert!(
+        matches!(&err, Error::TransferFailed { reason, .. } if reason.contains("undrained notifications") && reason.contains("drain them")),
+        "{err}"
+    );
+    // Taking one (as kvf_notify_recv does) makes room for one.
+    let first = e.next_notification_within(usize::MAX, usize::MAX);
+    assert_eq!(first.unwrap().unwrap().message, big);
+    c.notify(e.name(), &big).unwrap();
+    assert!(c.notify(e.name(), &big).is_err(), "full again");
+    assert_eq!(e.drain_notifications().len(), sent);
+    c.notify(e.name(), &big).unwrap();
+    assert_eq!(e.drain_notifications().len(), 1);
 }
