@@ -541,7 +541,8 @@ impl Handler {
         let Some(board) = self.board_for(rid, req.target_instance)? else {
             return Ok(());
         };
-        let slots = board.grant(self.id, req.slots.min(wire::MAX_GRANT), req.pid);
+        // At most `board::MAX_SLOTS_PER_CONN`, however many are asked for.
+        let slots = board.grant(self.id, req.slots, req.pid);
         let grant = wire::BoardGrant {
             pid: std::process::id(),
             fd: board.fd(),

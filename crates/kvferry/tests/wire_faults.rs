@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use kvferry::board::{MAX_SLOTS_PER_CONN, SLOT_COUNT};
 use kvferry::wire::{self, FrameHeader, Kind};
 use kvferry::{Engine, EngineConfig, Error, Op, Status, TransportChoice};
 
@@ -341,14 +342,7 @@ fn lease_board_requests_are_checked() {
     let mut s = connect(&e);
     let instance = hello(&mut s).instance_id;
     let ask = |s: &mut TcpStream, target_instance: u64, slots: u32| {
-        let req = wire::BoardRequest {
-            target_instance,
-            slots,
-            pid: 0,
-        };
-        s.write_all(&frame(Kind::LeaseBoard, bytemuck::bytes_of(&req)))
-            .unwrap();
-        read_frame(s).expect("a reply")
+        ask_slots(s, target_instance, slots, 0)
     };
     let (h, _) = ask(&mut s, instance ^ 1, 4);
     assert_eq!(
@@ -359,7 +353,7 @@ fn lease_board_requests_are_checked() {
     assert_eq!(h.kind, Kind::LeaseBoardGrant as u16);
     let (g, slots) = wire::decode_grant(&p).unwrap();
     assert_eq!(g.pid, std::process::id());
-    assert_eq!(slots.len(), wire::MAX_GRANT as usize);
+    assert_eq!(slots.len(), MAX_SLOTS_PER_CONN as usize);
     // The per-connection cap holds across requests.
     let (_, p) = ask(&mut s, instance, 1);
     assert!(wire::decode_grant(&p).unwrap().1.is_empty());
@@ -384,22 +378,9 @@ fn lease_board_requests_are_checked() {
     let (h, _) = read_frame(&mut s).expect("refusal");
     assert_eq!(h.status, Status::PeerRestarted as i32);
     drop(s);
-    // The closed connection's slots are free again: four new connections
-    // get all 256 slots of the board, and a fifth gets none.
-    let mut held = Vec::new();
-    let mut granted = 0;
-    for _ in 0..400 {
-        let mut s = connect(&e);
-        hello(&mut s);
-        let (_, p) = ask(&mut s, instance, 64);
-        granted += wire::decode_grant(&p).unwrap().1.len();
-        held.push(s);
-        if granted == 256 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(granted, 256);
+    // The closed connection's slots are free again: new connections get
+    // all slots of the board, and then one more gets none.
+    let held = fill_board(&e, instance);
     let mut s = connect(&e);
     hello(&mut s);
     assert!(
@@ -410,6 +391,68 @@ fn lease_board_requests_are_checked() {
     );
     drop(held);
     e.unregister_memory(buf.as_ptr() as u64).unwrap();
+    still_serves(&e);
+}
+
+/// Asks for `slots` lease board slots for the connection, naming `pid`.
+fn ask_slots(
+    s: &mut TcpStream,
+    target_instance: u64,
+    slots: u32,
+    pid: u32,
+) -> (FrameHeader, Vec<u8>) {
+    let req = wire::BoardRequest {
+        target_instance,
+        slots,
+        pid,
+    };
+    s.write_all(&frame(Kind::LeaseBoard, bytemuck::bytes_of(&req)))
+        .unwrap();
+    read_frame(s).expect("a reply")
+}
+
+/// Takes every slot of `e`'s lease board on new connections (slots of
+/// connections that just closed are freed when their handler ends: retried
+/// for a while); returns the connections, which hold them.
+fn fill_board(e: &Engine, instance: u64) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    let mut granted = 0;
+    for _ in 0..400 {
+        let mut s = connect(e);
+        hello(&mut s);
+        let (_, p) = ask_slots(&mut s, instance, SLOT_COUNT, 0);
+        granted += wire::decode_grant(&p).unwrap().1.len();
+        held.push(s);
+        if granted == SLOT_COUNT as usize {
+            return held;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("{granted} slots of {SLOT_COUNT} could be granted");
+}
+
+/// A LEASE_BOARD that names a process which is no initiator of this engine
+/// (pid 1, the target itself) and asks for a billion slots gets what
+/// initiators ask for, and when the target drops the connection (a bad
+/// frame) those slots are freed at once, not kept until that process exits.
+#[test]
+fn a_dropped_connection_naming_no_initiator_keeps_no_slots() {
+    let e = engine(EngineConfig::new());
+    let mut instance = 0;
+    for pid in [1, std::process::id()] {
+        let mut s = connect(&e);
+        instance = hello(&mut s).instance_id;
+        let (h, p) = ask_slots(&mut s, instance, 1_000_000_000, pid);
+        assert_eq!(h.kind, Kind::LeaseBoardGrant as u16);
+        let granted = wire::decode_grant(&p).unwrap().1.len();
+        assert_eq!(granted, MAX_SLOTS_PER_CONN as usize, "pid {pid}");
+        s.write_all(&[0xee; 32]).unwrap();
+        let (h, _) = read_frame(&mut s).expect("an ERROR frame");
+        assert_eq!(h.kind, Kind::ErrorReply as u16);
+        assert!(read_frame(&mut s).is_none(), "still open");
+    }
+    // Every slot of the board can be granted again.
+    drop(fill_board(&e, instance));
     still_serves(&e);
 }
 
