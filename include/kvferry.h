@@ -358,6 +358,14 @@ kvf_status kvf_config_set_secret(struct kvf_config *config, const char *secret);
 // `config` is NULL or from `kvf_config_new`.
 kvf_status kvf_config_set_lanes(struct kvf_config *config, uint32_t lanes);
 
+// Connections this engine serves at once, from all peers (> 0; default
+// `KVFERRY_MAX_CONNECTIONS`, else 1024). A connection over the limit is
+// refused at once; its initiator sees the peer as unreachable.
+//
+// # Safety
+// `config` is NULL or from `kvf_config_new`.
+kvf_status kvf_config_set_max_connections(struct kvf_config *config, uint32_t connections);
+
 // Makes engines created from `config` handle Ascend NPU memory: memory
 // registered as `"npu:N"` (or found to be device memory for `"*"`) is
 // checked and exported for same-host peers, moved device-to-device with
@@ -467,6 +475,8 @@ kvf_status kvf_unregister_memory_batch(const struct kvf_engine *engine,
 
 // Sends `len` bytes of `message` to `session`; returns once the peer has
 // queued it (Mooncake's notify). The peer reads it with `kvf_notify_recv`.
+// Fails while the peer's queue is full (65536 undrained notifications, or
+// 64 MiB of them): the last error says so.
 //
 // # Safety
 // `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated;

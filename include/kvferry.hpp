@@ -206,6 +206,13 @@ class Config {
     detail::check(kvf_config_set_lanes(config_, lanes), "kvf_config_set_lanes");
     return *this;
   }
+  /// Connections served at once, from all peers (> 0; default 1024); more
+  /// are refused.
+  Config &max_connections(std::uint32_t connections) {
+    detail::check(kvf_config_set_max_connections(config_, connections),
+                  "kvf_config_set_max_connections");
+    return *this;
+  }
   /// Handle Ascend NPU memory ("npu:N" regions): loads the ACL runtime now;
   /// throws Error (KVF_STATUS_UNSUPPORTED, "Ascend runtime not found: ...")
   /// where there is none, leaving the config as it was.

@@ -53,6 +53,7 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "kvf_config_set_transport": (c_status, [c_config_p, ctypes.c_char_p]),
     "kvf_config_set_secret": (c_status, [c_config_p, ctypes.c_char_p]),
     "kvf_config_set_lanes": (c_status, [c_config_p, ctypes.c_uint32]),
+    "kvf_config_set_max_connections": (c_status, [c_config_p, ctypes.c_uint32]),
     "kvf_config_use_ascend": (c_status, [c_config_p]),
     "kvf_engine_new": (c_status, [c_config_p, ctypes.POINTER(c_engine_p)]),
     "kvf_engine_close": (c_status, [c_engine_p, ctypes.c_uint64]),

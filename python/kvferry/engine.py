@@ -176,6 +176,7 @@ class Engine:
         slice_size: int | None = None,
         async_workers: int | None = None,
         lanes: int | None = None,
+        max_connections: int | None = None,
         secret: str | None = None,
         ascend: bool | None = False,
     ):
@@ -207,6 +208,8 @@ class Engine:
                 setting(lib.kvf_config_set_async_workers, self._u32(async_workers, "async_workers"))
             if lanes is not None:
                 setting(lib.kvf_config_set_lanes, self._u32(lanes, "lanes"))
+            if max_connections is not None:
+                setting(lib.kvf_config_set_max_connections, self._u32(max_connections, "max_connections"))
             if secret is not None:
                 setting(lib.kvf_config_set_secret, _c_str(secret, "secret"))
             if ascend not in (True, False, None):

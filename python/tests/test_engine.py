@@ -255,6 +255,8 @@ def test_config_arguments_are_validated():
         kvferry.Engine(transport="pigeon")
     with pytest.raises(kvferry.Error, match="lanes"):
         kvferry.Engine(lanes=0)
+    with pytest.raises(kvferry.Error, match="max_connections"):
+        kvferry.Engine(max_connections=0)
     with pytest.raises(ValueError, match="port"):
         kvferry.Engine(port=70000)
     with pytest.raises(TypeError, match="hostname"):

@@ -198,6 +198,7 @@ static void test_config_errors(void) {
   EXPECT(kvf_config_set_transfer_timeout_ms(NULL, 1), KVF_STATUS_NULL_POINTER, "config");
   EXPECT(kvf_config_set_slice_size(NULL, 1), KVF_STATUS_NULL_POINTER, "config");
   EXPECT(kvf_config_set_async_workers(NULL, 1), KVF_STATUS_NULL_POINTER, "config");
+  EXPECT(kvf_config_set_max_connections(NULL, 1), KVF_STATUS_NULL_POINTER, "config");
   EXPECT(kvf_config_set_transport(NULL, "auto"), KVF_STATUS_NULL_POINTER, "config");
 
   EXPECT(kvf_config_set_hostname(c, NULL), KVF_STATUS_NULL_POINTER, "hostname");
@@ -205,6 +206,8 @@ static void test_config_errors(void) {
   EXPECT(kvf_config_set_port_range(c, 10, 9), KVF_STATUS_INVALID_ARGUMENT, "10-9");
   EXPECT(kvf_config_set_slice_size(c, 0), KVF_STATUS_INVALID_ARGUMENT, "slice size");
   EXPECT(kvf_config_set_async_workers(c, 0), KVF_STATUS_INVALID_ARGUMENT, "async_workers");
+  EXPECT(kvf_config_set_max_connections(c, 0), KVF_STATUS_INVALID_ARGUMENT, "max_connections");
+  EXPECT(kvf_config_set_max_connections(c, 64), KVF_STATUS_OK, NULL);
   EXPECT(kvf_config_set_transport(c, "carrier-pigeon"), KVF_STATUS_INVALID_ARGUMENT,
          "carrier-pigeon");
   EXPECT(kvf_config_set_transport(c, "auto"), KVF_STATUS_OK, NULL);

@@ -268,3 +268,27 @@ pub unsafe extern "C" fn kvf_config_set_lanes(config: *mut kvf_config, lanes: u3
         })
     }
 }
+
+/// Connections this engine serves at once, from all peers (> 0; default
+/// `KVFERRY_MAX_CONNECTIONS`, else 1024). A connection over the limit is
+/// refused at once; its initiator sees the peer as unreachable.
+///
+/// # Safety
+/// `config` is NULL or from `kvf_config_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_config_set_max_connections(
+    config: *mut kvf_config,
+    connections: u32,
+) -> Status {
+    // SAFETY: forwarded to the caller.
+    unsafe {
+        update(config, |c| {
+            if connections == 0 {
+                return Err(Error::InvalidArgument {
+                    what: "max_connections is zero".into(),
+                });
+            }
+            Ok(c.max_connections(connections as usize))
+        })
+    }
+}

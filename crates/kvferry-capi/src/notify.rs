@@ -10,6 +10,8 @@ use crate::handle;
 
 /// Sends `len` bytes of `message` to `session`; returns once the peer has
 /// queued it (Mooncake's notify). The peer reads it with `kvf_notify_recv`.
+/// Fails while the peer's queue is full (65536 undrained notifications, or
+/// 64 MiB of them): the last error says so.
 ///
 /// # Safety
 /// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated;

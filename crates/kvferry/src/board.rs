@@ -53,15 +53,24 @@
 //!   (`F_SEAL_FUTURE_WRITE`) and per-connection slot memfds passed with
 //!   `SCM_RIGHTS` (no `/proc` path to them): not built yet.
 //!
-//! Slots belong to connections. A cleanly closed connection's slots are
-//! cleared and freed; one that ended otherwise (this side dropped it after
-//! an error or a timeout, while the peer may still copy on another thread)
-//! keeps its slots, values untouched, until the peer's process exits (a
-//! pidfd of the pid it gave in LEASE_BOARD).
+//! Slots belong to connections, at most `MAX_SLOTS_PER_CONN` each (what
+//! initiators ask for). A cleanly closed connection's slots are cleared and
+//! freed. One that ended otherwise (this side dropped it after an error or
+//! a timeout) may belong to an initiator that still copies under them on
+//! another thread, and that keeps using them until it notices the loss:
+//! such slots must not be given to anyone else, nor cleared, while it may
+//! (a new owner's grant would zero a slot the old one still announces a
+//! copy in). An initiator writes its slots through its own mapping of the
+//! board, kept as long as it may use them; so the slots stay, values
+//! untouched, only if the pid the connection gave in LEASE_BOARD maps this
+//! board, and until that process exits (a pidfd). Anything else is freed at
+//! once: a peer that names pid 1, or any process that is no initiator of
+//! ours, gets nothing kept (`LeaseBoard::may_still_copy`).
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -77,8 +86,13 @@ pub const SLOT_COUNT: u32 = 256;
 /// Seals every board carries (checked by initiators before they map it):
 /// its size is fixed, so no one can truncate it under a mapping.
 pub const REQUIRED_SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
-/// Most slots one connection may hold.
-pub const MAX_SLOTS_PER_CONN: u32 = 64;
+/// Most slots one connection may hold: what initiators ask for (one per
+/// concurrent fast-path batch), so that 32 connections share the board
+/// rather than 4.
+pub const MAX_SLOTS_PER_CONN: u32 = 8;
+const _: () = assert!(MAX_SLOTS_PER_CONN <= crate::wire::MAX_GRANT);
+/// The memfd's name; mappings of it show as `/memfd:kvferry-leases`.
+const NAME: &std::ffi::CStr = c"kvferry-leases";
 const LINE: usize = 64;
 const EPOCH_OFFSET: usize = LINE;
 const SLOTS_OFFSET: usize = 2 * LINE;
@@ -200,8 +214,10 @@ pub struct LeaseBoard {
     /// Anyone who can open the board can write it, so the tokens unregister
     /// waits with and the stamps of region lists come from here.
     epoch: Mutex<u64>,
-    /// Per connection holding slots: a pidfd of its initiator process.
-    peers: Mutex<HashMap<u64, OwnedFd>>,
+    /// The memfd's inode: how the board shows in `/proc/<pid>/maps`.
+    inode: u64,
+    /// Per connection holding slots: its initiator's pid and a pidfd of it.
+    peers: Mutex<HashMap<u64, (u32, OwnedFd)>>,
     /// Connections that ended uncleanly, with their initiator's pidfd:
     /// their slots stay taken until that process exits.
     orphans: Mutex<Vec<(u64, OwnedFd)>>,
@@ -213,10 +229,7 @@ impl LeaseBoard {
         let len = board_len(SLOT_COUNT);
         // SAFETY: a NUL-terminated name and valid flags; the result is checked.
         let raw = unsafe {
-            libc::memfd_create(
-                c"kvferry-leases".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
+            libc::memfd_create(NAME.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
         };
         if raw < 0 {
             return Err(io::Error::last_os_error());
@@ -242,6 +255,7 @@ impl LeaseBoard {
         {
             return Err(io::Error::last_os_error());
         }
+        let inode = std::fs::File::from(fd.try_clone()?).metadata()?.ino();
         let map = Mapping::map(fd.as_raw_fd(), len)?;
         let store = |off: usize, v: u64| {
             if let Some(w) = map.word(off) {
@@ -256,6 +270,7 @@ impl LeaseBoard {
             map,
             owners: Mutex::new(vec![0; SLOT_COUNT as usize]),
             epoch: Mutex::new(0),
+            inode,
             peers: Mutex::new(HashMap::new()),
             orphans: Mutex::new(Vec::new()),
         })
@@ -278,7 +293,7 @@ impl LeaseBoard {
     /// Gives connection `conn` up to `want` free slots (at most
     /// `MAX_SLOTS_PER_CONN` in all). Granted slots start at 0. `pid` is the
     /// initiator's process (0: unknown), watched through a pidfd so that
-    /// `orphan` can keep its slots exactly as long as it may be copying.
+    /// `orphan` can keep its slots as long as it may be copying.
     pub fn grant(&self, conn: u64, want: u32, pid: u32) -> Vec<u32> {
         self.reap();
         if pid != 0 && !self.peers.lock().contains_key(&conn) {
@@ -287,7 +302,7 @@ impl LeaseBoard {
             if raw >= 0 {
                 // SAFETY: a fresh descriptor nobody else owns.
                 let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
-                self.peers.lock().insert(conn, fd);
+                self.peers.lock().insert(conn, (pid, fd));
             }
         }
         let mut owners = self.owners.lock();
@@ -311,15 +326,54 @@ impl LeaseBoard {
 
     /// A connection that ended without a clean close: its peer may still be
     /// copying on another thread (this side dropped it after an error or a
-    /// timeout), so its slots keep their values and stay taken until the
-    /// peer's process exits (`reap`). Without a pidfd there is no telling:
-    /// the slots are freed as for a clean close.
+    /// timeout), so if it may (`may_still_copy`), its slots keep their
+    /// values and stay taken until the peer's process exits (`reap`).
+    /// Otherwise, or without a pidfd, they are freed as for a clean close.
     pub fn orphan(&self, conn: u64) {
-        let fd = self.peers.lock().remove(&conn);
-        match fd {
-            Some(fd) => self.orphans.lock().push((conn, fd)),
-            None => self.release(conn),
+        let peer = self.peers.lock().remove(&conn);
+        match peer {
+            Some((pid, fd)) if self.may_still_copy(pid) => self.orphans.lock().push((conn, fd)),
+            _ => self.clear(conn),
         }
+    }
+
+    /// Whether process `pid`, named by a connection this side dropped, may
+    /// still copy under that connection's slots. An initiator announces its
+    /// copies through its own mapping of this board, which it keeps as long
+    /// as it may use its slots; a process that does not map the board has
+    /// none in use.
+    /// - 0 (not given), or this process: no (engines of one process reach
+    ///   each other with the in-process copy, not cma, outside the
+    ///   `cma_in_process` test hook; and this process maps its own board,
+    ///   so the test below would always say yes);
+    /// - else what `/proc/<pid>/maps` says: yes if it maps this board (a
+    ///   process that is gone has no maps: no);
+    /// - maps we may not read (a process more privileged than this one):
+    ///   yes, unless it is pid 1, the pid a confused or hostile peer names
+    ///   to have slots kept forever (an initiator that is the first process
+    ///   of a container, with this target in the same container, run under
+    ///   other credentials, would lose the protection).
+    fn may_still_copy(&self, pid: u32) -> bool {
+        if pid == 0 || pid == std::process::id() {
+            return false;
+        }
+        match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            Ok(maps) => maps.lines().any(|l| self.is_board_mapping(l)),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => pid != 1,
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a line of `/proc/<pid>/maps` (`addresses perms offset dev
+    /// inode path`) is a mapping of this board.
+    fn is_board_mapping(&self, line: &str) -> bool {
+        let mut fields = line.split_ascii_whitespace().skip(4);
+        let inode = fields.next().and_then(|i| i.parse::<u64>().ok());
+        let path = fields.next().unwrap_or("");
+        inode == Some(self.inode)
+            && path
+                .strip_prefix("/memfd:")
+                .is_some_and(|p| p.as_bytes() == NAME.to_bytes())
     }
 
     /// Frees the slots of orphaned connections whose process has exited.
@@ -426,13 +480,78 @@ mod tests {
         assert_eq!(b.epoch(), 1);
     }
 
+    /// Every slot still free, granted to new connections from `first` on.
+    fn take_all(b: &LeaseBoard, first: u64) -> Vec<u32> {
+        let mut all = Vec::new();
+        for conn in first.. {
+            let got = b.grant(conn, SLOT_COUNT, 0);
+            if got.is_empty() {
+                return all;
+            }
+            all.extend(got);
+        }
+        all
+    }
+
+    /// Env var that makes `child_maps_the_board` map the board at
+    /// `"<path> <len>"`, as an initiator does, and wait to be killed.
+    const MAP_BOARD: &str = "KVFERRY_TEST_MAP_BOARD";
+
+    /// Not a test of its own: the child of the test below.
     #[test]
-    fn an_unclean_close_keeps_the_slots_until_the_process_exits() {
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
+    fn child_maps_the_board() {
+        let Ok(spec) = std::env::var(MAP_BOARD) else {
+            return;
+        };
+        let (path, len) = spec.split_once(' ').unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        let _map = Mapping::map(file.as_raw_fd(), len.parse().unwrap()).unwrap();
+        drop(file);
+        println!("MAPPED");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+
+    /// A child process that maps `b` as an initiator does.
+    fn initiator_process(b: &LeaseBoard) -> std::process::Child {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "board::tests::child_maps_the_board",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(
+                MAP_BOARD,
+                format!(
+                    "/proc/{}/fd/{} {}",
+                    std::process::id(),
+                    b.fd(),
+                    b.byte_len()
+                ),
+            )
+            .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mapped = out
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.contains("MAPPED"));
+        assert!(mapped, "the child did not map the board");
+        child
+    }
+
+    #[test]
+    fn an_unclean_close_keeps_the_slots_until_the_process_exits() {
         let b = LeaseBoard::create(7).unwrap();
+        let mut child = initiator_process(&b);
         let s = b.grant(1, 1, child.id())[0];
         slot_value(&b, s).store(1, Ordering::SeqCst); // copying, checked at epoch 0
         let token = b.retire();
@@ -440,7 +559,7 @@ mod tests {
         // The peer may still be copying: the slot is neither cleared nor
         // given to another connection.
         assert_eq!(b.in_flight(token), 1);
-        assert!(!b.grant(2, SLOT_COUNT, 0).contains(&s));
+        assert!(!take_all(&b, 2).contains(&s));
         child.kill().unwrap();
         child.wait().unwrap();
         assert_eq!(
@@ -448,7 +567,43 @@ mod tests {
             0,
             "its process is gone: the slot is freed"
         );
-        assert!(b.grant(3, SLOT_COUNT, 0).contains(&s));
+        assert_eq!(b.grant(100, SLOT_COUNT, 0), vec![s]);
+    }
+
+    #[test]
+    fn a_connection_gets_at_most_what_initiators_ask_for() {
+        let b = LeaseBoard::create(7).unwrap();
+        assert_eq!(b.grant(1, u32::MAX, 0).len(), MAX_SLOTS_PER_CONN as usize);
+        assert!(b.grant(1, 1, 0).is_empty(), "the cap counts slots held");
+        assert_eq!(
+            take_all(&b, 2).len(),
+            (SLOT_COUNT - MAX_SLOTS_PER_CONN) as usize
+        );
+    }
+
+    /// Slots of a dropped connection whose pid is not a process mapping
+    /// the board (pid 1, this process, a process of no engine, none) are
+    /// freed at once: nobody can be copying under them.
+    #[test]
+    fn an_unclean_close_of_a_process_without_the_board_frees_the_slots() {
+        let mut stranger = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let b = LeaseBoard::create(7).unwrap();
+        for pid in [1, std::process::id(), stranger.id(), 0, u32::MAX - 1] {
+            let s = b.grant(1, SLOT_COUNT, pid);
+            assert_eq!(s.len(), MAX_SLOTS_PER_CONN as usize);
+            slot_value(&b, s[0]).store(1, Ordering::SeqCst);
+            b.orphan(1);
+            assert_eq!(b.in_flight(u64::MAX), 0, "pid {pid}: slot cleared");
+            assert_eq!(take_all(&b, 2).len(), SLOT_COUNT as usize, "pid {pid}");
+            for conn in 2..2 + u64::from(SLOT_COUNT) {
+                b.release(conn);
+            }
+        }
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub struct EngineConfig {
     transport: Option<TransportChoice>,
     secret: Option<Vec<u8>>,
     lanes: Option<usize>,
+    max_connections: Option<usize>,
     device_runtime: Option<Arc<dyn DeviceRuntime>>,
     staging_pool: Option<StagingPoolSize>,
     hooks: TestHooks,
@@ -133,6 +134,10 @@ pub struct Settings {
     pub secret: Option<Vec<u8>>,
     /// tcp connections per peer.
     pub lanes: usize,
+    /// Connections this engine's server takes at once (every peer's lanes,
+    /// lease board connections, and connections that have not said HELLO
+    /// yet); more are refused.
+    pub max_connections: usize,
     /// The staging pool for device memory over tcp (used only with a
     /// device runtime).
     pub staging_pool: StagingPoolSize,
@@ -159,6 +164,8 @@ pub const DEFAULT_TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_SLICE_SIZE: u64 = 4 << 20;
 pub const DEFAULT_MAX_BATCHES: usize = 1 << 16;
+/// A thread each: 1024 leaves room for 250 peers at 4 lanes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl EngineConfig {
     pub fn new() -> Self {
@@ -216,6 +223,12 @@ impl EngineConfig {
     /// tcp connections per peer (default 4).
     pub fn lanes(mut self, n: usize) -> Self {
         self.lanes = Some(n);
+        self
+    }
+    /// Connections this engine serves at once, from all peers (default
+    /// 1024); a connection over the limit is refused at once.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n);
         self
     }
     /// The runtime that handles device (NPU) memory: registration of
@@ -406,6 +419,15 @@ impl EngineConfig {
         if lanes == 0 || lanes > 64 {
             return Err(Error::invalid("lanes must be in 1..=64"));
         }
+        let max_connections = match self.max_connections {
+            Some(n) => n,
+            None => num("KVFERRY_MAX_CONNECTIONS")?.map_or(DEFAULT_MAX_CONNECTIONS, |n| {
+                usize::try_from(n).unwrap_or(usize::MAX)
+            }),
+        };
+        if max_connections == 0 {
+            return Err(Error::invalid("max_connections is zero"));
+        }
         let staging_pool = match self.staging_pool {
             Some(p) if p.count == 0 || p.buffer_bytes == 0 => {
                 return Err(Error::invalid(
@@ -441,6 +463,7 @@ impl EngineConfig {
             transport,
             secret,
             lanes,
+            max_connections,
             staging_pool,
         })
     }
@@ -466,6 +489,27 @@ mod tests {
         assert_eq!(s.transfer_timeout, DEFAULT_TRANSFER_TIMEOUT);
         assert_eq!(s.transport, TransportChoice::Auto);
         assert_eq!(s.port, None);
+        assert_eq!(s.max_connections, DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn max_connections_from_the_builder_then_the_environment() {
+        let env = with(&[("KVFERRY_MAX_CONNECTIONS", "16")]);
+        let s = EngineConfig::new().resolve_with(&env).unwrap();
+        assert_eq!(s.max_connections, 16);
+        let s = EngineConfig::new()
+            .max_connections(3)
+            .resolve_with(&env)
+            .unwrap();
+        assert_eq!(s.max_connections, 3);
+        assert!(
+            EngineConfig::new()
+                .max_connections(0)
+                .resolve_with(with(&[]))
+                .is_err()
+        );
+        let zero = with(&[("KVFERRY_MAX_CONNECTIONS", "0")]);
+        assert!(EngineConfig::new().resolve_with(zero).is_err());
     }
 
     #[test]

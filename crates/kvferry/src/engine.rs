@@ -29,9 +29,13 @@ use crate::transport::split::SplitTransport;
 use crate::transport::tcp::{ClientIdentity, TcpTransport};
 use crate::transport::{Job, Transport};
 
-/// Notifications kept before the oldest are refused (a peer that never
-/// drains must not grow memory without bound).
-const MAX_NOTIFICATIONS: usize = 1 << 16;
+/// Undrained notifications kept before new ones are refused: a receiver
+/// that never drains must not let its peers grow its memory without bound.
+/// Both the count and the bytes (sender names and messages, each message up
+/// to 1 MiB) are capped.
+pub const MAX_NOTIFICATIONS: usize = 1 << 16;
+/// See [`MAX_NOTIFICATIONS`].
+pub const MAX_NOTIFICATION_BYTES: usize = 64 << 20;
 
 /// A message another engine sent to this one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,8 +53,13 @@ pub(crate) struct Shared {
     pub(crate) host_id: String,
     pub(crate) registry: Registry,
     pub(crate) secret: Option<Vec<u8>>,
+    /// Bounds a frame, from its first byte to the end of its reply.
     pub(crate) transfer_timeout: Duration,
-    notifications: Mutex<VecDeque<Notification>>,
+    /// Bounds how long a new connection may take to say HELLO (and AUTH).
+    pub(crate) connect_timeout: Duration,
+    /// Connections served at once; more are refused.
+    pub(crate) max_connections: usize,
+    notifications: Mutex<Inbox>,
     /// The device runtime (if any), its staging pool and device regions.
     pub(crate) device: DeviceState,
     /// The cma lease board same-host peers map (None when the memfd could
@@ -74,19 +83,43 @@ impl Shared {
         }
     }
 
+    /// Queues a notification, or refuses it when the inbox is full (the
+    /// sender sees the refusal as its notify failing, with this message).
     pub(crate) fn push_notification(&self, from: String, message: Vec<u8>) -> Result<()> {
-        let mut q = self.notifications.lock();
-        if q.len() >= MAX_NOTIFICATIONS {
+        let mut inbox = self.notifications.lock();
+        let size = from.len() + message.len();
+        if inbox.queue.len() >= MAX_NOTIFICATIONS || inbox.bytes + size > MAX_NOTIFICATION_BYTES {
             return Err(Error::Unsupported {
                 what: format!(
-                    "{} undrained notifications at {}; drain them first",
-                    q.len(),
-                    self.name
+                    "another notification at {}: {} undrained notifications of {} bytes are \
+                     queued there (at most {MAX_NOTIFICATIONS} and {} MiB); the receiver \
+                     must drain them first",
+                    self.name,
+                    inbox.queue.len(),
+                    inbox.bytes,
+                    MAX_NOTIFICATION_BYTES >> 20
                 ),
             });
         }
-        q.push_back(Notification { from, message });
+        inbox.bytes += size;
+        inbox.queue.push_back(Notification { from, message });
         Ok(())
+    }
+}
+
+/// Received notifications not yet drained, and their bytes.
+#[derive(Debug, Default)]
+struct Inbox {
+    queue: VecDeque<Notification>,
+    /// Sender names and messages of `queue`, summed.
+    bytes: usize,
+}
+
+impl Inbox {
+    fn pop_front(&mut self) -> Option<Notification> {
+        let n = self.queue.pop_front()?;
+        self.bytes -= n.from.len() + n.message.len();
+        Some(n)
     }
 }
 
@@ -153,9 +186,7 @@ fn bind(settings: &Settings) -> Result<TcpListener> {
 
 impl Core {
     fn deadline(&self) -> Instant {
-        let now = Instant::now();
-        now.checked_add(self.settings.transfer_timeout)
-            .unwrap_or(now + Duration::from_secs(86400 * 365))
+        crate::net::deadline_after(self.settings.transfer_timeout)
     }
 
     fn identity(&self) -> ClientIdentity {
@@ -415,7 +446,9 @@ impl Engine {
             registry: Registry::new(),
             secret: settings.secret.clone(),
             transfer_timeout: settings.transfer_timeout,
-            notifications: Mutex::new(VecDeque::new()),
+            connect_timeout: settings.connect_timeout,
+            max_connections: settings.max_connections,
+            notifications: Mutex::new(Inbox::default()),
             device: DeviceState::new(config.runtime().cloned(), settings.staging_pool),
             board: board.clone(),
             pins_served: AtomicU64::new(0),
@@ -649,7 +682,7 @@ impl Engine {
         max_message: usize,
     ) -> std::result::Result<Option<Notification>, (usize, usize)> {
         let mut q = self.core.shared.notifications.lock();
-        match q.front() {
+        match q.queue.front() {
             None => Ok(None),
             Some(n) if n.from.len() <= max_from && n.message.len() <= max_message => {
                 Ok(q.pop_front())
@@ -660,7 +693,9 @@ impl Engine {
 
     /// Takes every notification received so far, oldest first.
     pub fn drain_notifications(&self) -> Vec<Notification> {
-        self.core.shared.notifications.lock().drain(..).collect()
+        let mut inbox = self.core.shared.notifications.lock();
+        inbox.bytes = 0;
+        inbox.queue.drain(..).collect()
     }
 
     /// The transport that carries ops to `peer` ("local", "cma", "tcp"),

@@ -1,14 +1,18 @@
 //! Socket helpers shared by the server and the network transports: raw
-//! vectored I/O straight between sockets and registered memory, deadlines,
-//! the hello handshake and its shared-secret proofs.
+//! vectored I/O straight between sockets and registered memory under a
+//! deadline per operation ([`Stream`]), the hello handshake's shared-secret
+//! proofs.
 
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use bytemuck::Zeroable;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+
+use crate::wire::{FrameHeader, HEADER_LEN};
 
 /// Most iovecs one readv / writev takes (Linux IOV_MAX).
 pub const IOV_MAX: usize = 1024;
@@ -57,16 +61,12 @@ pub fn proof_ok(secret: &[u8], parts: &[&[u8]], got: &[u8; 32]) -> bool {
     mac.verify_slice(got).is_ok()
 }
 
-/// Sets both socket timeouts to what is left before `deadline` (at least
-/// 1 ms), or fails with `TimedOut` if nothing is left.
-pub fn arm(stream: &TcpStream, deadline: Instant) -> io::Result<()> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(io::Error::new(io::ErrorKind::TimedOut, "deadline passed"));
-    }
-    let t = Some(left.max(Duration::from_millis(1)));
-    stream.set_read_timeout(t)?;
-    stream.set_write_timeout(t)
+/// `now + after`, or a year from now when that does not fit an `Instant`
+/// (a timeout of `u64::MAX` ms from the configuration).
+pub fn deadline_after(after: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(after)
+        .unwrap_or(now + Duration::from_secs(86400 * 365))
 }
 
 /// Waits up to `timeout` for `stream` to have something to read (data, or
@@ -141,124 +141,318 @@ fn timeout_error(e: io::Error) -> io::Error {
     }
 }
 
-/// One sendmsg / recvmsg of `iov`. A call that would block is first
-/// retried while polling for up to `SPIN_BEFORE_SLEEP` (the peer drains or
-/// fills the socket within microseconds mid-transfer; sleeping instead costs
-/// a wake-up), and only then made blocking (bounded by the socket timeouts).
+/// A connected socket whose operations (a frame, a reply) are bounded by a
+/// deadline for the whole operation, not per call.
 ///
-/// # Safety
-/// The iovecs must point at memory valid for the direction: readable to
-/// send, writable (and not read by Rust code meanwhile) to receive.
-unsafe fn transfer(fd: libc::c_int, iov: &[libc::iovec], send: bool) -> isize {
-    let call = |flags: libc::c_int| {
-        // SAFETY: msghdr is a plain C struct for which all-zero is valid
-        // (no name, no control data, no iovecs until set below).
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = iov.len() as _;
-        // SAFETY: `msg` points at `iov`, valid per the caller's contract.
-        unsafe {
-            if send {
-                libc::sendmsg(fd, &msg, flags | libc::MSG_NOSIGNAL)
+/// The socket's own timeouts (`SO_RCVTIMEO`, `SO_SNDTIMEO`) bound one
+/// blocking call each: a peer that sends (or takes) one byte before each
+/// runs out would keep an operation going forever. So every call is first
+/// made without blocking, and only one that would block looks at the
+/// deadline: past it, the operation fails with `TimedOut`; otherwise, when
+/// the timeout set last differs from what is left by more than 1/64 of it,
+/// the timeout is set to what is left (one `setsockopt`), and a blocking
+/// call that ran out before the deadline (a timeout left short by an
+/// earlier operation) is made again. Data that arrives promptly costs no
+/// syscall for the deadline; an operation ends at most 1/64 of its time
+/// after its deadline.
+#[derive(Debug)]
+pub struct Stream {
+    stream: TcpStream,
+    /// `SO_RCVTIMEO` as last set here (`None`: not yet: blocking forever).
+    recv_timeout: Option<Duration>,
+    /// `SO_SNDTIMEO` as last set here.
+    send_timeout: Option<Duration>,
+}
+
+impl Stream {
+    pub fn new(stream: TcpStream) -> Stream {
+        Stream {
+            stream,
+            recv_timeout: None,
+            send_timeout: None,
+        }
+    }
+
+    pub fn get_ref(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Before a call that blocks: fails with `TimedOut` past `deadline`,
+    /// else makes the socket timeout of that direction what is left, unless
+    /// it is within 1/64 of that already.
+    fn bound(&mut self, send: bool, deadline: Instant) -> io::Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "deadline reached before the operation completed",
+            ));
+        }
+        let set = if send {
+            &mut self.send_timeout
+        } else {
+            &mut self.recv_timeout
+        };
+        if set.is_some_and(|t| t.abs_diff(left) <= left / 64) {
+            return Ok(());
+        }
+        // 0 would mean "no timeout" to the kernel.
+        let t = left.max(Duration::from_millis(1));
+        if send {
+            self.stream.set_write_timeout(Some(t))?;
+        } else {
+            self.stream.set_read_timeout(Some(t))?;
+        }
+        *set = Some(t);
+        Ok(())
+    }
+
+    /// One sendmsg / recvmsg of `iov`: the number of bytes moved (0 on
+    /// receive: the peer closed). A call that would block is first retried
+    /// while polling for up to `SPIN_BEFORE_SLEEP` (the peer drains or fills
+    /// the socket within microseconds mid-transfer; sleeping instead costs a
+    /// wake-up), and only then made blocking, bounded by `deadline`.
+    /// `spun`: the caller polled that long already, in vain: block at once.
+    ///
+    /// # Safety
+    /// The iovecs must point at memory valid for the direction: readable to
+    /// send, writable (and not read by Rust code meanwhile) to receive.
+    unsafe fn transfer(
+        &mut self,
+        iov: &[libc::iovec],
+        send: bool,
+        deadline: Instant,
+        spun: bool,
+    ) -> io::Result<usize> {
+        let fd = self.stream.as_raw_fd();
+        let call = |flags: libc::c_int| {
+            // SAFETY: msghdr is a plain C struct for which all-zero is valid
+            // (no name, no control data, no iovecs until set below).
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_ptr() as *mut libc::iovec;
+            msg.msg_iovlen = iov.len() as _;
+            // SAFETY: `msg` points at `iov`, valid per the caller's contract.
+            let n = unsafe {
+                if send {
+                    libc::sendmsg(fd, &msg, flags | libc::MSG_NOSIGNAL)
+                } else {
+                    libc::recvmsg(fd, &mut msg, flags)
+                }
+            };
+            if n >= 0 {
+                Ok(n as usize)
             } else {
-                libc::recvmsg(fd, &mut msg, flags)
+                Err(io::Error::last_os_error())
+            }
+        };
+        let would_block =
+            |r: &io::Result<usize>| matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        if !spun {
+            let r = call(libc::MSG_DONTWAIT);
+            if !would_block(&r) {
+                return r;
+            }
+            let events = if send { libc::POLLOUT } else { libc::POLLIN };
+            if matches!(spin_fd(fd, events), Ok(true)) {
+                let r = call(libc::MSG_DONTWAIT);
+                if !would_block(&r) {
+                    return r;
+                }
             }
         }
-    };
-    let events = if send { libc::POLLOUT } else { libc::POLLIN };
-    let n = call(libc::MSG_DONTWAIT);
-    if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-        return n;
-    }
-    if matches!(spin_fd(fd, events), Ok(true)) {
-        let n = call(libc::MSG_DONTWAIT);
-        if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-            return n;
-        }
-    }
-    call(0)
-}
-
-/// Sends `head` then the bytes of `ranges` with writev, no copies.
-///
-/// # Safety
-/// Every range must be readable for its length for the whole call (pinned
-/// registered memory).
-pub unsafe fn send_ranges(
-    stream: &TcpStream,
-    head: &[&[u8]],
-    ranges: &[RawRange],
-) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    let iov: Vec<libc::iovec> = head
-        .iter()
-        .filter(|h| !h.is_empty())
-        .map(|h| libc::iovec {
-            iov_base: h.as_ptr() as *mut libc::c_void,
-            iov_len: h.len(),
-        })
-        .chain(ranges.iter().map(|r| libc::iovec {
-            iov_base: r.addr as *mut libc::c_void,
-            iov_len: r.len as usize,
-        }))
-        .collect();
-    // SAFETY: the iovecs point at `head` (borrowed for the call) and at
-    // ranges the caller guarantees readable; sending only reads them.
-    unsafe { transfer_all(fd, iov, true) }
-}
-
-/// Receives exactly the bytes of `ranges` with readv, straight into them.
-///
-/// # Safety
-/// Every range must be writable for its length for the whole call (pinned
-/// registered memory) and not be read by Rust code meanwhile.
-pub unsafe fn recv_ranges(stream: &TcpStream, ranges: &[RawRange]) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    let iov: Vec<libc::iovec> = ranges
-        .iter()
-        .map(|r| libc::iovec {
-            iov_base: r.addr as *mut libc::c_void,
-            iov_len: r.len as usize,
-        })
-        .collect();
-    // SAFETY: the iovecs point at ranges the caller guarantees writable.
-    unsafe { transfer_all(fd, iov, false) }
-}
-
-/// Moves every byte of `iov` (send or receive), up to `IOV_MAX` iovecs per
-/// call, resuming after partial transfers.
-///
-/// # Safety
-/// As `transfer`, for the whole call.
-unsafe fn transfer_all(fd: libc::c_int, mut iov: Vec<libc::iovec>, send: bool) -> io::Result<()> {
-    let mut start = 0;
-    while start < iov.len() {
-        let n_iov = (iov.len() - start).min(IOV_MAX);
-        // SAFETY: forwarded to the caller.
-        let n = unsafe { transfer(fd, &iov[start..start + n_iov], send) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
+        loop {
+            self.bound(send, deadline)?;
+            let r = call(0);
+            // The socket timeout ran out: the deadline has passed (the next
+            // `bound` says so), or it was left shorter by an earlier one.
+            if !would_block(&r) {
+                return r;
             }
-            return Err(timeout_error(e));
         }
-        if n == 0 {
-            return Err(if send {
-                io::Error::new(io::ErrorKind::WriteZero, "peer stopped reading")
-            } else {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "peer closed the connection mid-transfer",
-                )
-            });
-        }
-        advance(&mut iov, &mut start, n as usize);
     }
-    Ok(())
+
+    /// Moves every byte of `iov` (send or receive) by `deadline`, up to
+    /// `IOV_MAX` iovecs per call, resuming after partial transfers. Returns
+    /// the bytes moved: fewer than asked only when receiving and the peer
+    /// closed the connection. `spun`: as for `transfer`, for the first call.
+    ///
+    /// # Safety
+    /// As `transfer`, for the whole call.
+    unsafe fn transfer_all(
+        &mut self,
+        mut iov: Vec<libc::iovec>,
+        send: bool,
+        deadline: Instant,
+        mut spun: bool,
+    ) -> io::Result<u64> {
+        let mut start = 0;
+        let mut moved = 0u64;
+        advance(&mut iov, &mut start, 0);
+        while start < iov.len() {
+            let n_iov = (iov.len() - start).min(IOV_MAX);
+            let iov_now = &iov[start..start + n_iov];
+            // SAFETY: forwarded to the caller.
+            let r = unsafe { self.transfer(iov_now, send, deadline, std::mem::take(&mut spun)) };
+            let n = match r {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(timeout_error(e)),
+            };
+            if n == 0 {
+                if send {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "peer stopped reading",
+                    ));
+                }
+                break;
+            }
+            moved += n as u64;
+            advance(&mut iov, &mut start, n);
+        }
+        Ok(moved)
+    }
+
+    /// Receives into all of `buf` by `deadline`; returns the bytes received
+    /// (fewer only when the peer closed the connection).
+    fn recv_into(&mut self, buf: &mut [u8], deadline: Instant, spun: bool) -> io::Result<u64> {
+        let iov = vec![libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the iovec is `buf`, borrowed mutably for the call.
+        unsafe { self.transfer_all(iov, false, deadline, spun) }
+    }
+
+    /// Reads one frame header by `deadline`, its first byte there or about
+    /// to be. `Ok(None)` on a clean end of stream before its first byte.
+    pub fn read_header(&mut self, deadline: Instant) -> io::Result<Option<FrameHeader>> {
+        self.header(deadline, false)
+    }
+
+    /// Reads the header of a reply to a request just sent, by `deadline`:
+    /// polls for up to `SPIN_BEFORE_SLEEP`, then sleeps in the read (a
+    /// reply is never there at once: trying first would cost a syscall).
+    pub fn await_header(&mut self, deadline: Instant) -> io::Result<Option<FrameHeader>> {
+        let ready = spin_until_readable(&self.stream)?;
+        self.header(deadline, !ready)
+    }
+
+    fn header(&mut self, deadline: Instant, spun: bool) -> io::Result<Option<FrameHeader>> {
+        let mut h = FrameHeader::zeroed();
+        match self.recv_into(bytemuck::bytes_of_mut(&mut h), deadline, spun)? {
+            0 => Ok(None),
+            n if n as usize == HEADER_LEN => Ok(Some(h)),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "truncated frame header",
+            )),
+        }
+    }
+
+    /// Reads a small payload of `len` bytes into a fresh buffer by `deadline`.
+    pub fn read_payload(&mut self, len: u64, deadline: Instant) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0u8; len as usize];
+        if self.recv_into(&mut buf, deadline, false)? < len {
+            return Err(truncated());
+        }
+        Ok(buf)
+    }
+
+    /// Reads and discards `n` bytes (a refused WRITE's data) by `deadline`,
+    /// keeping the stream in step.
+    pub fn discard(&mut self, mut n: u64, deadline: Instant) -> io::Result<()> {
+        let mut buf = vec![0u8; (n as usize).min(64 << 10)];
+        while n > 0 {
+            let k = (n as usize).min(buf.len());
+            if self.recv_into(&mut buf[..k], deadline, false)? < k as u64 {
+                return Err(truncated());
+            }
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// Sends a frame: `header` then the `payload` pieces, by `deadline`.
+    pub fn write_frame(
+        &mut self,
+        header: &FrameHeader,
+        payload: &[&[u8]],
+        deadline: Instant,
+    ) -> io::Result<()> {
+        let head: &[u8] = bytemuck::bytes_of(header);
+        let iov: Vec<libc::iovec> = std::iter::once(head)
+            .chain(payload.iter().copied())
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: the iovecs point at `header` and `payload`, borrowed for
+        // the call; sending only reads them.
+        unsafe { self.transfer_all(iov, true, deadline, false) }.map(|_| ())
+    }
+
+    /// Sends `head` then the bytes of `ranges` with writev, no copies, by
+    /// `deadline`.
+    ///
+    /// # Safety
+    /// Every range must be readable for its length for the whole call
+    /// (pinned registered memory).
+    pub unsafe fn send_ranges(
+        &mut self,
+        head: &[&[u8]],
+        ranges: &[RawRange],
+        deadline: Instant,
+    ) -> io::Result<()> {
+        let iov: Vec<libc::iovec> = head
+            .iter()
+            .map(|h| libc::iovec {
+                iov_base: h.as_ptr() as *mut libc::c_void,
+                iov_len: h.len(),
+            })
+            .chain(ranges.iter().map(|r| libc::iovec {
+                iov_base: r.addr as *mut libc::c_void,
+                iov_len: r.len as usize,
+            }))
+            .collect();
+        // SAFETY: the iovecs point at `head` (borrowed for the call) and at
+        // ranges the caller guarantees readable; sending only reads them.
+        unsafe { self.transfer_all(iov, true, deadline, false) }.map(|_| ())
+    }
+
+    /// Receives exactly the bytes of `ranges` with readv, straight into
+    /// them, by `deadline`.
+    ///
+    /// # Safety
+    /// Every range must be writable for its length for the whole call
+    /// (pinned registered memory) and not be read by Rust code meanwhile.
+    pub unsafe fn recv_ranges(&mut self, ranges: &[RawRange], deadline: Instant) -> io::Result<()> {
+        let iov: Vec<libc::iovec> = ranges
+            .iter()
+            .map(|r| libc::iovec {
+                iov_base: r.addr as *mut libc::c_void,
+                iov_len: r.len as usize,
+            })
+            .collect();
+        let total: u64 = ranges.iter().map(|r| r.len).sum();
+        // SAFETY: the iovecs point at ranges the caller guarantees writable.
+        if unsafe { self.transfer_all(iov, false, deadline, false) }? < total {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "peer closed the connection mid-transfer",
+            ));
+        }
+        Ok(())
+    }
 }
 
-/// Moves past `n` transferred bytes of `iov[start..]`.
+fn truncated() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame")
+}
+
+/// Moves past `n` transferred bytes of `iov[start..]`, and past empty
+/// iovecs after them.
 fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
     while n > 0 && *start < iov.len() {
         let v = &mut iov[*start];
@@ -276,25 +470,4 @@ fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
     while *start < iov.len() && iov[*start].iov_len == 0 {
         *start += 1;
     }
-}
-
-/// Reads and discards `n` bytes (a refused WRITE's data), keeping the
-/// stream in step.
-pub fn discard(stream: &mut TcpStream, mut n: u64) -> io::Result<()> {
-    use std::io::Read;
-    let mut buf = vec![0u8; 64 << 10];
-    while n > 0 {
-        let k = (n as usize).min(buf.len());
-        stream.read_exact(&mut buf[..k]).map_err(timeout_error)?;
-        n -= k as u64;
-    }
-    Ok(())
-}
-
-/// `read_exact` of a small payload into a fresh buffer.
-pub fn read_payload(stream: &mut TcpStream, len: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut buf = vec![0u8; len as usize];
-    stream.read_exact(&mut buf).map_err(timeout_error)?;
-    Ok(buf)
 }

@@ -6,14 +6,21 @@
 //! against this engine's own registry before a byte moves. A frame that
 //! breaks the protocol gets an ERROR frame and the connection is closed;
 //! other connections are unaffected.
+//!
+//! What a peer can hold: at most `max_connections` connections (more are
+//! refused at once); a connection that has not said HELLO (and proved the
+//! secret) within the connect timeout is closed; a frame must arrive
+//! whole, and its reply leave, within the transfer timeout from its first
+//! byte. A greeted connection may stay idle for as long as its peer likes:
+//! initiators keep their lanes open between batches.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -94,7 +101,26 @@ fn accept_loop(
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors (EMFILE), say: the pending connection
+                // stays queued and accept fails again at once. Pause rather
+                // than spin on it.
+                log::debug!("kvferry: {} cannot accept a connection: {e}", shared.name);
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        {
+            let open = conns.open.lock();
+            if open.len() >= shared.max_connections {
+                let n = open.len();
+                drop(open);
+                refuse(stream, &shared.name, n);
+                continue;
+            }
+        }
         let Ok(clone) = stream.try_clone() else {
             continue;
         };
@@ -157,8 +183,32 @@ fn accept_loop(
     }
 }
 
+/// Turns away a connection over the limit: an ERROR frame about the
+/// connection (request id 0), sent without waiting, then close.
+fn refuse(stream: TcpStream, name: &str, open: usize) {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    log::debug!(
+        "kvferry: {name} refuses a connection from {peer}: {open} connections are open, the limit (KVFERRY_MAX_CONNECTIONS)"
+    );
+    let message = format!(
+        "{name} serves {open} connections, its limit (KVFERRY_MAX_CONNECTIONS); try again later"
+    );
+    let (h, msg) = wire::error_frame(0, Status::PeerUnreachable, &message);
+    // A fresh socket's send buffer takes the frame; never block the acceptor.
+    if stream.set_nonblocking(true).is_ok() {
+        let _ = wire::write_frame(&mut &stream, &h, &[&msg]);
+        let _ = stream.shutdown(Shutdown::Write);
+        // Closing with unread bytes (the peer's HELLO, if it came already)
+        // would reset the connection, and the peer might lose the frame.
+        let _ = io::Read::read(&mut &stream, &mut [0u8; 256]);
+    }
+}
+
 struct Handler {
-    stream: TcpStream,
+    stream: net::Stream,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     /// cma leases of this connection: pins held until UNPIN or disconnect.
@@ -166,47 +216,69 @@ struct Handler {
     next_lease: u64,
     /// This connection's id (owner of its lease board slots).
     id: u64,
+    /// When the connection must have said HELLO (and AUTH) by.
+    hello_by: Instant,
+    /// The deadline of the frame being served: the rest of the frame and
+    /// the reply to it must be through by then (`net::Stream`).
+    deadline: Instant,
 }
 
 /// Why a connection ends.
 type Close = String;
 
+/// What `wait_for_frame` saw.
+enum Next {
+    /// The next frame's first byte (or the peer's end of stream).
+    Frame,
+    /// The engine stops.
+    Stop,
+    /// The deadline it was given passed first.
+    Expired,
+}
+
 impl Handler {
     fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>, id: u64) -> Self {
         let _ = stream.set_nodelay(true);
-        // Once a frame has started, the rest must follow within the
-        // deadline; set once, so the per-frame path makes no setsockopt.
-        let _ = stream.set_read_timeout(Some(shared.transfer_timeout));
-        let _ = stream.set_write_timeout(Some(shared.transfer_timeout));
+        let hello_by = net::deadline_after(shared.connect_timeout);
         Handler {
-            stream,
+            stream: net::Stream::new(stream),
             shared,
             stop,
             leases: HashMap::new(),
             next_lease: 1,
             id,
+            hello_by,
+            deadline: hello_by,
         }
     }
 
     /// Waits for the next frame's first byte, looking at the stop flag
-    /// every tick. `false` when the engine stops; a peer that closed is
-    /// seen by the header read that follows (a clean end of stream).
-    fn wait_for_frame(&self) -> io::Result<bool> {
-        if net::spin_until_readable(&self.stream)? {
-            return Ok(true);
+    /// every tick, until `until` if given. A peer that closed is seen by
+    /// the header read that follows (a clean end of stream).
+    fn wait_for_frame(&self, until: Option<Instant>) -> io::Result<Next> {
+        let s = self.stream.get_ref();
+        if net::spin_until_readable(s)? {
+            return Ok(Next::Frame);
         }
         loop {
             if self.stop.load(Ordering::Relaxed) {
-                return Ok(false);
+                return Ok(Next::Stop);
             }
-            if net::wait_readable(&self.stream, TICK)? {
-                return Ok(true);
+            let tick = match until {
+                None => TICK,
+                Some(t) => match t.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(TICK),
+                    _ => return Ok(Next::Expired),
+                },
+            };
+            if net::wait_readable(s, tick)? {
+                return Ok(Next::Frame);
             }
         }
     }
 
     fn send(&mut self, h: &FrameHeader, payload: &[&[u8]]) -> io::Result<()> {
-        wire::write_frame(&mut self.stream, h, payload)
+        self.stream.write_frame(h, payload, self.deadline)
     }
 
     fn send_error(&mut self, request_id: u64, status: Status, message: &str) -> io::Result<()> {
@@ -217,16 +289,48 @@ impl Handler {
     /// Sends an ERROR frame and ends the connection.
     fn reject(&mut self, request_id: u64, message: String) -> Result<(), Close> {
         let _ = self.send_error(request_id, Status::Protocol, &message);
-        let _ = self.stream.flush();
         Err(message)
+    }
+
+    fn read_payload(&mut self, len: u64) -> Result<Vec<u8>, Close> {
+        self.stream
+            .read_payload(len, self.deadline)
+            .map_err(|e| e.to_string())
     }
 
     fn serve(mut self) -> Result<(), Close> {
         let io = |e: io::Error| e.to_string();
         let mut hello_done = false;
         let mut awaiting_auth: Option<([u8; 16], [u8; 16])> = None;
-        while self.wait_for_frame().map_err(io)? {
-            let h = match wire::read_header(&mut self.stream).map_err(io)? {
+        loop {
+            // Before the handshake is through, the connect timeout bounds
+            // the wait and the frames: a connection that never greets
+            // (a port scan, a stray client) does not hold a thread forever.
+            let greeting = !hello_done;
+            match self
+                .wait_for_frame(greeting.then_some(self.hello_by))
+                .map_err(io)?
+            {
+                Next::Frame => {}
+                Next::Stop => return Ok(()),
+                Next::Expired => {
+                    return Err(format!(
+                        "no {} within the connect timeout ({} ms)",
+                        if awaiting_auth.is_some() {
+                            "AUTH"
+                        } else {
+                            "HELLO"
+                        },
+                        self.shared.connect_timeout.as_millis()
+                    ));
+                }
+            }
+            // Everything of this frame, and the reply to it, by then.
+            self.deadline = net::deadline_after(self.shared.transfer_timeout);
+            if greeting {
+                self.deadline = self.deadline.min(self.hello_by);
+            }
+            let h = match self.stream.read_header(self.deadline).map_err(io)? {
                 Some(h) => h,
                 None => return Ok(()),
             };
@@ -243,7 +347,7 @@ impl Handler {
                         "this engine requires the shared secret: AUTH expected".into(),
                     );
                 }
-                let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                let p = self.read_payload(len)?;
                 let auth: wire::Auth = match wire::pod_from(&p) {
                     Ok(a) => a,
                     Err(m) => return self.reject(rid, m),
@@ -271,7 +375,7 @@ impl Handler {
                     if hello_done {
                         return self.reject(rid, "second HELLO".into());
                     }
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let hello: wire::Hello = match wire::pod_from(&p) {
                         Ok(x) => x,
                         Err(m) => return self.reject(rid, m),
@@ -319,14 +423,14 @@ impl Handler {
                 }
                 Kind::Read | Kind::Write | Kind::Pin => self.serve_table(kind, h)?,
                 Kind::Unpin => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let Ok(id) = <[u8; 8]>::try_from(p.as_slice()) else {
                         return self.reject(rid, "UNPIN payload is not 8 bytes".into());
                     };
                     self.leases.remove(&u64::from_le_bytes(id));
                 }
                 Kind::LeaseBoard => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let req: wire::BoardRequest = match wire::pod_from(&p) {
                         Ok(x) => x,
                         Err(m) => return self.reject(rid, m),
@@ -334,7 +438,7 @@ impl Handler {
                     self.serve_board(rid, req).map_err(io)?;
                 }
                 Kind::LeaseRegions => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let Ok(inst) = <[u8; 8]>::try_from(p.as_slice()) else {
                         return self.reject(rid, "LEASE_REGIONS payload is not 8 bytes".into());
                     };
@@ -342,7 +446,7 @@ impl Handler {
                         .map_err(io)?;
                 }
                 Kind::Notify => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let (name, message) = match wire::decode_notify(&p) {
                         Ok(x) => x,
                         Err(m) => return self.reject(rid, m),
@@ -357,12 +461,12 @@ impl Handler {
                     }
                 }
                 Kind::Ping => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     self.send(&FrameHeader::new(Kind::Pong, rid, p.len() as u64), &[&p])
                         .map_err(io)?;
                 }
                 Kind::DeviceControl => {
-                    let p = net::read_payload(&mut self.stream, len).map_err(io)?;
+                    let p = self.read_payload(len)?;
                     let reply = match &self.shared.device.runtime {
                         Some(rt) => rt.serve_control(&p),
                         None => Err(crate::error::Error::Unsupported {
@@ -399,7 +503,6 @@ impl Handler {
                 }
             }
         }
-        Ok(())
     }
 
     /// The refusal for a request naming another instance than this one.
@@ -438,7 +541,8 @@ impl Handler {
         let Some(board) = self.board_for(rid, req.target_instance)? else {
             return Ok(());
         };
-        let slots = board.grant(self.id, req.slots.min(wire::MAX_GRANT), req.pid);
+        // At most `board::MAX_SLOTS_PER_CONN`, however many are asked for.
+        let slots = board.grant(self.id, req.slots, req.pid);
         let grant = wire::BoardGrant {
             pid: std::process::id(),
             fd: board.fd(),
@@ -496,14 +600,13 @@ impl Handler {
         if h.payload_len < wire::TABLE_HEAD_LEN as u64 {
             return self.reject(rid, format!("{kind:?} payload shorter than its table head"));
         }
-        let head_bytes =
-            net::read_payload(&mut self.stream, wire::TABLE_HEAD_LEN as u64).map_err(io)?;
+        let head_bytes = self.read_payload(wire::TABLE_HEAD_LEN as u64)?;
         let head = match wire::decode_table_head(&head_bytes, h.payload_len) {
             Ok(x) => x,
             Err(m) => return self.reject(rid, m),
         };
         let table_len = 16 * u64::from(head.count);
-        let table = net::read_payload(&mut self.stream, table_len).map_err(io)?;
+        let table = self.read_payload(table_len)?;
         let (ranges, total) = match wire::decode_ranges(&table) {
             Ok(x) => x,
             Err(m) => return self.reject(rid, m),
@@ -533,15 +636,21 @@ impl Handler {
             Ok(p) => p,
             Err((status, msg)) => {
                 if kind == Kind::Write {
-                    net::discard(&mut self.stream, rest).map_err(io)?;
+                    self.stream.discard(rest, self.deadline).map_err(io)?;
                 }
                 return self.send_error(rid, status, &msg).map_err(io);
             }
         };
         // Ranges in device memory are staged through pinned host buffers.
-        if let Some(served) =
-            crate::staging::serve(&self.shared, &mut self.stream, kind, rid, &ranges, &pins)
-        {
+        if let Some(served) = crate::staging::serve(
+            &self.shared,
+            &mut self.stream,
+            self.deadline,
+            kind,
+            rid,
+            &ranges,
+            &pins,
+        ) {
             return served.map_err(io);
         }
         let raw: Vec<RawRange> = ranges
@@ -557,14 +666,17 @@ impl Handler {
                 // SAFETY: every range lies inside a region pinned in `pins`
                 // for the whole call; registered memory is valid until
                 // unregistered, which waits for pins.
-                unsafe { net::send_ranges(&self.stream, &[bytemuck::bytes_of(&hdr)], &raw) }
-                    .map_err(io)?;
+                unsafe {
+                    self.stream
+                        .send_ranges(&[bytemuck::bytes_of(&hdr)], &raw, self.deadline)
+                }
+                .map_err(io)?;
             }
             Kind::Write => {
                 // SAFETY: as above; the data lands straight in the
                 // registered ranges, and is acknowledged only once all of
                 // it is in place.
-                unsafe { net::recv_ranges(&self.stream, &raw) }.map_err(io)?;
+                unsafe { self.stream.recv_ranges(&raw, self.deadline) }.map_err(io)?;
                 self.send(&FrameHeader::new(Kind::WriteAck, rid, 0), &[])
                     .map_err(io)?;
             }

@@ -11,7 +11,6 @@
 //! out, errors and panics included.
 
 use std::io;
-use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -413,9 +412,11 @@ fn stage_round(
 /// serves the request itself. `Some(Ok)` when the request was answered (data
 /// and ack, or an ERROR frame) and the connection is in step; `Some(Err)`
 /// when it must close (a failure after part of a READ's data went out).
+/// Everything, the device copies too, is done by `deadline` (the frame's).
 pub(crate) fn serve(
     shared: &Shared,
-    stream: &mut TcpStream,
+    stream: &mut net::Stream,
+    deadline: Instant,
     kind: Kind,
     rid: u64,
     ranges: &[Range],
@@ -436,13 +437,12 @@ pub(crate) fn serve(
             }
         })
         .collect();
-    let deadline = Instant::now() + shared.transfer_timeout;
     let data: u64 = ranges.iter().map(|r| r.len).sum();
     let Some(pool) = shared.device.pool.as_ref() else {
         let e = Error::Internal {
             what: "device regions without a device runtime".into(),
         };
-        return Some(answer_error(stream, kind, rid, data, &e));
+        return Some(answer_error(stream, deadline, kind, rid, data, &e));
     };
     let mut stager = TargetStager {
         pool,
@@ -467,17 +467,18 @@ pub(crate) fn serve(
 /// Sends an ERROR frame for a request, draining a WRITE's `data` first so
 /// the stream stays in step.
 fn answer_error(
-    stream: &mut TcpStream,
+    stream: &mut net::Stream,
+    deadline: Instant,
     kind: Kind,
     rid: u64,
     data: u64,
     e: &Error,
 ) -> io::Result<()> {
     if kind == Kind::Write {
-        net::discard(stream, data)?;
+        stream.discard(data, deadline)?;
     }
     let (h, msg) = wire::error_frame(rid, e.status(), &e.to_string());
-    wire::write_frame(stream, &h, &[&msg])
+    stream.write_frame(&h, &[&msg], deadline)
 }
 
 /// The target's staging of one request: host ranges and pieces of device
@@ -485,7 +486,7 @@ fn answer_error(
 /// is flushed whenever it is full.
 struct TargetStager<'a> {
     pool: &'a StagingPool,
-    stream: &'a mut TcpStream,
+    stream: &'a mut net::Stream,
     rid: u64,
     deadline: Instant,
     buffer: Option<StagingBuffer<'a>>,
@@ -579,7 +580,7 @@ impl TargetStager<'_> {
             Err(e) if !self.header_sent => match staging_error(&e) {
                 Some(err) => {
                     let (h, msg) = wire::error_frame(self.rid, err.status(), &err.to_string());
-                    wire::write_frame(self.stream, &h, &[&msg])
+                    self.stream.write_frame(&h, &[&msg], self.deadline)
                 }
                 None => Err(e),
             },
@@ -613,7 +614,7 @@ impl TargetStager<'_> {
         // SAFETY: every range is inside a region pinned for the request
         // (host ranges) or inside the pool buffer this stager holds, which
         // the copies above filled.
-        unsafe { net::send_ranges(self.stream, head, &self.out) }?;
+        unsafe { self.stream.send_ranges(head, &self.out, self.deadline) }?;
         self.header_sent = true;
         self.out.clear();
         self.copies.clear();
@@ -636,17 +637,17 @@ impl TargetStager<'_> {
                 None => return Err(e),
             }
         }
-        net::discard(self.stream, self.left)?;
+        self.stream.discard(self.left, self.deadline)?;
         self.buffer = None;
         match self.failure.take() {
             Some(e) => {
                 let (h, msg) = wire::error_frame(self.rid, e.status(), &e.to_string());
-                wire::write_frame(self.stream, &h, &[&msg])
+                self.stream.write_frame(&h, &[&msg], self.deadline)
             }
-            None => wire::write_frame(
-                self.stream,
+            None => self.stream.write_frame(
                 &FrameHeader::new(Kind::WriteAck, self.rid, 0),
                 &[],
+                self.deadline,
             ),
         }
     }
@@ -656,7 +657,7 @@ impl TargetStager<'_> {
         if self.failure.is_none() {
             // SAFETY: every range is inside a region pinned for the request
             // (host ranges) or inside the pool buffer this stager holds.
-            unsafe { net::recv_ranges(self.stream, &self.out) }?;
+            unsafe { self.stream.recv_ranges(&self.out, self.deadline) }?;
             self.left -= bytes;
             if let Err(e) = self
                 .pool

@@ -667,6 +667,10 @@ pub fn remote_error(peer: &str, h: &FrameHeader, message: &[u8]) -> Error {
             peer: peer.to_owned(),
             detail: message,
         },
+        Some(Status::PeerUnreachable) => Error::PeerUnreachable {
+            peer: peer.to_owned(),
+            reason: format!("the target refused the connection: {message}"),
+        },
         _ => Error::TransferFailed {
             peer: peer.to_owned(),
             reason: format!(

@@ -1,17 +1,25 @@
 //! What arrives on an engine's port from a client that does not play by
 //! the rules: garbage, truncated, oversized and wrong-version frames, reads
-//! outside registered memory, a wrong shared secret. Each gets an ERROR
-//! frame or a clean refusal, and the engine keeps serving everyone else.
+//! outside registered memory, a wrong shared secret, frames trickled a byte
+//! at a time, connections that never greet or come in floods, a flood of
+//! notifications. Each gets an ERROR frame, a clean refusal or a closed
+//! connection within its deadline, and the engine keeps serving everyone
+//! else. A target that trickles its replies fails the initiator's batch at
+//! its deadline.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::Duration;
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
 
+use kvferry::board::{MAX_SLOTS_PER_CONN, SLOT_COUNT};
 use kvferry::wire::{self, FrameHeader, Kind};
 use kvferry::{Engine, EngineConfig, Error, Op, Status, TransportChoice};
 
+/// The transfer timeout of the engines made by `engine`.
+const TRANSFER_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn engine(cfg: EngineConfig) -> Engine {
-    Engine::new(cfg.port(0).transfer_timeout(Duration::from_secs(2))).unwrap()
+    Engine::new(cfg.port(0).transfer_timeout(TRANSFER_TIMEOUT)).unwrap()
 }
 
 fn connect(e: &Engine) -> TcpStream {
@@ -29,6 +37,11 @@ fn read_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
 }
 
 fn hello(s: &mut TcpStream) -> wire::HelloReply {
+    try_hello(s).expect("hello reply")
+}
+
+/// Says HELLO; `None` when something else than a HELLO_REPLY comes back.
+fn try_hello(s: &mut TcpStream) -> Option<wire::HelloReply> {
     let hello = wire::Hello {
         min_version: 1,
         max_version: 1,
@@ -37,10 +50,9 @@ fn hello(s: &mut TcpStream) -> wire::HelloReply {
         instance_id: 0,
     };
     let h = FrameHeader::new(Kind::Hello, 1, std::mem::size_of::<wire::Hello>() as u64);
-    wire::write_frame(s, &h, &[bytemuck::bytes_of(&hello)]).unwrap();
-    let (h, p) = read_frame(s).expect("hello reply");
-    assert_eq!(h.kind, Kind::HelloReply as u16);
-    wire::pod_from(&p).unwrap()
+    wire::write_frame(s, &h, &[bytemuck::bytes_of(&hello)]).ok()?;
+    let (h, p) = read_frame(s)?;
+    (h.kind == Kind::HelloReply as u16).then(|| wire::pod_from(&p).unwrap())
 }
 
 /// Sends `bytes`, expects an ERROR frame with `status`, then a closed connection.
@@ -296,7 +308,12 @@ fn nobody_listening_is_a_fast_clear_error() {
 }
 
 fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
-    let h = FrameHeader::new(kind, 9, payload.len() as u64);
+    frame_for(kind, 9, payload)
+}
+
+/// A frame of `kind` for (or answering) request `rid`.
+fn frame_for(kind: Kind, rid: u64, payload: &[u8]) -> Vec<u8> {
+    let h = FrameHeader::new(kind, rid, payload.len() as u64);
     let mut out = bytemuck::bytes_of(&h).to_vec();
     out.extend_from_slice(payload);
     out
@@ -325,14 +342,7 @@ fn lease_board_requests_are_checked() {
     let mut s = connect(&e);
     let instance = hello(&mut s).instance_id;
     let ask = |s: &mut TcpStream, target_instance: u64, slots: u32| {
-        let req = wire::BoardRequest {
-            target_instance,
-            slots,
-            pid: 0,
-        };
-        s.write_all(&frame(Kind::LeaseBoard, bytemuck::bytes_of(&req)))
-            .unwrap();
-        read_frame(s).expect("a reply")
+        ask_slots(s, target_instance, slots, 0)
     };
     let (h, _) = ask(&mut s, instance ^ 1, 4);
     assert_eq!(
@@ -343,7 +353,7 @@ fn lease_board_requests_are_checked() {
     assert_eq!(h.kind, Kind::LeaseBoardGrant as u16);
     let (g, slots) = wire::decode_grant(&p).unwrap();
     assert_eq!(g.pid, std::process::id());
-    assert_eq!(slots.len(), wire::MAX_GRANT as usize);
+    assert_eq!(slots.len(), MAX_SLOTS_PER_CONN as usize);
     // The per-connection cap holds across requests.
     let (_, p) = ask(&mut s, instance, 1);
     assert!(wire::decode_grant(&p).unwrap().1.is_empty());
@@ -368,22 +378,9 @@ fn lease_board_requests_are_checked() {
     let (h, _) = read_frame(&mut s).expect("refusal");
     assert_eq!(h.status, Status::PeerRestarted as i32);
     drop(s);
-    // The closed connection's slots are free again: four new connections
-    // get all 256 slots of the board, and a fifth gets none.
-    let mut held = Vec::new();
-    let mut granted = 0;
-    for _ in 0..400 {
-        let mut s = connect(&e);
-        hello(&mut s);
-        let (_, p) = ask(&mut s, instance, 64);
-        granted += wire::decode_grant(&p).unwrap().1.len();
-        held.push(s);
-        if granted == 256 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(granted, 256);
+    // The closed connection's slots are free again: new connections get
+    // all slots of the board, and then one more gets none.
+    let held = fill_board(&e, instance);
     let mut s = connect(&e);
     hello(&mut s);
     assert!(
@@ -395,4 +392,402 @@ fn lease_board_requests_are_checked() {
     drop(held);
     e.unregister_memory(buf.as_ptr() as u64).unwrap();
     still_serves(&e);
+}
+
+/// Asks for `slots` lease board slots for the connection, naming `pid`.
+fn ask_slots(
+    s: &mut TcpStream,
+    target_instance: u64,
+    slots: u32,
+    pid: u32,
+) -> (FrameHeader, Vec<u8>) {
+    let req = wire::BoardRequest {
+        target_instance,
+        slots,
+        pid,
+    };
+    s.write_all(&frame(Kind::LeaseBoard, bytemuck::bytes_of(&req)))
+        .unwrap();
+    read_frame(s).expect("a reply")
+}
+
+/// Takes every slot of `e`'s lease board on new connections (slots of
+/// connections that just closed are freed when their handler ends: retried
+/// for a while); returns the connections, which hold them.
+fn fill_board(e: &Engine, instance: u64) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    let mut granted = 0;
+    for _ in 0..400 {
+        let mut s = connect(e);
+        hello(&mut s);
+        let (_, p) = ask_slots(&mut s, instance, SLOT_COUNT, 0);
+        granted += wire::decode_grant(&p).unwrap().1.len();
+        held.push(s);
+        if granted == SLOT_COUNT as usize {
+            return held;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("{granted} slots of {SLOT_COUNT} could be granted");
+}
+
+/// A LEASE_BOARD that names a process which is no initiator of this engine
+/// (pid 1, the target itself) and asks for a billion slots gets what
+/// initiators ask for, and when the target drops the connection (a bad
+/// frame) those slots are freed at once, not kept until that process exits.
+#[test]
+fn a_dropped_connection_naming_no_initiator_keeps_no_slots() {
+    let e = engine(EngineConfig::new());
+    let mut instance = 0;
+    for pid in [1, std::process::id()] {
+        let mut s = connect(&e);
+        instance = hello(&mut s).instance_id;
+        let (h, p) = ask_slots(&mut s, instance, 1_000_000_000, pid);
+        assert_eq!(h.kind, Kind::LeaseBoardGrant as u16);
+        let granted = wire::decode_grant(&p).unwrap().1.len();
+        assert_eq!(granted, MAX_SLOTS_PER_CONN as usize, "pid {pid}");
+        s.write_all(&[0xee; 32]).unwrap();
+        let (h, _) = read_frame(&mut s).expect("an ERROR frame");
+        assert_eq!(h.kind, Kind::ErrorReply as u16);
+        assert!(read_frame(&mut s).is_none(), "still open");
+    }
+    // Every slot of the board can be granted again.
+    drop(fill_board(&e, instance));
+    still_serves(&e);
+}
+
+/// Sends `bytes` one every `every` until the peer closes the connection (or
+/// `give_up` passes: `None`); returns how long after the first byte it
+/// closed. Anything the peer sends meanwhile is skipped.
+fn trickle(
+    s: &mut TcpStream,
+    bytes: &[u8],
+    every: Duration,
+    give_up: Duration,
+) -> Option<Duration> {
+    s.set_read_timeout(Some(every)).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    for b in bytes {
+        if start.elapsed() > give_up {
+            return None;
+        }
+        if s.write_all(&[*b]).is_err() {
+            return Some(start.elapsed());
+        }
+        let next = Instant::now() + every;
+        while Instant::now() < next {
+            match s.read(&mut buf) {
+                Ok(0) => return Some(start.elapsed()),
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return Some(start.elapsed()),
+            }
+        }
+    }
+    None
+}
+
+/// A byte every 1.5 s: each read of the target (transfer timeout 2 s)
+/// would see one in time, but the frame is not complete in time.
+const TRICKLE: Duration = Duration::from_millis(1500);
+
+/// The target closed the connection `TRANSFER_TIMEOUT` after a frame's
+/// first byte (within the trickle's resolution).
+fn assert_cut(closed: Option<Duration>, what: &str) {
+    let closed = closed.unwrap_or_else(|| panic!("{what}: still open"));
+    assert!(
+        closed >= TRANSFER_TIMEOUT - Duration::from_millis(100)
+            && closed < TRANSFER_TIMEOUT + Duration::from_secs(1),
+        "{what}: closed {closed:?} after the first byte"
+    );
+}
+
+/// A frame, or a refused WRITE's data the target discards, trickled a
+/// byte at a time: the target closes the connection at the transfer
+/// timeout from the frame's first byte.
+#[test]
+fn a_request_trickled_byte_by_byte_is_cut_at_the_transfer_timeout() {
+    let give_up = TRANSFER_TIMEOUT * 3;
+    let e = engine(EngineConfig::new());
+    let mut s = connect(&e);
+    let instance = hello(&mut s).instance_id;
+    let t = wire::encode_table(
+        instance,
+        &[wire::Range {
+            addr: 0x10,
+            len: 16,
+        }],
+    );
+    assert_cut(
+        trickle(&mut s, &frame(Kind::Read, &t), TRICKLE, give_up),
+        "a READ header",
+    );
+    let mut s = connect(&e);
+    hello(&mut s);
+    let h = FrameHeader::new(Kind::Write, 3, t.len() as u64 + 16);
+    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    assert_cut(
+        trickle(&mut s, &[0x5a; 16], TRICKLE, give_up),
+        "a refused WRITE's data",
+    );
+    still_serves(&e);
+}
+
+/// A WRITE whose data is trickled holds pins on its ranges until the
+/// target cuts it at the transfer timeout: unregister, which waits for
+/// pins that long, succeeds instead of finding the region busy forever.
+#[test]
+fn a_trickled_write_does_not_keep_its_ranges_pinned() {
+    let e = engine(EngineConfig::new());
+    let mut mem = vec![0u8; 4096];
+    let addr = mem.as_mut_ptr() as u64;
+    // SAFETY: `mem` outlives the engine's use of it (unregistered below).
+    unsafe { e.register_memory(addr, 4096, "cpu:0") }.unwrap();
+    let mut s = connect(&e);
+    let instance = hello(&mut s).instance_id;
+    let t = wire::encode_table(instance, &[wire::Range { addr, len: 16 }]);
+    let h = FrameHeader::new(Kind::Write, 3, t.len() as u64 + 16);
+    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    let (closed, unregistered) = std::thread::scope(|scope| {
+        let dripper = scope.spawn(|| trickle(&mut s, &[0x5a; 16], TRICKLE, TRANSFER_TIMEOUT * 3));
+        std::thread::sleep(TRANSFER_TIMEOUT / 2);
+        let unregistered = e.unregister_memory(addr);
+        (dripper.join().unwrap(), unregistered)
+    });
+    unregistered.unwrap();
+    assert_cut(closed, "a WRITE's data");
+    drop(mem);
+    still_serves(&e);
+}
+
+/// A fake target that greets, serves a segment with one host region, and
+/// answers a READ with a READ_DATA header whose bytes it then trickles, one
+/// every 300 ms. The initiator's read fails with a timeout at its transfer
+/// timeout (2 s), not when the last byte would have come (20 minutes on).
+#[test]
+fn a_reply_trickled_to_the_initiator_fails_at_its_deadline() {
+    const REMOTE: u64 = 0x7f00_0000_0000;
+    let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+    let peer = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let segment = kvferry::Segment {
+        name: peer.clone(),
+        instance_id: 42,
+        epoch: 1,
+        host_id: "another host".into(),
+        pid: 1,
+        regions: vec![kvferry::RegionDesc {
+            addr: REMOTE,
+            len: 4096,
+            location: kvferry::Location::Host,
+        }],
+        exports: Default::default(),
+    };
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        while let Some((h, p)) = read_frame(&mut s) {
+            let rid = h.request_id;
+            let reply = match Kind::from_u16(h.kind) {
+                Some(Kind::Hello) => {
+                    let hello: wire::Hello = wire::pod_from(&p).unwrap();
+                    let r = wire::HelloReply {
+                        version: 1,
+                        auth_required: 0,
+                        reserved: 0,
+                        nonce: hello.nonce,
+                        instance_id: 42,
+                        proof: [0; 32],
+                    };
+                    frame_for(Kind::HelloReply, rid, bytemuck::bytes_of(&r))
+                }
+                Some(Kind::GetSegment) => {
+                    frame_for(Kind::SegmentReply, rid, &wire::encode_segment(&segment))
+                }
+                Some(Kind::Read) => {
+                    let (ranges, total) = wire::decode_ranges(&p[16..]).unwrap();
+                    assert_eq!(ranges.len(), 1);
+                    let h = FrameHeader::new(Kind::ReadData, rid, total);
+                    s.write_all(bytemuck::bytes_of(&h)).unwrap();
+                    trickle(
+                        &mut s,
+                        &vec![1; total as usize],
+                        Duration::from_millis(300),
+                        Duration::from_secs(60),
+                    );
+                    return;
+                }
+                _ => return,
+            };
+            s.write_all(&reply).unwrap();
+        }
+    });
+    // On a thread of its own, which a failing test leaves behind.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let i = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+        let mut local = vec![0u8; 4096];
+        // SAFETY: `local` outlives `i` (dropped first, below).
+        unsafe { i.register_memory(local.as_mut_ptr() as u64, 4096, "cpu:0") }.unwrap();
+        let op = Op {
+            local: local.as_ptr() as u64,
+            remote: REMOTE,
+            len: 4096,
+        };
+        let start = Instant::now();
+        let r = i.read(&peer, &[op]);
+        let _ = tx.send((r, start.elapsed()));
+        drop(i);
+        drop(local);
+    });
+    let (r, took) = rx
+        .recv_timeout(TRANSFER_TIMEOUT * 5)
+        .expect("the read is still waiting for the trickle");
+    let e = r.unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(took < TRANSFER_TIMEOUT + Duration::from_secs(1), "{took:?}");
+}
+
+/// How long until the peer closes `s` (EOF or reset); panics if it is
+/// still open after 5 s.
+fn closed_after(s: &mut TcpStream) -> Duration {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return start.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("still open after {:?}", start.elapsed())
+            }
+            Err(_) => return start.elapsed(),
+        }
+    }
+}
+
+/// A connection must say HELLO (and AUTH, when the engine has a secret)
+/// within the connect timeout, else it is closed; a greeted connection
+/// may stay idle as long as it likes.
+#[test]
+fn a_connection_that_does_not_greet_is_closed_after_the_connect_timeout() {
+    let connect_timeout = Duration::from_millis(300);
+    let e = engine(EngineConfig::new().connect_timeout(connect_timeout));
+    let secured = engine(
+        EngineConfig::new()
+            .connect_timeout(connect_timeout)
+            .secret("s3cret"),
+    );
+    let mut idle = connect(&e);
+    hello(&mut idle);
+    let limit = Duration::from_millis(1500); // below the transfer timeout
+    // Says nothing.
+    let mut s = connect(&e);
+    let t = closed_after(&mut s);
+    assert!(t < limit, "silent: {t:?}");
+    // Says half a HELLO.
+    let mut s = connect(&e);
+    s.write_all(&bytemuck::bytes_of(&FrameHeader::new(Kind::Hello, 1, 32))[..10])
+        .unwrap();
+    let t = closed_after(&mut s);
+    assert!(t < limit, "half a HELLO: {t:?}");
+    // Says HELLO, then never proves the secret.
+    let mut s = connect(&secured);
+    assert_eq!(hello(&mut s).auth_required, 1);
+    let t = closed_after(&mut s);
+    assert!(t < limit, "no AUTH: {t:?}");
+    // The greeted connection idled through all of this and still works.
+    std::thread::sleep(connect_timeout * 2);
+    let ping = FrameHeader::new(Kind::Ping, 8, 2);
+    wire::write_frame(&mut idle, &ping, &[b"hi"]).unwrap();
+    let (h, p) = read_frame(&mut idle).expect("a PONG");
+    assert_eq!((h.kind, p.as_slice()), (Kind::Pong as u16, &b"hi"[..]));
+    still_serves(&e);
+}
+
+/// At most `max_connections` at once: one more is refused at once with an
+/// ERROR about the connection (request id 0), which an initiator reports
+/// as an unreachable peer with the reason; a connection that ends is
+/// counted out.
+#[test]
+fn connections_over_the_limit_are_refused() {
+    let e = engine(EngineConfig::new().max_connections(4));
+    let mut held: Vec<TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = connect(&e);
+            hello(&mut s);
+            s
+        })
+        .collect();
+    let mut s = connect(&e);
+    let (h, msg) = read_frame(&mut s).expect("an ERROR frame");
+    let msg = String::from_utf8_lossy(&msg).into_owned();
+    assert_eq!(
+        (h.kind, h.request_id, h.status),
+        (Kind::ErrorReply as u16, 0, Status::PeerUnreachable as i32),
+        "{msg}"
+    );
+    assert!(msg.contains("KVFERRY_MAX_CONNECTIONS"), "{msg}");
+    assert!(read_frame(&mut s).is_none(), "still open");
+
+    let c = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+    let err = c.notify(e.name(), b"x").unwrap_err();
+    assert!(
+        matches!(err, Error::PeerUnreachable { .. })
+            && err.to_string().contains("KVFERRY_MAX_CONNECTIONS"),
+        "{err}"
+    );
+
+    // One closes: room for one more (once its handler has ended).
+    drop(held.pop());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while try_hello(&mut connect(&e)).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no room after a connection closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(held);
+}
+
+/// Undrained notifications are capped in bytes (64 MiB), not only in
+/// count: a sender of 1 MiB messages sees its notify refused, with a
+/// message that says why, once 64 MiB are queued; taking notifications
+/// makes room.
+#[test]
+fn queued_notifications_are_capped_in_bytes() {
+    let e = engine(EngineConfig::new());
+    let c = engine(EngineConfig::new().transport(TransportChoice::Tcp));
+    let big = vec![7u8; (1 << 20) - 64];
+    let size = big.len() + c.name().len();
+    let mut sent = 0;
+    let err = loop {
+        match c.notify(e.name(), &big) {
+            Ok(()) => sent += 1,
+            Err(err) => break err,
+        }
+        assert!(sent <= 80, "{sent} notifications of 1 MiB queued");
+    };
+    assert_eq!(sent, kvferry::engine::MAX_NOTIFICATION_BYTES / size);
+    assert!(
+        matches!(&err, Error::TransferFailed { reason, .. } if reason.contains("undrained notifications") && reason.contains("drain them")),
+        "{err}"
+    );
+    // Taking one (as kvf_notify_recv does) makes room for one.
+    let first = e.next_notification_within(usize::MAX, usize::MAX);
+    assert_eq!(first.unwrap().unwrap().message, big);
+    c.notify(e.name(), &big).unwrap();
+    assert!(c.notify(e.name(), &big).is_err(), "full again");
+    assert_eq!(e.drain_notifications().len(), sent);
+    c.notify(e.name(), &big).unwrap();
+    assert_eq!(e.drain_notifications().len(), 1);
 }

@@ -48,8 +48,9 @@ const SPLIT_MIN_BYTES: u64 = 2 << 20;
 const SPLIT_CHUNKS: u64 = 8;
 const MIN_CHUNK: u64 = 128 << 10;
 const MAX_CHUNK: u64 = 4 << 20;
-/// Lease board slots asked for per peer: concurrent fast-path batches.
-const BOARD_SLOTS: u32 = 8;
+/// Lease board slots asked for per peer (concurrent fast-path batches):
+/// as many as a target gives one connection.
+const BOARD_SLOTS: u32 = board::MAX_SLOTS_PER_CONN;
 /// Attempts to enter the fast path before a batch takes a PIN lease.
 const ENTER_ATTEMPTS: usize = 4;
 

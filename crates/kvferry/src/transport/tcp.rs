@@ -4,7 +4,7 @@
 
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -39,10 +39,14 @@ pub struct ClientIdentity {
 /// One open, greeted connection.
 #[derive(Debug)]
 pub struct Conn {
-    stream: TcpStream,
+    stream: net::Stream,
     next_id: u64,
-    /// The socket timeout last set by `arm`.
-    armed: Option<std::time::Duration>,
+    /// The deadline of the operation under way (set by `arm`): every frame
+    /// it sends and every reply it reads is done by then, however slowly the
+    /// peer trickles them (`net::Stream`).
+    deadline: Instant,
+    /// What that operation was given, for timeout errors.
+    budget: Duration,
 }
 
 impl Conn {
@@ -76,11 +80,12 @@ impl Conn {
             })
         })?;
         let _ = stream.set_nodelay(true);
-        let deadline = Instant::now() + me.connect_timeout;
+        let deadline = net::deadline_after(me.connect_timeout);
         let mut conn = Conn {
-            stream,
+            stream: net::Stream::new(stream),
             next_id: 1,
-            armed: None,
+            deadline,
+            budget: me.connect_timeout,
         };
         let instance = conn.hello(&name, me, deadline)?;
         Ok((conn, instance))
@@ -99,7 +104,7 @@ impl Conn {
         ) {
             Error::Timeout {
                 what: format!("{what} with {peer}"),
-                ms: self.armed.map_or(0, |d| d.as_millis() as u64),
+                ms: self.budget.as_millis() as u64,
             }
         } else {
             Error::TransferFailed {
@@ -109,26 +114,25 @@ impl Conn {
         }
     }
 
-    /// Sets the socket timeouts to what is left before `deadline`, like
-    /// `net::arm`, but skips the two setsockopt calls when the timeout set
-    /// last time is within 1/64 of it: back-to-back batches with the same
-    /// transfer timeout then pay no syscall for it.
+    /// Starts an operation that must be over by `deadline`: its requests
+    /// and replies, however slowly the peer sends or takes them. Makes no
+    /// syscall: the socket timeouts follow the deadline only when a call
+    /// would block (`net::Stream`).
     pub(crate) fn arm(&mut self, deadline: Instant) -> std::io::Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
-        if let Some(a) = self.armed
-            && !left.is_zero()
-            && a.abs_diff(left) <= left / 64
-        {
-            return Ok(());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "deadline passed",
+            ));
         }
-        self.armed = None;
-        net::arm(&self.stream, deadline)?;
-        self.armed = Some(left);
+        self.deadline = deadline;
+        self.budget = left;
         Ok(())
     }
 
     fn send(&mut self, h: &FrameHeader, payload: &[&[u8]]) -> std::io::Result<()> {
-        wire::write_frame(&mut self.stream, h, payload)
+        self.stream.write_frame(h, payload, self.deadline)
     }
 
     fn id(&mut self) -> u64 {
@@ -137,11 +141,13 @@ impl Conn {
     }
 
     /// Reads a reply header, with its payload if it is small (control) or
-    /// an error; checks it is `expect` for request `rid`.
+    /// an error; checks it is `expect` for request `rid`. The whole reply
+    /// is bounded by the operation's deadline (the reads poll for
+    /// `SPIN_BEFORE_SLEEP` before they sleep).
     fn reply(&mut self, peer: &str, expect: Kind, rid: u64) -> Result<(FrameHeader, Vec<u8>)> {
-        // Poll briefly before the blocking read sleeps (see SPIN_BEFORE_SLEEP).
-        net::spin_until_readable(&self.stream).map_err(|e| self.io(peer, "reading a reply", e))?;
-        let h = wire::read_header(&mut self.stream)
+        let h = self
+            .stream
+            .await_header(self.deadline)
             .map_err(|e| self.io(peer, "reading a reply", e))?
             .ok_or_else(|| Error::TransferFailed {
                 peer: peer.to_owned(),
@@ -151,16 +157,20 @@ impl Conn {
             peer: peer.to_owned(),
             detail: d,
         })?;
+        // Request id 0: about the connection, not a request (a target
+        // refusing a connection over its limit).
+        if kind == Kind::ErrorReply && (h.request_id == rid || h.request_id == 0) {
+            let msg = self
+                .stream
+                .read_payload(h.payload_len, self.deadline)
+                .map_err(|e| self.io(peer, "reading an error", e))?;
+            return Err(wire::remote_error(peer, &h, &msg));
+        }
         if h.request_id != rid {
             return Err(Error::Protocol {
                 peer: peer.to_owned(),
                 detail: format!("reply to request {} while waiting for {rid}", h.request_id),
             });
-        }
-        if kind == Kind::ErrorReply {
-            let msg = net::read_payload(&mut self.stream, h.payload_len)
-                .map_err(|e| self.io(peer, "reading an error", e))?;
-            return Err(wire::remote_error(peer, &h, &msg));
         }
         if kind != expect {
             return Err(Error::Protocol {
@@ -171,7 +181,9 @@ impl Conn {
         if kind == Kind::ReadData {
             return Ok((h, Vec::new())); // the caller reads the data in place
         }
-        let p = net::read_payload(&mut self.stream, h.payload_len)
+        let p = self
+            .stream
+            .read_payload(h.payload_len, self.deadline)
             .map_err(|e| self.io(peer, "reading a reply", e))?;
         Ok((h, p))
     }
@@ -379,7 +391,13 @@ impl Conn {
                     .collect();
                 // SAFETY: the local side of every slice is inside a region
                 // the plan pinned for the whole job.
-                unsafe { net::send_ranges(&self.stream, &[bytemuck::bytes_of(&h), &table], &local) }
+                unsafe {
+                    self.stream.send_ranges(
+                        &[bytemuck::bytes_of(&h), &table],
+                        &local,
+                        self.deadline,
+                    )
+                }
             }
         };
         r.map_err(|e| self.io(peer, "sending a request", e))
@@ -415,7 +433,7 @@ impl Conn {
                     .collect();
                 // SAFETY: the local side of every slice is inside a region
                 // the plan pinned for the whole job; only the kernel writes it.
-                unsafe { net::recv_ranges(&self.stream, &local) }
+                unsafe { self.stream.recv_ranges(&local, self.deadline) }
                     .map_err(|e| self.io(peer, "receiving data", e))
             }
             Opcode::Write => self.reply(peer, Kind::WriteAck, rid).map(|_| ()),
