@@ -647,7 +647,7 @@ fn a_reply_trickled_to_the_initiator_fails_at_its_deadline() {
         .recv_timeout(TRANSFER_TIMEOUT * 5)
         .expect("the read is still waiting for the trickle");
     let e = r.unwrap_err();
-    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(matches!(e, Error::TransferTimeout { .. }), "{e}");
     assert!(took < TRANSFER_TIMEOUT + Duration::from_secs(1), "{took:?}");
 }
 

@@ -93,7 +93,7 @@ impl Conn {
 
     /// The connection's socket (to look up who holds its other end).
     pub(crate) fn stream(&self) -> &TcpStream {
-        &self.stream
+        self.stream.get_ref()
     }
 
     fn io(&self, peer: &str, what: &str, e: std::io::Error) -> Error {
