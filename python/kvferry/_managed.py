@@ -77,6 +77,10 @@ class _Arena:
         self.mapping.close()
 
 
+#: What `ManagedAllocator.access` gives for a range outside every block.
+OUTSIDE = object()
+
+
 class ManagedAllocator:
     """Thread-safe. `register(addr, len)` / `unregister(addr)` are the
     engine's (raising `Error`)."""
@@ -177,11 +181,23 @@ class ManagedAllocator:
     def contains(self, addr: int, length: int) -> bool:
         """Whether `[addr, addr+length)` lies inside one allocated block."""
         with self._lock:
-            i = self._find_block(addr)
-            if i is None:
-                return False
-            start, (_, size, _) = i
-            return addr + length <= start + size
+            return self._inside(addr, length)
+
+    def access(self, addr: int, length: int, io):
+        """`io()`'s result if `[addr, addr+length)` lies inside one allocated
+        block, else `OUTSIDE`. The block cannot be freed while `io` runs
+        (`free` takes the same lock before it unmaps anything): without
+        that, a copy racing a free of a dedicated arena reads or writes
+        unmapped memory and the process dies."""
+        with self._lock:
+            return io() if self._inside(addr, length) else OUTSIDE
+
+    def _inside(self, addr: int, length: int) -> bool:
+        i = self._find_block(addr)
+        if i is None:
+            return False
+        start, (_, size, _) = i
+        return addr + length <= start + size
 
     def _find_block(self, addr: int):
         # Few blocks in practice; a linear scan keeps no second index in sync.

@@ -16,7 +16,7 @@ import struct
 import threading
 from typing import Any, NamedTuple
 
-from . import _errors, _ffi
+from . import _errors, _ffi, _managed
 from ._errors import Error, Status, logger
 from .engine import READ, WRITE, Engine, _lib_error
 from .mooncake_config import MooncakeConfig
@@ -313,16 +313,19 @@ class TransferEngine:
         self._e().free(buffer_addr, length)
         return 0
 
-    def _check_range(self, addr, length, what: str) -> tuple[int, int]:
+    def _buffer_io(self, addr, length, what: str, io):
+        """`io(addr, length)` on memory this engine registered (a managed
+        buffer cannot be freed meanwhile), or NOT_REGISTERED."""
         engine = self._e()
         addr = _ffi.u64(addr, what)
         length = _ffi.u64(length, "length")
-        if not engine.registered(addr, length):
+        result = engine.access_registered(addr, length, lambda: io(addr, length))
+        if result is _managed.OUTSIDE:
             raise Error(
                 Status.NOT_REGISTERED,
                 f"[{addr:#x}, +{length}) is not inside memory registered by this engine or one of its managed buffers",
             )
-        return addr, length
+        return result
 
     @_mooncake(-1)
     def write_bytes_to_buffer(self, dest_address, src_ptr, length) -> int:
@@ -331,18 +334,16 @@ class TransferEngine:
         if not isinstance(src_ptr, (bytes, bytearray, memoryview)):
             raise TypeError(f"src_ptr: expected bytes, got {type(src_ptr).__name__}")
         data = bytes(src_ptr)
-        dest, length = self._check_range(dest_address, length, "dest_address")
-        if length > len(data):
+        if isinstance(length, int) and not isinstance(length, bool) and length > len(data):
             raise ValueError(f"length {length} is larger than the data ({len(data)} bytes)")
-        ctypes.memmove(dest, data, length)
+        self._buffer_io(dest_address, length, "dest_address", lambda a, n: ctypes.memmove(a, data, n))
         return 0
 
     @_mooncake(b"")
     def read_bytes_from_buffer(self, source_address, length) -> bytes:
         """`length` bytes at `source_address` (memory this engine registered);
         b"" on failure."""
-        src, length = self._check_range(source_address, length, "source_address")
-        return ctypes.string_at(src, length)
+        return self._buffer_io(source_address, length, "source_address", ctypes.string_at)
 
     # -- transfers --------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import threading
 import weakref
 from typing import Any, NamedTuple, Sequence
 
-from . import _errors, _ffi
+from . import _errors, _ffi, _managed
 from ._buffers import span, spans
 from ._errors import Error, Status
 from ._managed import ManagedAllocator
@@ -371,12 +371,19 @@ class Engine:
     def registered(self, addr: int, length: int) -> bool:
         """Whether `[addr, addr+length)` lies in memory registered through this
         object (or a managed buffer)."""
+        return self.access_registered(addr, length, lambda: True) is not _managed.OUTSIDE
+
+    def access_registered(self, addr: int, length: int, io):
+        """`io()`'s result if `[addr, addr+length)` lies in memory registered
+        through this object or in a managed buffer (which then cannot be
+        freed while `io` runs), else `_managed.OUTSIDE`. Registered memory is
+        the caller's: freeing it meanwhile is the caller's race."""
         with self._regions_lock:
-            for r in self._regions.values():
-                if r.addr <= addr and addr + length <= r.addr + r.length:
-                    return True
+            inside = any(r.addr <= addr and addr + length <= r.addr + r.length for r in self._regions.values())
+        if inside:
+            return io()
         alloc = self._h.allocator
-        return alloc is not None and alloc.contains(addr, length)
+        return _managed.OUTSIDE if alloc is None else alloc.access(addr, length, io)
 
     def _allocator(self) -> ManagedAllocator:
         if self._h.allocator is None:

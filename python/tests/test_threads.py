@@ -1,6 +1,7 @@
 """One engine shared by many threads, as the connectors do (a pool of up to
 32 receive threads calls one engine)."""
 
+import ctypes
 import threading
 import time
 
@@ -121,3 +122,34 @@ def test_close_while_threads_transfer(peer):
     assert len(outcomes) == 8
     assert all(msg == "stopped" or msg.endswith("the engine is closed") for _, msg in outcomes), outcomes
     assert sum(n for n, _ in outcomes) > 0
+
+
+def test_a_managed_buffer_is_not_freed_under_a_copy(te):
+    """read_bytes_from_buffer / write_bytes_to_buffer racing a free of the
+    same managed buffer: the free waits for the copy instead of unmapping
+    the memory under it (a large buffer has a mapping of its own, unmapped
+    when freed: a copy after that would kill the process)."""
+    size = 48 << 20  # beyond half an arena: its own mapping
+    addr = te.allocate_managed_buffer(size)
+    assert te.write_bytes_to_buffer(addr, b"still mapped", 12) == 0
+    engine = te.get_engine()
+    copying, release, freed = threading.Event(), threading.Event(), []
+
+    def slow_copy():
+        copying.set()
+        release.wait(10)
+        return ctypes.string_at(addr, 12)
+
+    reader = threading.Thread(target=lambda: freed.append(("read", engine.access_registered(addr, 12, slow_copy))))
+    reader.start()
+    assert copying.wait(10)
+    freer = threading.Thread(target=lambda: freed.append(("free", te.free_managed_buffer(addr, size))))
+    freer.start()
+    time.sleep(0.3)
+    assert freed == [], "the free went ahead during the copy"
+    release.set()
+    reader.join(10)
+    freer.join(10)
+    assert freed == [("read", b"still mapped"), ("free", 0)]
+    # Gone now: refused, not read.
+    assert te.read_bytes_from_buffer(addr, 12) == b""
