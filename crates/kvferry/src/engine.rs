@@ -209,7 +209,7 @@ impl Core {
             self.identity(),
             self.settings.lanes,
         ));
-        let deadline = Instant::now() + self.settings.connect_timeout * 2;
+        let deadline = crate::net::deadline_after(self.settings.connect_timeout.saturating_mul(2));
         let segment = tcp.fetch(deadline)?;
         let local = LOCAL_ENGINES
             .lock()
