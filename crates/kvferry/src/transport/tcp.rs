@@ -683,7 +683,9 @@ impl Transport for TcpTransport {
     }
 
     fn fetch_segment(&self) -> Result<Segment> {
-        self.fetch(net::deadline_after(self.me.connect_timeout.saturating_mul(2)))
+        self.fetch(net::deadline_after(
+            self.me.connect_timeout.saturating_mul(2),
+        ))
     }
 
     fn notify(&self, from: &str, message: &[u8], deadline: Instant) -> Result<()> {
