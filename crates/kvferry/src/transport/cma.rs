@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -464,7 +464,18 @@ struct BoardClient {
     pidfd: OwnedFd,
     /// Set after an error on `conn`: the fast path is off for good.
     dead: AtomicBool,
+    /// When `pidfd` last showed the target alive, in ns after `born`.
+    seen_alive: AtomicU64,
+    born: Instant,
 }
+
+/// How long after seeing the target alive a batch may copy without
+/// looking again first (the look after every copy is never skipped).
+/// Linux hands pids out in turn: a pid comes back only once the whole pid
+/// space (32768 and more) was handed out since, not within 100 µs of its
+/// process being seen alive. Back-to-back batches of small blocks (20 µs
+/// each) so save one `poll` each.
+const ALIVE_FRESH: Duration = Duration::from_micros(100);
 
 /// A slot held by one batch; cleared (the copy is over) when dropped.
 #[derive(Debug)]
@@ -661,12 +672,27 @@ impl BoardClient {
             })),
             pidfd,
             dead: AtomicBool::new(false),
+            seen_alive: AtomicU64::new(0),
+            born: Instant::now(),
         })
     }
 
     /// Whether the target process still runs (one `poll`).
     fn alive(&self) -> bool {
-        pidfd_alive(&self.pidfd)
+        let alive = pidfd_alive(&self.pidfd);
+        if alive {
+            let ns = self.born.elapsed().as_nanos() as u64;
+            self.seen_alive.fetch_max(ns, Ordering::Relaxed);
+        }
+        alive
+    }
+
+    /// `alive`, or true without a `poll` when it was seen alive within
+    /// `ALIVE_FRESH`.
+    fn recently_alive(&self) -> bool {
+        let seen = Duration::from_nanos(self.seen_alive.load(Ordering::Relaxed));
+        let fresh = self.born.elapsed().saturating_sub(seen) < ALIVE_FRESH;
+        (fresh && seen > Duration::ZERO) || self.alive()
     }
 
     fn take_slot(&self) -> Option<SlotGuard<'_>> {
@@ -706,7 +732,7 @@ impl BoardClient {
 
     /// The fast path's entry (board.rs explains why it is safe).
     fn enter(&self, tcp: &TcpTransport, job: &Job<'_>) -> Enter<'_> {
-        if self.dead.load(Ordering::Relaxed) || !self.alive() {
+        if self.dead.load(Ordering::Relaxed) || !self.recently_alive() {
             return Enter::Unavailable;
         }
         let Some(slot) = self.take_slot() else {
@@ -827,39 +853,55 @@ impl CmaTransport {
     fn copy(&self, job: &Job<'_>) -> Vec<SliceOutcome> {
         let total: u64 = job.slices.iter().map(|s| s.len).sum();
         let split = total >= SPLIT_MIN_BYTES && self.pool.acquire();
-        let chunk = if split {
-            (total / SPLIT_CHUNKS).clamp(MIN_CHUNK, MAX_CHUNK)
-        } else {
-            total.max(1)
-        };
-        let chunks = chunk_pieces(job.slices, chunk);
-        let work = Arc::new(Work {
-            pid: self.pid,
-            peer: self.tcp.peer_name().to_owned(),
-            opcode: job.opcode,
-            deadline: job.deadline,
-            outcomes: Mutex::new((0..chunks.len()).map(|_| None).collect()),
-            chunks,
-            next: AtomicUsize::new(0),
-            done: AtomicUsize::new(0),
-        });
-        let work = if split {
+        // Per chunk, in order: its length and how its copy went.
+        let results: Vec<(u64, Option<CopyOutcome>)> = if split {
+            let chunk = (total / SPLIT_CHUNKS).clamp(MIN_CHUNK, MAX_CHUNK);
+            let chunks = chunk_pieces(job.slices, chunk);
+            let work = Arc::new(Work {
+                pid: self.pid,
+                peer: self.tcp.peer_name().to_owned(),
+                opcode: job.opcode,
+                deadline: job.deadline,
+                outcomes: Mutex::new((0..chunks.len()).map(|_| None).collect()),
+                chunks,
+                next: AtomicUsize::new(0),
+                done: AtomicUsize::new(0),
+            });
             // SAFETY: local ranges are pinned by the plan and remote ones
             // leased by the caller until after `copy` returns, and the pool
             // returns only when every chunk is done.
-            unsafe { self.pool.copy(work) }
+            let work = unsafe { self.pool.copy(work) };
+            let outcomes = std::mem::take(&mut *work.outcomes.lock());
+            let lens = work.chunks.iter().map(|c| c.iter().map(|p| p.len).sum());
+            lens.zip(outcomes).collect()
         } else {
-            // SAFETY: as above; this thread copies every chunk.
-            unsafe { work.drain(&self.pool.inner) };
-            work
+            // One chunk, on this thread: nothing to share with the pool.
+            let pieces: Vec<Piece> = job
+                .slices
+                .iter()
+                .map(|s| Piece {
+                    local: s.local,
+                    remote: s.remote,
+                    len: s.len,
+                })
+                .collect();
+            // SAFETY: as above.
+            let o = unsafe {
+                copy_pieces(
+                    self.pid,
+                    self.tcp.peer_name(),
+                    job.opcode,
+                    &pieces,
+                    job.deadline,
+                )
+            };
+            vec![(total, Some(o))]
         };
         // Bytes done: per chunk, its first `moved` bytes.
-        let outcomes = std::mem::take(&mut *work.outcomes.lock());
         let (mut refused, mut failure) = (None, None);
-        let mut done: Vec<(u64, u64, u64)> = Vec::with_capacity(outcomes.len());
+        let mut done: Vec<(u64, u64, u64)> = Vec::with_capacity(results.len());
         let mut at = 0u64;
-        for (c, o) in work.chunks.iter().zip(outcomes) {
-            let len: u64 = c.iter().map(|p| p.len).sum();
+        for (len, o) in results {
             let moved = match o {
                 Some(o) => {
                     match o.error {
