@@ -791,3 +791,31 @@ fn queued_notifications_are_capped_in_bytes() {
     c.notify(e.name(), &big).unwrap();
     assert_eq!(e.drain_notifications().len(), 1);
 }
+
+/// Timeouts as large as the Rust builder takes (`Duration::MAX`) give
+/// deadlines far away, not an overflow: a session to a closed port fails
+/// cleanly.
+#[test]
+fn the_largest_timeouts_do_not_overflow() {
+    let e = Engine::new(
+        EngineConfig::new()
+            .port(0)
+            .connect_timeout(Duration::MAX)
+            .transfer_timeout(Duration::MAX),
+    )
+    .unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let peer = format!("127.0.0.1:{}", closed.local_addr().unwrap().port());
+    drop(closed);
+    let mut buf = vec![0u8; 64];
+    // SAFETY: `buf` outlives `e`.
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, 64, "cpu:0") }.unwrap();
+    let op = Op {
+        local: buf.as_ptr() as u64,
+        remote: 0x1000,
+        len: 64,
+    };
+    let err = e.read(&peer, &[op]).unwrap_err();
+    assert!(matches!(err, Error::PeerUnreachable { .. }), "{err}");
+    drop(e);
+}
