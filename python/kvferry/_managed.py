@@ -178,11 +178,6 @@ class ManagedAllocator:
             raise
         arena.unmap()
 
-    def contains(self, addr: int, length: int) -> bool:
-        """Whether `[addr, addr+length)` lies inside one allocated block."""
-        with self._lock:
-            return self._inside(addr, length)
-
     def access(self, addr: int, length: int, io):
         """`io()`'s result if `[addr, addr+length)` lies inside one allocated
         block, else `OUTSIDE`. The block cannot be freed while `io` runs
@@ -190,14 +185,10 @@ class ManagedAllocator:
         that, a copy racing a free of a dedicated arena reads or writes
         unmapped memory and the process dies."""
         with self._lock:
-            return io() if self._inside(addr, length) else OUTSIDE
-
-    def _inside(self, addr: int, length: int) -> bool:
-        i = self._find_block(addr)
-        if i is None:
-            return False
-        start, (_, size, _) = i
-        return addr + length <= start + size
+            found = self._find_block(addr)
+            if found is None or addr + length > found[0] + found[1][1]:
+                return OUTSIDE
+            return io()
 
     def _find_block(self, addr: int):
         # Few blocks in practice; a linear scan keeps no second index in sync.

@@ -368,11 +368,6 @@ class Engine:
             for a in addrs:
                 self._regions.pop(a, None)
 
-    def registered(self, addr: int, length: int) -> bool:
-        """Whether `[addr, addr+length)` lies in memory registered through this
-        object (or a managed buffer)."""
-        return self.access_registered(addr, length, lambda: True) is not _managed.OUTSIDE
-
     def access_registered(self, addr: int, length: int, io):
         """`io()`'s result if `[addr, addr+length)` lies in memory registered
         through this object or in a managed buffer (which then cannot be

@@ -97,6 +97,24 @@ const LINE: usize = 64;
 const EPOCH_OFFSET: usize = LINE;
 const SLOTS_OFFSET: usize = 2 * LINE;
 
+/// A pidfd of process `pid`: it names that process only, even once its
+/// pid is handed to another one.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags; the result is checked.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+/// Whether the process of `pidfd` still runs (one `poll`: a pidfd polls
+/// readable once its process has exited).
+pub fn pidfd_alive(pidfd: &OwnedFd) -> bool {
+    !crate::net::wait_fd(pidfd.as_raw_fd(), libc::POLLIN, std::time::Duration::ZERO).unwrap_or(true)
+}
+
 /// Bytes of a board with `slots` slots, rounded up to whole pages.
 pub fn board_len(slots: u32) -> usize {
     let raw = SLOTS_OFFSET + LINE * slots as usize;
@@ -296,14 +314,11 @@ impl LeaseBoard {
     /// `orphan` can keep its slots as long as it may be copying.
     pub fn grant(&self, conn: u64, want: u32, pid: u32) -> Vec<u32> {
         self.reap();
-        if pid != 0 && !self.peers.lock().contains_key(&conn) {
-            // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-            let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-            if raw >= 0 {
-                // SAFETY: a fresh descriptor nobody else owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
-                self.peers.lock().insert(conn, (pid, fd));
-            }
+        if pid != 0
+            && !self.peers.lock().contains_key(&conn)
+            && let Ok(fd) = pidfd_open(pid)
+        {
+            self.peers.lock().insert(conn, (pid, fd));
         }
         let mut owners = self.owners.lock();
         let held = owners.iter().filter(|&&o| o == conn).count() as u32;
@@ -382,14 +397,7 @@ impl LeaseBoard {
             let mut orphans = self.orphans.lock();
             let mut gone = Vec::new();
             orphans.retain(|(conn, fd)| {
-                let mut pfd = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd for the call; a pidfd polls
-                // readable once its process has exited.
-                let exited = unsafe { libc::poll(&mut pfd, 1, 0) } > 0;
+                let exited = !pidfd_alive(fd);
                 if exited {
                     gone.push(*conn);
                 }

@@ -87,8 +87,10 @@ impl Shared {
     /// sender sees the refusal as its notify failing, with this message).
     pub(crate) fn push_notification(&self, from: String, message: Vec<u8>) -> Result<()> {
         let mut inbox = self.notifications.lock();
-        let size = from.len() + message.len();
-        if inbox.queue.len() >= MAX_NOTIFICATIONS || inbox.bytes + size > MAX_NOTIFICATION_BYTES {
+        let n = Notification { from, message };
+        if inbox.queue.len() >= MAX_NOTIFICATIONS
+            || inbox.bytes + Inbox::size(&n) > MAX_NOTIFICATION_BYTES
+        {
             return Err(Error::Unsupported {
                 what: format!(
                     "another notification at {}: {} undrained notifications of {} bytes are \
@@ -101,8 +103,7 @@ impl Shared {
                 ),
             });
         }
-        inbox.bytes += size;
-        inbox.queue.push_back(Notification { from, message });
+        inbox.push(n);
         Ok(())
     }
 }
@@ -116,10 +117,25 @@ struct Inbox {
 }
 
 impl Inbox {
+    /// What a notification counts against `MAX_NOTIFICATION_BYTES`.
+    fn size(n: &Notification) -> usize {
+        n.from.len() + n.message.len()
+    }
+
+    fn push(&mut self, n: Notification) {
+        self.bytes += Inbox::size(&n);
+        self.queue.push_back(n);
+    }
+
     fn pop_front(&mut self) -> Option<Notification> {
         let n = self.queue.pop_front()?;
-        self.bytes -= n.from.len() + n.message.len();
+        self.bytes -= Inbox::size(&n);
         Some(n)
+    }
+
+    fn drain(&mut self) -> Vec<Notification> {
+        self.bytes = 0;
+        self.queue.drain(..).collect()
     }
 }
 
@@ -693,9 +709,7 @@ impl Engine {
 
     /// Takes every notification received so far, oldest first.
     pub fn drain_notifications(&self) -> Vec<Notification> {
-        let mut inbox = self.core.shared.notifications.lock();
-        inbox.bytes = 0;
-        inbox.queue.drain(..).collect()
+        self.core.shared.notifications.lock().drain()
     }
 
     /// The transport that carries ops to `peer` ("local", "cma", "tcp"),

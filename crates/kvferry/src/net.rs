@@ -76,7 +76,11 @@ pub fn wait_readable(stream: &TcpStream, timeout: Duration) -> io::Result<bool> 
     wait_fd(stream.as_raw_fd(), libc::POLLIN, timeout)
 }
 
-fn wait_fd(fd: libc::c_int, events: libc::c_short, timeout: Duration) -> io::Result<bool> {
+pub(crate) fn wait_fd(
+    fd: libc::c_int,
+    events: libc::c_short,
+    timeout: Duration,
+) -> io::Result<bool> {
     let mut pfd = libc::pollfd {
         fd,
         events,
@@ -165,11 +169,11 @@ pub struct RawRange {
     pub len: u64,
 }
 
-fn timeout_error(e: io::Error) -> io::Error {
-    if e.kind() == io::ErrorKind::WouldBlock {
-        io::Error::new(io::ErrorKind::TimedOut, "socket timed out")
-    } else {
-        e
+/// An iovec over `len` bytes at `addr`.
+fn iov(addr: *const u8, len: usize) -> libc::iovec {
+    libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: len,
     }
 }
 
@@ -312,14 +316,14 @@ impl Stream {
     /// As `transfer`, for the whole call.
     unsafe fn transfer_all(
         &mut self,
-        mut iov: Vec<libc::iovec>,
+        iov: &mut [libc::iovec],
         send: bool,
         deadline: Instant,
         mut spun: bool,
     ) -> io::Result<u64> {
         let mut start = 0;
         let mut moved = 0u64;
-        advance(&mut iov, &mut start, 0);
+        advance(iov, &mut start, 0);
         while start < iov.len() {
             let n_iov = (iov.len() - start).min(IOV_MAX);
             let iov_now = &iov[start..start + n_iov];
@@ -328,7 +332,7 @@ impl Stream {
             let n = match r {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(timeout_error(e)),
+                Err(e) => return Err(e),
             };
             if n == 0 {
                 if send {
@@ -340,7 +344,7 @@ impl Stream {
                 break;
             }
             moved += n as u64;
-            advance(&mut iov, &mut start, n);
+            advance(iov, &mut start, n);
         }
         Ok(moved)
     }
@@ -348,12 +352,9 @@ impl Stream {
     /// Receives into all of `buf` by `deadline`; returns the bytes received
     /// (fewer only when the peer closed the connection).
     fn recv_into(&mut self, buf: &mut [u8], deadline: Instant, spun: bool) -> io::Result<u64> {
-        let iov = vec![libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }];
+        let mut one = [iov(buf.as_mut_ptr(), buf.len())];
         // SAFETY: the iovec is `buf`, borrowed mutably for the call.
-        unsafe { self.transfer_all(iov, false, deadline, spun) }
+        unsafe { self.transfer_all(&mut one, false, deadline, spun) }
     }
 
     /// Reads one frame header by `deadline`, its first byte there or about
@@ -413,16 +414,13 @@ impl Stream {
         deadline: Instant,
     ) -> io::Result<()> {
         let head: &[u8] = bytemuck::bytes_of(header);
-        let iov: Vec<libc::iovec> = std::iter::once(head)
+        let mut iovs: Vec<libc::iovec> = std::iter::once(head)
             .chain(payload.iter().copied())
-            .map(|p| libc::iovec {
-                iov_base: p.as_ptr() as *mut libc::c_void,
-                iov_len: p.len(),
-            })
+            .map(|p| iov(p.as_ptr(), p.len()))
             .collect();
         // SAFETY: the iovecs point at `header` and `payload`, borrowed for
         // the call; sending only reads them.
-        unsafe { self.transfer_all(iov, true, deadline, false) }.map(|_| ())
+        unsafe { self.transfer_all(&mut iovs, true, deadline, false) }.map(|_| ())
     }
 
     /// Sends `head` then the bytes of `ranges` with writev, no copies, by
@@ -437,20 +435,18 @@ impl Stream {
         ranges: &[RawRange],
         deadline: Instant,
     ) -> io::Result<()> {
-        let iov: Vec<libc::iovec> = head
+        let mut iovs: Vec<libc::iovec> = head
             .iter()
-            .map(|h| libc::iovec {
-                iov_base: h.as_ptr() as *mut libc::c_void,
-                iov_len: h.len(),
-            })
-            .chain(ranges.iter().map(|r| libc::iovec {
-                iov_base: r.addr as *mut libc::c_void,
-                iov_len: r.len as usize,
-            }))
+            .map(|h| iov(h.as_ptr(), h.len()))
+            .chain(
+                ranges
+                    .iter()
+                    .map(|r| iov(r.addr as *const u8, r.len as usize)),
+            )
             .collect();
         // SAFETY: the iovecs point at `head` (borrowed for the call) and at
         // ranges the caller guarantees readable; sending only reads them.
-        unsafe { self.transfer_all(iov, true, deadline, false) }.map(|_| ())
+        unsafe { self.transfer_all(&mut iovs, true, deadline, false) }.map(|_| ())
     }
 
     /// Receives exactly the bytes of `ranges` with readv, straight into
@@ -460,19 +456,19 @@ impl Stream {
     /// Every range must be writable for its length for the whole call
     /// (pinned registered memory) and not be read by Rust code meanwhile.
     pub unsafe fn recv_ranges(&mut self, ranges: &[RawRange], deadline: Instant) -> io::Result<()> {
-        let iov: Vec<libc::iovec> = ranges
+        let mut total = 0u64;
+        let mut iovs: Vec<libc::iovec> = ranges
             .iter()
-            .map(|r| libc::iovec {
-                iov_base: r.addr as *mut libc::c_void,
-                iov_len: r.len as usize,
+            .map(|r| {
+                total += r.len;
+                iov(r.addr as *const u8, r.len as usize)
             })
             .collect();
-        let total: u64 = ranges.iter().map(|r| r.len).sum();
         if total >= QUICK_ACK_MIN_BYTES {
             quick_ack(&self.stream);
         }
         // SAFETY: the iovecs point at ranges the caller guarantees writable.
-        if unsafe { self.transfer_all(iov, false, deadline, false) }? < total {
+        if unsafe { self.transfer_all(&mut iovs, false, deadline, false) }? < total {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "peer closed the connection mid-transfer",

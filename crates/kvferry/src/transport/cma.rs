@@ -18,7 +18,7 @@
 //! When the kernel refuses (EPERM: ptrace scope, containers), the
 //! transport says so in the log and carries this peer over tcp from then on.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -538,18 +538,6 @@ impl std::fmt::Display for SetupError {
     }
 }
 
-/// Whether the process of `pidfd` still runs (an exited one polls readable).
-fn pidfd_alive(pidfd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-    n == 0
-}
-
 impl BoardClient {
     fn setup(
         tcp: &TcpTransport,
@@ -566,14 +554,8 @@ impl BoardClient {
         let mut conn = tcp
             .open_conn()
             .map_err(|e| unproven(format!("cannot check that pid {pid} serves {peer}: {e}")))?;
-        // SAFETY: pidfd_open takes a pid and flags; the result is checked.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if raw < 0 {
-            let e = std::io::Error::last_os_error();
-            return Err(unproven(format!("pidfd_open({pid}): {e}")));
-        }
-        // SAFETY: a fresh descriptor nobody else owns.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) };
+        let pidfd = board::pidfd_open(pid as u32)
+            .map_err(|e| unproven(format!("pidfd_open({pid}): {e}")))?;
         match socket_owner::holds_peer_end(pid as u32, conn.stream()) {
             Ok(true) => {}
             Ok(false) => {
@@ -589,7 +571,7 @@ impl BoardClient {
         }
         // Alive after the look: the pid was not handed to another process
         // while we looked (pidfd_open came first).
-        if !pidfd_alive(&pidfd) {
+        if !board::pidfd_alive(&pidfd) {
             return Err(unproven(format!("pid {pid} exited")));
         }
         let (grant, slots) = conn
@@ -679,7 +661,7 @@ impl BoardClient {
 
     /// Whether the target process still runs (one `poll`).
     fn alive(&self) -> bool {
-        let alive = pidfd_alive(&self.pidfd);
+        let alive = board::pidfd_alive(&self.pidfd);
         if alive {
             let ns = self.born.elapsed().as_nanos() as u64;
             self.seen_alive.fetch_max(ns, Ordering::Relaxed);

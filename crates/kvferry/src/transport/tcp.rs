@@ -26,7 +26,7 @@ mod device;
 /// tcp --batch-size 32 --layout contiguous`, GB/s read / write): 1 MiB
 /// blocks 4.2-4.2 / 4.3-4.5 with 8 MiB requests, 4.6-4.8 / 4.9 with 4 MiB,
 /// 4.5-4.6 / 4.8-5.0 with 1-2 MiB; 4 MiB blocks 4.4 / 4.5-4.6, 5.1-5.3 /
-/// 5.7-5.9, 5.0-5.2 / 5.5-5.7.
+/// 5.7-5.9, 5.0-5.2 / 5.5-5.7 (the others by changing this constant).
 const REQUEST_BYTES: u64 = 4 << 20;
 /// Requests in flight per lane before the first reply is read.
 const WINDOW: usize = 4;
@@ -448,9 +448,10 @@ impl Conn {
 
 /// The CPUs this process may run on: a batch fans out over no more lanes.
 /// Each lane is a thread copying at both ends; more of them than CPUs
-/// only take turns. Measured on the 2-vCPU test guest (`kvferry bench
-/// --transport tcp --block-size 1M --batch-size 32 --layout contiguous`,
-/// and 4M): 2 lanes 4.3 / 4.5-4.7 GB/s, 4 lanes 4.1-4.3 / 4.2.
+/// only take turns. Measured on the 2-vCPU test guest before this cap
+/// (`KVFERRY_LANES=2` and `=4 kvferry bench --transport tcp --block-size
+/// 1M --batch-size 32 --layout contiguous`, and 4M): 2 lanes 4.3 / 4.5-4.7
+/// GB/s, 4 lanes 4.1-4.3 / 4.2.
 fn cpus() -> usize {
     static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
