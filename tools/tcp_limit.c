@@ -1,7 +1,7 @@
 // tcp_limit.c - physical limit probe: one loopback TCP stream, as iperf3 measures it, but with the
 // sender reading from and the receiver writing into buffers of a chosen footprint.
 // Build: gcc -O2 -Wall -o tcp_limit tcp_limit.c
-// Usage: ./tcp_limit [seconds_per_trial=1] [footprint_KiB,...=1024] [streams,...=1]
+// Usage: ./tcp_limit [seconds_per_trial=1] [footprint_KiB,...=1024] [streams,...=1] [sndbuf_KiB=0]
 //
 // Why: iperf3 sends one buffer of at most 1 MiB over and over and receives into another, so both
 // stay in the CPU caches. A KV cache transfer moves each byte once, from a source as large as the
@@ -15,9 +15,14 @@
 // over that many connections, as kvferry spreads large batches over its lanes): once the data
 // comes from memory rather than the caches, more copies in flight can go faster.
 //
+// sndbuf_KiB, when not 0, sets each sender's SO_SNDBUF (the kernel doubles it and stops tuning it):
+// small send buffers keep the bytes in flight within the CPU caches, at the price of a wake-up of
+// the sender every sndbuf bytes; tools/bench/discussion.md (tcp-large) says what that does here.
+//
 // Every stream is a forked receiver process and a forked sender process. Output, one line per
 // footprint and stream count:
 //   tcp_limit footprint_KiB=N streams=S GB/s=X (best of 3 trials; GB/s = 1e9 payload bytes / s)
+// and, with a sndbuf, " sndbuf_KiB=B" at the end of each line.
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -33,6 +38,8 @@
 #include <unistd.h>
 
 #define CHUNK (1 << 20)
+
+static int sndbuf;  // bytes; 0: the kernel's autotuning
 
 static double now(void) {
     struct timespec ts;
@@ -76,7 +83,9 @@ static void receiver(int listener, size_t footprint, int report) {
 // Sends for `seconds` from a buffer of `footprint` bytes, then closes.
 static void sender(struct sockaddr_in *a, size_t footprint, double seconds) {
     int s = socket(AF_INET, SOCK_STREAM, 0);
-    if (s < 0 || connect(s, (struct sockaddr *)a, sizeof *a)) die("connect");
+    if (s < 0) die("socket");
+    if (sndbuf && setsockopt(s, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf)) die("SO_SNDBUF");
+    if (connect(s, (struct sockaddr *)a, sizeof *a)) die("connect");
     char *buf = buffer(footprint);
     size_t off = 0;
     double t0 = now();
@@ -137,6 +146,11 @@ int main(int argc, char **argv) {
     double seconds = argc > 1 ? atof(argv[1]) : 1.0;
     char *sizes = strdup(argc > 2 ? argv[2] : "1024"), *save = NULL;
     const char *stream_list = argc > 3 ? argv[3] : "1";
+    sndbuf = argc > 4 ? atoi(argv[4]) << 10 : 0;
+    if (sndbuf < 0) {
+        fprintf(stderr, "tcp_limit: bad sndbuf %s\n", argv[4]);
+        return 2;
+    }
     for (char *tok = strtok_r(sizes, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
         size_t footprint = (size_t)atol(tok) << 10;
         if (footprint == 0) {
@@ -155,7 +169,9 @@ int main(int argc, char **argv) {
                 double g = trial(footprint, seconds, n);
                 if (g > best) best = g;
             }
-            printf("tcp_limit footprint_KiB=%zu streams=%d GB/s=%.2f\n", footprint >> 10, n, best);
+            printf("tcp_limit footprint_KiB=%zu streams=%d GB/s=%.2f", footprint >> 10, n, best);
+            if (sndbuf) printf(" sndbuf_KiB=%d", sndbuf >> 10);
+            printf("\n");
             fflush(stdout);
         }
         free(streams);
