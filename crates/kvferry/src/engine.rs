@@ -49,6 +49,8 @@ pub struct Notification {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) name: String,
+    /// The one port this engine listens on.
+    pub(crate) port: u16,
     pub(crate) instance_id: u64,
     pub(crate) host_id: String,
     pub(crate) registry: Registry,
@@ -163,7 +165,6 @@ struct Core {
 #[derive(Debug)]
 pub struct Engine {
     core: Arc<Core>,
-    port: u16,
     server: Option<Server>,
     batches: BatchTable,
     tasks: Option<Sender<Task>>,
@@ -227,10 +228,10 @@ impl Core {
         ));
         let deadline = crate::net::deadline_after(self.settings.connect_timeout.saturating_mul(2));
         let segment = tcp.fetch(deadline)?;
-        let local = LOCAL_ENGINES
-            .lock()
-            .get(&segment.instance_id)
-            .and_then(Weak::upgrade);
+        let local = match self.settings.transport {
+            TransportChoice::Auto => in_process_engine(&tcp, &segment),
+            TransportChoice::Tcp => None,
+        };
         let (tcp_for_device, same_process) = (Arc::clone(&tcp), local.is_some());
         let cma = || -> Arc<dyn Transport> {
             Arc::new(CmaTransport::new(
@@ -358,6 +359,42 @@ impl Core {
     }
 }
 
+/// The engine of this process `segment` names, once the claim is proven.
+/// The instance id comes off the wire: whoever learnt it (every peer gets
+/// ours in our HELLO) could answer a handshake with it, and our memcpy
+/// would then read or write that engine's memory instead of the peer's.
+/// So this very process must hold the server end of the connection the
+/// handshake used (lane 0), on the port that engine listens on
+/// (socket_owner.rs; the same proof cma makes for a pid). A claim that
+/// fails, or cannot be checked, makes the peer another process: cma's own
+/// pid check or tcp follows.
+fn in_process_engine(tcp: &TcpTransport, segment: &Segment) -> Option<Arc<Shared>> {
+    let claimed = LOCAL_ENGINES
+        .lock()
+        .get(&segment.instance_id)
+        .and_then(Weak::upgrade)?;
+    let served_here = |stream: &std::net::TcpStream| -> std::io::Result<bool> {
+        Ok(stream.peer_addr()?.port() == claimed.port
+            && crate::socket_owner::holds_peer_end(std::process::id(), stream)?)
+    };
+    let why_not = match tcp.with_lane(0, |c| Ok(served_here(c.stream()))) {
+        Ok(Ok(true)) => return Some(claimed),
+        Ok(Ok(false)) => format!(
+            "this process does not serve our connection on port {}",
+            claimed.port
+        ),
+        Ok(Err(e)) => format!("cannot tell who serves our connection: {e}"),
+        Err(e) => format!("no connection to check: {e}"),
+    };
+    log::debug!(
+        "kvferry: {} names engine {:#x} of this process, unproven ({why_not}); \
+         not using the in-process copy",
+        tcp.peer_name(),
+        segment.instance_id
+    );
+    None
+}
+
 /// Per-slice outcomes of one run of a plan.
 type Outcomes = Vec<Result<()>>;
 
@@ -457,6 +494,7 @@ impl Engine {
         };
         let shared = Arc::new(Shared {
             name,
+            port,
             instance_id,
             host_id: host_identity(),
             registry: Registry::new(),
@@ -500,7 +538,6 @@ impl Engine {
                 hooks: config.hooks().clone(),
                 copy_pool: Arc::new(CopyPool::new()),
             }),
-            port,
             server: Some(server),
             tasks: Some(tx),
             workers,
@@ -514,7 +551,7 @@ impl Engine {
 
     /// The one port this engine listens on.
     pub fn rpc_port(&self) -> u16 {
-        self.port
+        self.core.shared.port
     }
 
     pub fn settings(&self) -> &Settings {
