@@ -54,13 +54,9 @@ pub(crate) struct Shared {
     pub(crate) instance_id: u64,
     pub(crate) host_id: String,
     pub(crate) registry: Registry,
-    pub(crate) secret: Option<Vec<u8>>,
-    /// Bounds a frame, from its first byte to the end of its reply.
-    pub(crate) transfer_timeout: Duration,
-    /// Bounds how long a new connection may take to say HELLO (and AUTH).
-    pub(crate) connect_timeout: Duration,
-    /// Connections served at once; more are refused.
-    pub(crate) max_connections: usize,
+    /// The resolved configuration (the server's secret, timeouts and
+    /// connection limit; the initiator's transport choice, lanes, ...).
+    pub(crate) settings: Settings,
     notifications: Mutex<Inbox>,
     /// The device runtime (if any), its staging pool and device regions.
     pub(crate) device: DeviceState,
@@ -152,7 +148,6 @@ type Task = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 struct Core {
     shared: Arc<Shared>,
-    settings: Settings,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     hooks: TestHooks,
     /// The cma transports' second copy thread, shared by all sessions.
@@ -203,14 +198,14 @@ fn bind(settings: &Settings) -> Result<TcpListener> {
 
 impl Core {
     fn deadline(&self) -> Instant {
-        crate::net::deadline_after(self.settings.transfer_timeout)
+        crate::net::deadline_after(self.shared.settings.transfer_timeout)
     }
 
     fn identity(&self) -> ClientIdentity {
         ClientIdentity {
             instance_id: self.shared.instance_id,
-            secret: self.settings.secret.clone(),
-            connect_timeout: self.settings.connect_timeout,
+            secret: self.shared.settings.secret.clone(),
+            connect_timeout: self.shared.settings.connect_timeout,
         }
     }
 
@@ -224,11 +219,12 @@ impl Core {
         let tcp = Arc::new(TcpTransport::new(
             addr,
             self.identity(),
-            self.settings.lanes,
+            self.shared.settings.lanes,
         ));
-        let deadline = crate::net::deadline_after(self.settings.connect_timeout.saturating_mul(2));
+        let deadline =
+            crate::net::deadline_after(self.shared.settings.connect_timeout.saturating_mul(2));
         let segment = tcp.fetch(deadline)?;
-        let local = match self.settings.transport {
+        let local = match self.shared.settings.transport {
             TransportChoice::Auto => in_process_engine(&tcp, &segment),
             TransportChoice::Tcp => None,
         };
@@ -241,7 +237,7 @@ impl Core {
                 self.hooks.clone(),
             ))
         };
-        let transport: Arc<dyn Transport> = match (self.settings.transport, local) {
+        let transport: Arc<dyn Transport> = match (self.shared.settings.transport, local) {
             (TransportChoice::Tcp, _) => Arc::clone(&tcp) as Arc<dyn Transport>,
             (TransportChoice::Auto, Some(_)) if self.hooks.cma_in_process => cma(),
             (TransportChoice::Auto, Some(shared)) => Arc::new(LocalTransport::new(&shared)),
@@ -255,7 +251,7 @@ impl Core {
             tcp_for_device,
             &segment,
             same_process,
-            self.settings.transport == TransportChoice::Auto,
+            self.shared.settings.transport == TransportChoice::Auto,
         ));
         log::debug!(
             "kvferry: {} reaches {peer} over {}",
@@ -286,7 +282,7 @@ impl Core {
     /// segment does not cover triggers one refresh before it is refused.
     fn plan_for(&self, session: &Session, opcode: Opcode, ops: &[Op]) -> Result<Plan> {
         let seg = session.segment();
-        let slice = self.settings.slice_size;
+        let slice = self.shared.settings.slice_size;
         match plan(opcode, ops, &self.shared.registry, &seg, slice) {
             Err(Error::RemoteOutOfRange { .. }) => {
                 let fresh = session.refresh()?;
@@ -498,15 +494,13 @@ impl Engine {
             instance_id,
             host_id: host_identity(),
             registry: Registry::new(),
-            secret: settings.secret.clone(),
-            transfer_timeout: settings.transfer_timeout,
-            connect_timeout: settings.connect_timeout,
-            max_connections: settings.max_connections,
             notifications: Mutex::new(Inbox::default()),
             device: DeviceState::new(config.runtime().cloned(), settings.staging_pool),
             board: board.clone(),
             pins_served: AtomicU64::new(0),
+            settings,
         });
+        let settings = &shared.settings;
         if let Some(b) = board {
             shared.registry.set_retire_guard(b);
         }
@@ -533,7 +527,6 @@ impl Engine {
             batches: BatchTable::new(settings.max_batches),
             core: Arc::new(Core {
                 shared,
-                settings,
                 sessions: Mutex::new(HashMap::new()),
                 hooks: config.hooks().clone(),
                 copy_pool: Arc::new(CopyPool::new()),
@@ -555,7 +548,7 @@ impl Engine {
     }
 
     pub fn settings(&self) -> &Settings {
-        &self.core.settings
+        &self.core.shared.settings
     }
 
     /// What peers see of this engine.
@@ -599,7 +592,7 @@ impl Engine {
         crate::device::unregister(
             &self.core.shared,
             addrs,
-            self.core.settings.transfer_timeout,
+            self.core.shared.settings.transfer_timeout,
         )
     }
 
@@ -806,7 +799,7 @@ impl Drop for Engine {
             .core
             .shared
             .registry
-            .unregister(&addrs, self.core.settings.transfer_timeout)
+            .unregister(&addrs, self.core.shared.settings.transfer_timeout)
         {
             log::error!(
                 "kvferry: engine {} shut down with memory still in use: {e}",
