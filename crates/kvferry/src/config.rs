@@ -120,8 +120,12 @@ pub struct Settings {
     /// Inclusive range a free port is picked from (Mooncake: 15000-17000);
     /// `(0, 0)` means any free port.
     pub port_range: (u16, u16),
+    /// Bounds a connect and its handshake; also how long a new connection
+    /// to this engine may take to say HELLO (and AUTH).
     pub connect_timeout: Duration,
-    /// Deadline of a whole batch; also how long unregister waits for pins.
+    /// Deadline of a whole batch; also how long unregister waits for pins,
+    /// and how long a frame this engine serves may take, from its first byte
+    /// to the end of its reply.
     pub transfer_timeout: Duration,
     /// Ops larger than this are cut into slices of this size.
     pub slice_size: u64,

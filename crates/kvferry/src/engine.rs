@@ -49,16 +49,14 @@ pub struct Notification {
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) name: String,
+    /// The one port this engine listens on.
+    pub(crate) port: u16,
     pub(crate) instance_id: u64,
     pub(crate) host_id: String,
     pub(crate) registry: Registry,
-    pub(crate) secret: Option<Vec<u8>>,
-    /// Bounds a frame, from its first byte to the end of its reply.
-    pub(crate) transfer_timeout: Duration,
-    /// Bounds how long a new connection may take to say HELLO (and AUTH).
-    pub(crate) connect_timeout: Duration,
-    /// Connections served at once; more are refused.
-    pub(crate) max_connections: usize,
+    /// The resolved configuration (the server's secret, timeouts and
+    /// connection limit; the initiator's transport choice, lanes, ...).
+    pub(crate) settings: Settings,
     notifications: Mutex<Inbox>,
     /// The device runtime (if any), its staging pool and device regions.
     pub(crate) device: DeviceState,
@@ -150,7 +148,6 @@ type Task = Box<dyn FnOnce() + Send>;
 #[derive(Debug)]
 struct Core {
     shared: Arc<Shared>,
-    settings: Settings,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     hooks: TestHooks,
     /// The cma transports' second copy thread, shared by all sessions.
@@ -163,7 +160,6 @@ struct Core {
 #[derive(Debug)]
 pub struct Engine {
     core: Arc<Core>,
-    port: u16,
     server: Option<Server>,
     batches: BatchTable,
     tasks: Option<Sender<Task>>,
@@ -202,14 +198,14 @@ fn bind(settings: &Settings) -> Result<TcpListener> {
 
 impl Core {
     fn deadline(&self) -> Instant {
-        crate::net::deadline_after(self.settings.transfer_timeout)
+        crate::net::deadline_after(self.shared.settings.transfer_timeout)
     }
 
     fn identity(&self) -> ClientIdentity {
         ClientIdentity {
             instance_id: self.shared.instance_id,
-            secret: self.settings.secret.clone(),
-            connect_timeout: self.settings.connect_timeout,
+            secret: self.shared.settings.secret.clone(),
+            connect_timeout: self.shared.settings.connect_timeout,
         }
     }
 
@@ -223,14 +219,15 @@ impl Core {
         let tcp = Arc::new(TcpTransport::new(
             addr,
             self.identity(),
-            self.settings.lanes,
+            self.shared.settings.lanes,
         ));
-        let deadline = crate::net::deadline_after(self.settings.connect_timeout.saturating_mul(2));
+        let deadline =
+            crate::net::deadline_after(self.shared.settings.connect_timeout.saturating_mul(2));
         let segment = tcp.fetch(deadline)?;
-        let local = LOCAL_ENGINES
-            .lock()
-            .get(&segment.instance_id)
-            .and_then(Weak::upgrade);
+        let local = match self.shared.settings.transport {
+            TransportChoice::Auto => in_process_engine(&tcp, &segment),
+            TransportChoice::Tcp => None,
+        };
         let (tcp_for_device, same_process) = (Arc::clone(&tcp), local.is_some());
         let cma = || -> Arc<dyn Transport> {
             Arc::new(CmaTransport::new(
@@ -240,7 +237,7 @@ impl Core {
                 self.hooks.clone(),
             ))
         };
-        let transport: Arc<dyn Transport> = match (self.settings.transport, local) {
+        let transport: Arc<dyn Transport> = match (self.shared.settings.transport, local) {
             (TransportChoice::Tcp, _) => Arc::clone(&tcp) as Arc<dyn Transport>,
             (TransportChoice::Auto, Some(_)) if self.hooks.cma_in_process => cma(),
             (TransportChoice::Auto, Some(shared)) => Arc::new(LocalTransport::new(&shared)),
@@ -254,7 +251,7 @@ impl Core {
             tcp_for_device,
             &segment,
             same_process,
-            self.settings.transport == TransportChoice::Auto,
+            self.shared.settings.transport == TransportChoice::Auto,
         ));
         log::debug!(
             "kvferry: {} reaches {peer} over {}",
@@ -285,7 +282,7 @@ impl Core {
     /// segment does not cover triggers one refresh before it is refused.
     fn plan_for(&self, session: &Session, opcode: Opcode, ops: &[Op]) -> Result<Plan> {
         let seg = session.segment();
-        let slice = self.settings.slice_size;
+        let slice = self.shared.settings.slice_size;
         match plan(opcode, ops, &self.shared.registry, &seg, slice) {
             Err(Error::RemoteOutOfRange { .. }) => {
                 let fresh = session.refresh()?;
@@ -356,6 +353,42 @@ impl Core {
             Err(e) => batch.fail_all(e),
         }
     }
+}
+
+/// The engine of this process `segment` names, once the claim is proven.
+/// The instance id comes off the wire: whoever learnt it (every peer gets
+/// ours in our HELLO) could answer a handshake with it, and our memcpy
+/// would then read or write that engine's memory instead of the peer's.
+/// So this very process must hold the server end of the connection the
+/// handshake used (lane 0), on the port that engine listens on
+/// (socket_owner.rs; the same proof cma makes for a pid). A claim that
+/// fails, or cannot be checked, makes the peer another process: cma's own
+/// pid check or tcp follows.
+fn in_process_engine(tcp: &TcpTransport, segment: &Segment) -> Option<Arc<Shared>> {
+    let claimed = LOCAL_ENGINES
+        .lock()
+        .get(&segment.instance_id)
+        .and_then(Weak::upgrade)?;
+    let served_here = |stream: &std::net::TcpStream| -> std::io::Result<bool> {
+        Ok(stream.peer_addr()?.port() == claimed.port
+            && crate::socket_owner::holds_peer_end(std::process::id(), stream)?)
+    };
+    let why_not = match tcp.with_lane(0, |c| Ok(served_here(c.stream()))) {
+        Ok(Ok(true)) => return Some(claimed),
+        Ok(Ok(false)) => format!(
+            "this process does not serve our connection on port {}",
+            claimed.port
+        ),
+        Ok(Err(e)) => format!("cannot tell who serves our connection: {e}"),
+        Err(e) => format!("no connection to check: {e}"),
+    };
+    log::debug!(
+        "kvferry: {} names engine {:#x} of this process, unproven ({why_not}); \
+         not using the in-process copy",
+        tcp.peer_name(),
+        segment.instance_id
+    );
+    None
 }
 
 /// Per-slice outcomes of one run of a plan.
@@ -457,18 +490,17 @@ impl Engine {
         };
         let shared = Arc::new(Shared {
             name,
+            port,
             instance_id,
             host_id: host_identity(),
             registry: Registry::new(),
-            secret: settings.secret.clone(),
-            transfer_timeout: settings.transfer_timeout,
-            connect_timeout: settings.connect_timeout,
-            max_connections: settings.max_connections,
             notifications: Mutex::new(Inbox::default()),
             device: DeviceState::new(config.runtime().cloned(), settings.staging_pool),
             board: board.clone(),
             pins_served: AtomicU64::new(0),
+            settings,
         });
+        let settings = &shared.settings;
         if let Some(b) = board {
             shared.registry.set_retire_guard(b);
         }
@@ -495,12 +527,10 @@ impl Engine {
             batches: BatchTable::new(settings.max_batches),
             core: Arc::new(Core {
                 shared,
-                settings,
                 sessions: Mutex::new(HashMap::new()),
                 hooks: config.hooks().clone(),
                 copy_pool: Arc::new(CopyPool::new()),
             }),
-            port,
             server: Some(server),
             tasks: Some(tx),
             workers,
@@ -514,11 +544,11 @@ impl Engine {
 
     /// The one port this engine listens on.
     pub fn rpc_port(&self) -> u16 {
-        self.port
+        self.core.shared.port
     }
 
     pub fn settings(&self) -> &Settings {
-        &self.core.settings
+        &self.core.shared.settings
     }
 
     /// What peers see of this engine.
@@ -562,7 +592,7 @@ impl Engine {
         crate::device::unregister(
             &self.core.shared,
             addrs,
-            self.core.settings.transfer_timeout,
+            self.core.shared.settings.transfer_timeout,
         )
     }
 
@@ -769,7 +799,7 @@ impl Drop for Engine {
             .core
             .shared
             .registry
-            .unregister(&addrs, self.core.settings.transfer_timeout)
+            .unregister(&addrs, self.core.shared.settings.transfer_timeout)
         {
             log::error!(
                 "kvferry: engine {} shut down with memory still in use: {e}",

@@ -169,6 +169,10 @@ pub struct RawRange {
     pub len: u64,
 }
 
+/// The iovecs `Stream::write_frame` keeps on the stack: the header and up
+/// to 7 payload pieces (kvferry's own frames have at most one).
+const FRAME_IOVS: usize = 8;
+
 /// An iovec over `len` bytes at `addr`.
 fn iov(addr: *const u8, len: usize) -> libc::iovec {
     libc::iovec {
@@ -407,6 +411,9 @@ impl Stream {
     }
 
     /// Sends a frame: `header` then the `payload` pieces, by `deadline`.
+    /// Its iovecs are on the stack (every frame is sent this way, most of
+    /// them small control replies); only a frame of more than
+    /// `FRAME_IOVS - 1` pieces allocates them.
     pub fn write_frame(
         &mut self,
         header: &FrameHeader,
@@ -414,13 +421,23 @@ impl Stream {
         deadline: Instant,
     ) -> io::Result<()> {
         let head: &[u8] = bytemuck::bytes_of(header);
-        let mut iovs: Vec<libc::iovec> = std::iter::once(head)
+        let pieces = std::iter::once(head)
             .chain(payload.iter().copied())
-            .map(|p| iov(p.as_ptr(), p.len()))
-            .collect();
+            .map(|p| iov(p.as_ptr(), p.len()));
+        let mut on_stack = [iov(std::ptr::null(), 0); FRAME_IOVS];
+        let mut on_heap: Vec<libc::iovec>;
+        let iovs: &mut [libc::iovec] = if payload.len() < FRAME_IOVS {
+            for (slot, v) in on_stack.iter_mut().zip(pieces) {
+                *slot = v;
+            }
+            &mut on_stack[..=payload.len()]
+        } else {
+            on_heap = pieces.collect();
+            &mut on_heap
+        };
         // SAFETY: the iovecs point at `header` and `payload`, borrowed for
         // the call; sending only reads them.
-        unsafe { self.transfer_all(&mut iovs, true, deadline, false) }.map(|_| ())
+        unsafe { self.transfer_all(iovs, true, deadline, false) }.map(|_| ())
     }
 
     /// Sends `head` then the bytes of `ranges` with writev, no copies, by
@@ -500,5 +517,35 @@ fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
     // Skip empty iovecs so the loop ends.
     while *start < iov.len() && iov[*start].iov_len == 0 {
         *start += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Kind;
+    use std::io::Read;
+    use std::net::TcpListener;
+
+    /// Frames of few pieces (iovecs on the stack) and of many (on the
+    /// heap) arrive byte for byte.
+    #[test]
+    fn frames_of_few_and_many_pieces_arrive_whole() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        let mut out = Stream::new(client);
+        let deadline = deadline_after(Duration::from_secs(10));
+        for n in [0, 1, FRAME_IOVS - 1, FRAME_IOVS, 3 * FRAME_IOVS] {
+            let pieces: Vec<Vec<u8>> = (0..n).map(|i| vec![i as u8 + 1; i + 1]).collect();
+            let payload: Vec<&[u8]> = pieces.iter().map(|p| p.as_slice()).collect();
+            let len = pieces.iter().map(|p| p.len()).sum::<usize>();
+            let h = FrameHeader::new(Kind::Notify, n as u64, len as u64);
+            out.write_frame(&h, &payload, deadline).unwrap();
+            let mut got = vec![0u8; HEADER_LEN + len];
+            server.read_exact(&mut got).unwrap();
+            assert_eq!(&got[..HEADER_LEN], bytemuck::bytes_of(&h), "{n} pieces");
+            assert_eq!(got[HEADER_LEN..], pieces.concat(), "{n} pieces");
+        }
     }
 }

@@ -114,7 +114,7 @@ fn accept_loop(
         };
         {
             let open = conns.open.lock();
-            if open.len() >= shared.max_connections {
+            if open.len() >= shared.settings.max_connections {
                 let n = open.len();
                 drop(open);
                 refuse(stream, &shared.name, n);
@@ -239,7 +239,7 @@ enum Next {
 impl Handler {
     fn new(stream: TcpStream, shared: Arc<Shared>, stop: Arc<AtomicBool>, id: u64) -> Self {
         let _ = stream.set_nodelay(true);
-        let hello_by = net::deadline_after(shared.connect_timeout);
+        let hello_by = net::deadline_after(shared.settings.connect_timeout);
         Handler {
             stream: net::Stream::new(stream),
             shared,
@@ -321,12 +321,12 @@ impl Handler {
                         } else {
                             "HELLO"
                         },
-                        self.shared.connect_timeout.as_millis()
+                        self.shared.settings.connect_timeout.as_millis()
                     ));
                 }
             }
             // Everything of this frame, and the reply to it, by then.
-            self.deadline = net::deadline_after(self.shared.transfer_timeout);
+            self.deadline = net::deadline_after(self.shared.settings.transfer_timeout);
             if greeting {
                 self.deadline = self.deadline.min(self.hello_by);
             }
@@ -352,7 +352,7 @@ impl Handler {
                     Ok(a) => a,
                     Err(m) => return self.reject(rid, m),
                 };
-                let secret = self.shared.secret.clone().unwrap_or_default();
+                let secret = self.shared.settings.secret.clone().unwrap_or_default();
                 if !net::proof_ok(
                     &secret,
                     &[b"kvferry client", &server_nonce, &client_nonce],
@@ -392,7 +392,7 @@ impl Handler {
                         );
                     }
                     let nonce: [u8; 16] = net::random_bytes();
-                    let (auth_required, proof) = match &self.shared.secret {
+                    let (auth_required, proof) = match &self.shared.settings.secret {
                         Some(s) => (1, net::proof(s, &[b"kvferry server", &hello.nonce, &nonce])),
                         None => (0, [0; 32]),
                     };

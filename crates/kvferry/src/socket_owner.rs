@@ -12,6 +12,10 @@
 //! `/proc/<pid>/fd`. Reading both needs the same ptrace access as the copy
 //! itself, so a process we could not copy into fails the check too; so
 //! does a target in another network or pid namespace (tcp carries those).
+//!
+//! The in-process copy makes the same check with our own pid: a segment
+//! naming an engine of this process counts only when this process serves
+//! the connection (engine.rs, `in_process_engine`).
 
 use std::io;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};

@@ -21,6 +21,11 @@ fn target(wait: Duration) -> Engine {
 }
 
 fn initiator(hooks: TestHooks) -> Engine {
+    initiator_within(hooks, Duration::from_secs(20))
+}
+
+/// An initiator on cma whose batches have `wait` (the transfer timeout).
+fn initiator_within(hooks: TestHooks, wait: Duration) -> Engine {
     let hooks = TestHooks {
         cma_in_process: true,
         ..hooks
@@ -28,7 +33,7 @@ fn initiator(hooks: TestHooks) -> Engine {
     Engine::new(
         EngineConfig::new()
             .port(0)
-            .transfer_timeout(Duration::from_secs(20))
+            .transfer_timeout(wait)
             .test_hooks(hooks),
     )
     .unwrap()
@@ -135,6 +140,51 @@ fn a_board_of_another_process_turns_cma_off() {
         0,
         "no PIN lease, no process_vm_*"
     );
+}
+
+/// A copy that runs past its deadline says how long the batch had (it
+/// said 0 ms).
+#[test]
+fn a_cma_copy_past_its_deadline_names_the_time_it_had() {
+    const LEN: usize = 64 << 10;
+    const WAIT: Duration = Duration::from_millis(300);
+    let slept = Arc::new(AtomicBool::new(false));
+    let hooks = TestHooks {
+        before_cma_copy: Some(Arc::new({
+            let slept = Arc::clone(&slept);
+            move || {
+                if !slept.swap(true, Ordering::SeqCst) {
+                    std::thread::sleep(WAIT + Duration::from_millis(100));
+                }
+            }
+        })),
+        ..TestHooks::default()
+    };
+    let mut remote = pattern(5, LEN);
+    let mut local = vec![0u8; LEN];
+    let t = target(Duration::from_secs(10));
+    let i = initiator_within(hooks, WAIT);
+    // SAFETY: both engines are dropped before the buffers.
+    unsafe {
+        t.register_memory(remote.as_mut_ptr() as u64, LEN as u64, "cpu:0")
+            .unwrap();
+        i.register_memory(local.as_mut_ptr() as u64, LEN as u64, "cpu:0")
+            .unwrap();
+    }
+    assert_eq!(i.transport_to(t.name()).unwrap(), "cma");
+    let (l, r) = (local.as_ptr() as u64, remote.as_ptr() as u64);
+    let e = i
+        .read(t.name(), &ops(l, r, LEN as u64, 16 << 10))
+        .unwrap_err();
+    match &e {
+        Error::TransferTimeout { what, ms } => {
+            assert!(what.starts_with("cma transfer"), "{e}");
+            assert!(*ms > 0 && *ms <= WAIT.as_millis() as u64, "{e}");
+        }
+        other => panic!("not a transfer timeout: {other}"),
+    }
+    assert!(slept.load(Ordering::SeqCst), "the copy took the fast path");
+    drop((i, t));
 }
 
 /// A range the target no longer has (the initiator's cached segment still

@@ -276,8 +276,8 @@ fn cma_refused_by_the_kernel_falls_back_to_tcp() {
 /// tcp, which cannot serve it.
 #[test]
 fn an_impostor_naming_another_pid_gets_no_cma() {
-    use kvferry::wire::{self, FrameHeader, Kind};
-    use std::net::{TcpListener, TcpStream};
+    use kvferry::wire;
+    use std::net::TcpListener;
 
     const LEN: usize = 64 << 10;
     let victim = Target::spawn("child_target", 0, LEN, 21, &[]);
@@ -296,56 +296,7 @@ fn an_impostor_naming_another_pid_gets_no_cma() {
     seg.regions[0].addr = victim.addr;
     seg.regions[0].len = LEN as u64;
     let seg = wire::encode_segment(&seg);
-    let instance = 0x1234_5678_9abc_def0u64;
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut s) = conn else { return };
-            let seg = seg.clone();
-            std::thread::spawn(move || impostor(&mut s, instance, &seg));
-        }
-    });
-    fn impostor(s: &mut TcpStream, instance: u64, seg: &[u8]) {
-        let mut lease = 1u64;
-        while let Ok(Some(h)) = wire::read_header(s) {
-            let payload = std::io::Read::take(&mut *s, h.payload_len);
-            if std::io::copy(&mut { payload }, &mut std::io::sink()).is_err() {
-                return;
-            }
-            let reply = |s: &mut TcpStream, kind, payload: &[u8]| {
-                let f = FrameHeader::new(kind, h.request_id, payload.len() as u64);
-                wire::write_frame(s, &f, &[payload])
-            };
-            let sent = match Kind::from_u16(h.kind) {
-                Some(Kind::Hello) => {
-                    let r = wire::HelloReply {
-                        version: wire::VERSION,
-                        auth_required: 0,
-                        reserved: 0,
-                        nonce: [0; 16],
-                        instance_id: instance,
-                        proof: [0; 32],
-                    };
-                    reply(s, Kind::HelloReply, bytemuck::bytes_of(&r))
-                }
-                Some(Kind::GetSegment) => reply(s, Kind::SegmentReply, seg),
-                Some(Kind::Pin) => {
-                    lease += 1;
-                    reply(s, Kind::PinOk, &lease.to_le_bytes())
-                }
-                Some(Kind::Unpin) => Ok(()),
-                // No lease board, and no data: READ / WRITE end the connection.
-                Some(Kind::LeaseBoard) => {
-                    let (f, m) =
-                        wire::error_frame(h.request_id, kvferry::Status::Unsupported, "none");
-                    wire::write_frame(s, &f, &[&m])
-                }
-                _ => return,
-            };
-            if sent.is_err() {
-                return;
-            }
-        }
-    }
+    std::thread::spawn(move || common::serve_as_impostor(listener, seg));
 
     let op = Op {
         local: buf.as_ptr() as u64,
@@ -369,4 +320,52 @@ fn an_impostor_naming_another_pid_gets_no_cma() {
     };
     honest.read(&victim.name, &[whole]).unwrap();
     assert!(check == pattern(21, LEN), "the victim's memory was written");
+}
+
+/// Not a test of its own: the body of the impostor child.
+#[test]
+fn child_impostor() {
+    common::impostor_main();
+}
+
+/// Another process (the impostor child) answers with the very segment of
+/// an engine of this process (the victim): its instance id, pid and
+/// region, as anyone who once had a HELLO or a segment from it can replay.
+/// The in-process copy is only for a connection this process serves, so
+/// the victim's memory is neither read nor written: the batch goes to the
+/// impostor over tcp (cma's own pid check fails too), which cannot serve it.
+#[test]
+fn an_impostor_replaying_a_segment_of_this_process_gets_no_local_copy() {
+    const LEN: usize = 64 << 10;
+    let mut secret = pattern(31, LEN);
+    let mut buf = vec![0u8; LEN];
+    let victim = engine(TransportChoice::Auto, Duration::from_secs(5));
+    // SAFETY: `secret` outlives `victim`.
+    unsafe { victim.register_memory(secret.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    let seg = common::hex(&kvferry::wire::encode_segment(&victim.segment()));
+    let impostor = Target::spawn("child_impostor", 0, 0, 0, &[(common::IMPOSTOR, &seg)]);
+    let e = engine(TransportChoice::Auto, Duration::from_secs(5));
+    // SAFETY: `buf` outlives `e`.
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+
+    let op = Op {
+        local: buf.as_ptr() as u64,
+        remote: secret.as_ptr() as u64,
+        len: LEN as u64,
+    };
+    assert!(
+        e.read(&impostor.name, &[op]).is_err(),
+        "the impostor serves no data"
+    );
+    assert_eq!(e.transport_to(&impostor.name).unwrap(), "tcp");
+    assert!(buf.iter().all(|&b| b == 0), "bytes of the victim were read");
+    buf.fill(0xEE);
+    assert!(e.write(&impostor.name, &[op]).is_err());
+    // The honest path to the victim is still the in-process copy.
+    assert_eq!(e.transport_to(victim.name()).unwrap(), "local");
+    drop((e, victim));
+    assert!(
+        secret == pattern(31, LEN),
+        "the victim's memory was written"
+    );
 }

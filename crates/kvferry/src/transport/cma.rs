@@ -78,7 +78,8 @@ enum CopyError {
 }
 
 /// Copies `pieces` in order with `process_vm_readv` / `writev`, up to
-/// `IOV_MAX` pieces per call, resuming after partial copies.
+/// `IOV_MAX` pieces per call, resuming after partial copies, until
+/// `deadline`: the batch had `budget` for it (what a timeout reports).
 ///
 /// # Safety
 /// Local pieces must lie in memory pinned for the whole call; remote
@@ -89,6 +90,7 @@ unsafe fn copy_pieces(
     opcode: Opcode,
     pieces: &[Piece],
     deadline: Instant,
+    budget: Duration,
 ) -> CopyOutcome {
     let mut idx = 0usize;
     let mut off = 0u64;
@@ -104,7 +106,7 @@ unsafe fn copy_pieces(
         if Instant::now() >= deadline {
             let e = Error::Timeout {
                 what: format!("cma transfer with {peer}"),
-                ms: 0,
+                ms: budget.as_millis() as u64,
             };
             return fail(moved, e);
         }
@@ -218,6 +220,8 @@ struct Work {
     peer: String,
     opcode: Opcode,
     deadline: Instant,
+    /// What the batch was given (`copy_pieces`).
+    budget: Duration,
     chunks: Vec<Vec<Piece>>,
     /// The next chunk to claim.
     next: AtomicUsize,
@@ -244,7 +248,16 @@ impl Work {
             // still copies (on the poster). It fails the chunk instead.
             let o = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 // SAFETY: forwarded to the poster (see `CopyPool::copy`).
-                unsafe { copy_pieces(self.pid, &self.peer, self.opcode, chunk, self.deadline) }
+                unsafe {
+                    copy_pieces(
+                        self.pid,
+                        &self.peer,
+                        self.opcode,
+                        chunk,
+                        self.deadline,
+                        self.budget,
+                    )
+                }
             }))
             .unwrap_or_else(|_| CopyOutcome {
                 moved: 0,
@@ -831,8 +844,9 @@ impl CmaTransport {
     }
 
     /// Copies the whole job (large ones in chunks on two threads when the
-    /// pool is free). Per slice: done, or why not.
-    fn copy(&self, job: &Job<'_>) -> Vec<SliceOutcome> {
+    /// pool is free), which had `budget` when it reached this transport.
+    /// Per slice: done, or why not.
+    fn copy(&self, job: &Job<'_>, budget: Duration) -> Vec<SliceOutcome> {
         let total: u64 = job.slices.iter().map(|s| s.len).sum();
         let split = total >= SPLIT_MIN_BYTES && self.pool.acquire();
         // Per chunk, in order: its length and how its copy went.
@@ -844,6 +858,7 @@ impl CmaTransport {
                 peer: self.tcp.peer_name().to_owned(),
                 opcode: job.opcode,
                 deadline: job.deadline,
+                budget,
                 outcomes: Mutex::new((0..chunks.len()).map(|_| None).collect()),
                 chunks,
                 next: AtomicUsize::new(0),
@@ -875,6 +890,7 @@ impl CmaTransport {
                     job.opcode,
                     &pieces,
                     job.deadline,
+                    budget,
                 )
             };
             vec![(total, Some(o))]
@@ -966,6 +982,8 @@ impl Transport for CmaTransport {
         if self.refused.load(Ordering::Relaxed) {
             return self.tcp.run(job, report);
         }
+        // What a copy that runs out reports it had, as tcp's `Conn::arm`.
+        let budget = job.deadline.saturating_duration_since(Instant::now());
         let board = self.board(job.deadline);
         if self.refused.load(Ordering::Relaxed) {
             return self.tcp.run(job, report);
@@ -993,7 +1011,7 @@ impl Transport for CmaTransport {
                 }
             },
         };
-        let mut outcomes = self.copy(job);
+        let mut outcomes = self.copy(job, budget);
         let on_board = matches!(lease, Lease::Board(_));
         match lease {
             Lease::Board(slot) => drop(slot),

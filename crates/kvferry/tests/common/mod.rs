@@ -221,3 +221,97 @@ pub fn initiator_main() -> bool {
     drop(engine);
     true
 }
+
+/// Env var that turns the test binary into an impostor child: the hex of
+/// the encoded segment it serves as its own (`impostor_main`).
+pub const IMPOSTOR: &str = "KVFERRY_TEST_IMPOSTOR";
+
+/// Answers on `listener` as a kvferry target that moves no data: HELLO
+/// claims the instance of `seg` (an encoded segment), GET_SEGMENT returns
+/// `seg`, PINs are granted, LEASE_BOARD is refused, and anything else (READ,
+/// WRITE) ends the connection. Returns when the listener fails.
+pub fn serve_as_impostor(listener: std::net::TcpListener, seg: Vec<u8>) {
+    let instance = kvferry::wire::decode_segment(&seg)
+        .expect("an encoded segment")
+        .instance_id;
+    for conn in listener.incoming() {
+        let Ok(mut s) = conn else { return };
+        let seg = seg.clone();
+        std::thread::spawn(move || impostor_conn(&mut s, instance, &seg));
+    }
+}
+
+fn impostor_conn(s: &mut std::net::TcpStream, instance: u64, seg: &[u8]) {
+    use kvferry::wire::{self, FrameHeader, Kind};
+    let mut lease = 1u64;
+    while let Ok(Some(h)) = wire::read_header(s) {
+        let payload = std::io::Read::take(&mut *s, h.payload_len);
+        if std::io::copy(&mut { payload }, &mut std::io::sink()).is_err() {
+            return;
+        }
+        let reply = |s: &mut std::net::TcpStream, kind, payload: &[u8]| {
+            let f = FrameHeader::new(kind, h.request_id, payload.len() as u64);
+            wire::write_frame(s, &f, &[payload])
+        };
+        let sent = match Kind::from_u16(h.kind) {
+            Some(Kind::Hello) => {
+                let r = wire::HelloReply {
+                    version: wire::VERSION,
+                    auth_required: 0,
+                    reserved: 0,
+                    nonce: [0; 16],
+                    instance_id: instance,
+                    proof: [0; 32],
+                };
+                reply(s, Kind::HelloReply, bytemuck::bytes_of(&r))
+            }
+            Some(Kind::GetSegment) => reply(s, Kind::SegmentReply, seg),
+            Some(Kind::Pin) => {
+                lease += 1;
+                reply(s, Kind::PinOk, &lease.to_le_bytes())
+            }
+            Some(Kind::Unpin) => Ok(()),
+            // No lease board, and no data: READ / WRITE end the connection.
+            Some(Kind::LeaseBoard) => {
+                let (f, m) = wire::error_frame(h.request_id, kvferry::Status::Unsupported, "none");
+                wire::write_frame(s, &f, &[&m])
+            }
+            _ => return,
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// The impostor child: serves the segment in `IMPOSTOR` (`serve_as_impostor`)
+/// on a port of 127.0.0.1, printed as `READY <name> 0 0`, until stdin
+/// closes. Returns false when not running as one.
+pub fn impostor_main() -> bool {
+    let Ok(hex) = std::env::var(IMPOSTOR) else {
+        return false;
+    };
+    let seg: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    std::thread::spawn(move || serve_as_impostor(listener, seg));
+    println!("READY 127.0.0.1:{port} 0 0");
+    std::io::stdout().flush().ok();
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+    }
+    true
+}
+
+/// `bytes` as lower-case hex (for `IMPOSTOR`).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
