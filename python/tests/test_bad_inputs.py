@@ -37,16 +37,17 @@ def test_failure_is_logged(te, peer, caplog):
     with caplog.at_level(logging.WARNING, logger="kvferry"):
         assert te.transfer_sync_read(peer.session, 16, peer.addr, 8) == -1
     assert any("transfer_sync_read" in r.getMessage() and "registered" in r.getMessage() for r in caplog.records)
-    assert kvferry.last_status() == kvferry.Status.LOCAL_OUT_OF_RANGE
+    # A `Status` member, as docs/python.md prints it, not a bare int.
+    assert kvferry.last_status() is kvferry.Status.LOCAL_OUT_OF_RANGE
 
 
 def test_last_error_is_per_thread(te, peer):
     assert te.transfer_sync_read(peer.session, 16, peer.addr, 8) == -1
     seen = []
-    t = threading.Thread(target=lambda: seen.append(kvferry.last_error()))
+    t = threading.Thread(target=lambda: seen.append((kvferry.last_error(), kvferry.last_status())))
     t.start()
     t.join()
-    assert seen == [""] and kvferry.last_error()
+    assert seen == [("", kvferry.Status.OK)] and seen[0][1] is kvferry.Status.OK and kvferry.last_error()
 
 
 def test_unregistered_local_address(te, peer):
