@@ -157,6 +157,7 @@ class TransferEngine:
     def __init__(self) -> None:
         self._engine: Engine | None = None
         self._init_lock = threading.Lock()
+        self._closed_name = ""  # the session id of the engine `close()` ended
 
     # -- failure bookkeeping ------------------------------------------------------
 
@@ -175,8 +176,16 @@ class TransferEngine:
     def _e(self) -> Engine:
         engine = self._engine
         if engine is None:
-            raise Error(Status.INVALID_ARGUMENT, "the engine is not initialized: call initialize() first")
+            raise self._no_engine()
         return engine
+
+    def _no_engine(self) -> Error:
+        if self._closed_name:
+            return Error(
+                Status.INVALID_ARGUMENT,
+                f"the engine {self._closed_name} is closed: close() was called (initialize() starts a new one)",
+            )
+        return Error(Status.INVALID_ARGUMENT, "the engine is not initialized: call initialize() first")
 
     # -- setup ------------------------------------------------------------------
 
@@ -238,6 +247,7 @@ class TransferEngine:
         with self._init_lock:
             if self._engine is not None:
                 raise Error(Status.INVALID_ARGUMENT, f"already initialized as {self._engine.name}")
+            self._closed_name = ""
             self._engine = Engine(
                 hostname=host,
                 port=port,
@@ -265,6 +275,7 @@ class TransferEngine:
         """Frees the engine (also done at exit). Not in Mooncake's API."""
         engine, self._engine = self._engine, None
         if engine is not None:
+            self._closed_name = engine.name
             engine.close()
 
     def __enter__(self) -> "TransferEngine":
@@ -508,7 +519,8 @@ class TransferEngine:
         `TransferNotify(name, msg)` (also a `(name, msg)` tuple)."""
         engine = self._engine
         if engine is None:
-            return self._fail("get_notifies", Status.INVALID_ARGUMENT, "the engine is not initialized", list)
+            e = self._no_engine()
+            return self._fail("get_notifies", e.status, e.message, list)
         try:
             return [_decode_notify(n.sender, n.message) for n in engine.notifications()]
         except Error as e:

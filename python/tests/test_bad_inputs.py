@@ -196,8 +196,34 @@ def test_uninitialized_engine_fails_cleanly():
     fails(te.batch_transfer_async_read("127.0.0.1:15000", [1], [2], [3]), 0, "initialize")
     fails(te.transfer_check_status(5), -1, "initialize")
     fails(te.allocate_managed_buffer(10), 0, "initialize")
-    assert te.get_notifies() == []
+    fails(te.get_notifies(), [], "initialize() first")
     assert te.get_engine() is None
+
+
+def test_closed_engine_fails_cleanly(peer):
+    """After close(), every call gives its failure value and says the engine
+    was closed (not "not initialized"); initialize() starts a new one."""
+    te = kvferry.TransferEngine()
+    assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    name = te.get_session_id()
+    addr = te.allocate_managed_buffer(64)
+    assert addr
+    te.close()
+    te.close()  # idempotent
+    fails(te.get_rpc_port(), -1, name, "closed")
+    fails(te.transfer_sync_read(peer.session, addr, peer.addr, 8), -1, "closed")
+    fails(te.batch_transfer_sync_read(peer.session, [addr], [peer.addr], [8]), -1, "closed")
+    fails(te.batch_transfer_async_read(peer.session, [addr], [peer.addr], [8]), 0, "closed")
+    fails(te.transfer_check_status(5), -1, "closed")
+    fails(te.allocate_managed_buffer(10), 0, "closed")
+    fails(te.read_bytes_from_buffer(addr, 8), b"", "closed")
+    fails(te.get_notifies(), [], "closed")
+    assert te.get_engine() is None and te.get_session_id() == ""
+    assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0, kvferry.last_error()
+    try:
+        assert te.get_rpc_port() > 0
+    finally:
+        te.close()
 
 
 @pytest.mark.parametrize(
