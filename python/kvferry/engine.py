@@ -94,7 +94,10 @@ class Region(NamedTuple):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.engine.unregister(self.addr)
+        # A closed engine unregistered everything already: raising "the
+        # engine is closed" here would hide the exception that left the block.
+        if not self.engine.closed:
+            self.engine.unregister(self.addr)
 
 
 class _Handle:
