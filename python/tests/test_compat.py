@@ -2,6 +2,7 @@
 Mooncake's calls and return conventions. Each test runs with an initiator
 forced to tcp and one choosing the path itself (same host: cma)."""
 
+import inspect
 import os
 import signal
 import time
@@ -11,6 +12,44 @@ from conftest import Buffer, MiB, pattern
 from peer import Peer
 
 import kvferry
+
+
+# Mooncake's methods and their parameters, in order (as its Python API
+# reference names them; what callers may pass by keyword).
+MOONCAKE_METHODS = {
+    "initialize": "local_hostname metadata_server protocol device_name",
+    "initialize_ext": "local_hostname metadata_server protocol device_name metadata_type",
+    "get_rpc_port": "",
+    "get_engine": "",
+    "register_memory": "buffer_addr capacity location",
+    "unregister_memory": "buffer_addr",
+    "batch_register_memory": "buffer_addresses capacities location",
+    "batch_unregister_memory": "buffer_addresses",
+    "transfer_sync_read": "target_hostname buffer peer_buffer_address length transport_hint",
+    "transfer_sync_write": "target_hostname buffer peer_buffer_address length transport_hint",
+    "transfer_sync": "target_hostname buffer peer_buffer_address length opcode notify transport_hint",
+    "batch_transfer_sync_read": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_sync_write": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_sync": "target_hostname buffers peer_buffer_addresses lengths opcode notify transport_hint",
+    "batch_transfer_async_read": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_async_write": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_async": "target_hostname buffers peer_buffer_addresses lengths opcode transport_hint",
+    "get_batch_transfer_status": "batch_ids",
+    "transfer_submit_write": "target_hostname buffer peer_buffer_address length transport_hint",
+    "transfer_check_status": "batch_id",
+    "get_notifies": "",
+    "allocate_managed_buffer": "length",
+    "free_managed_buffer": "buffer_addr length",
+    "write_bytes_to_buffer": "dest_address src_ptr length",
+    "read_bytes_from_buffer": "source_address length",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOONCAKE_METHODS))
+def test_mooncake_signatures_and_help(name):
+    method = getattr(kvferry.TransferEngine, name)
+    assert list(inspect.signature(method).parameters)[1:] == MOONCAKE_METHODS[name].split()
+    assert method.__doc__ and len(method.__doc__) > 30, f"help(TransferEngine.{name}) says nothing"
 
 
 def test_initialize_and_port(te):
