@@ -43,3 +43,9 @@ def test_failure_example(tmp_path):
     )
     assert lines[1] == "<Status.LOCAL_OUT_OF_RANGE: -22>"
     assert "kvferry: transfer_sync_read: op 0: local range" in out.stderr  # the logger's WARNING
+
+
+def test_pythonic_example(tmp_path):
+    pytest.importorskip("numpy")
+    out = run_example(tmp_path, "## The Pythonic API (`kvferry.Engine`)")
+    assert re.fullmatch(r"prefill: b'layer 2 done' from 127\.0\.0\.1:\d+\n", out.stdout)
