@@ -280,8 +280,8 @@ class TransferEngine:
         return self._e().port
 
     def get_engine(self) -> Engine | None:
-        """The underlying `kvferry.Engine` (what kvferry's store client takes),
-        or None before `initialize`."""
+        """The underlying `kvferry.Engine`, or None before `initialize`. (Not
+        an object Mooncake's store accepts: kvferry has no store client.)"""
         return self._engine
 
     def get_session_id(self) -> str:
