@@ -373,7 +373,8 @@ class TransferEngine:
         if not isinstance(src_ptr, (bytes, bytearray, memoryview)):
             raise TypeError(f"src_ptr: expected bytes, got {type(src_ptr).__name__}")
         data = bytes(src_ptr)
-        if isinstance(length, int) and not isinstance(length, bool) and length > len(data):
+        length = _ffi.u64(length, "length")
+        if length > len(data):
             raise ValueError(f"length {length} is larger than the data ({len(data)} bytes)")
         self._buffer_io(dest_address, length, "dest_address", lambda a, n: ctypes.memmove(a, data, n))
         return 0

@@ -252,14 +252,14 @@ class Engine:
 
     @staticmethod
     def _u16(v: Any, what: str) -> int:
-        _ffi.u64(v, what)
+        v = _ffi.u64(v, what)
         if v > 0xFFFF:
             raise ValueError(f"{what}: {v} is not a port number")
         return v
 
     @staticmethod
     def _u32(v: Any, what: str) -> int:
-        _ffi.u64(v, what)
+        v = _ffi.u64(v, what)
         if v > 0xFFFFFFFF:
             raise ValueError(f"{what}: {v} does not fit 32 bits")
         return v
@@ -322,7 +322,7 @@ class Engine:
                 raise TypeError("length: required when buffer is an int address")
             length = s.nbytes
         else:
-            _ffi.u64(length, "length")
+            length = _ffi.u64(length, "length")
             if s.nbytes is not None and length > s.nbytes:
                 raise ValueError(f"length {length} is larger than the buffer ({s.nbytes} bytes)")
         loc = location if location is not None else s.location

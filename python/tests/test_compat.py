@@ -262,6 +262,31 @@ def test_managed_buffers_are_registered(te, peer):
     assert te.write_bytes_to_buffer(addr, b"x", 1) == -1
 
 
+def test_numpy_integers_wherever_an_int_goes(te, peer):
+    """Mooncake (pybind11) takes any integer type; so does every call here,
+    not only the transfers (register_memory(np.int64(...)) was -1)."""
+    np = pytest.importorskip("numpy")
+    buf = np.zeros(4096, dtype=np.uint8)
+    base = np.int64(buf.ctypes.data)
+    assert te.register_memory(base, np.int64(buf.nbytes)) == 0, kvferry.last_error()
+    assert te.write_bytes_to_buffer(np.uint64(base), b"numpy", np.int32(5)) == 0, kvferry.last_error()
+    assert te.read_bytes_from_buffer(base, np.uint16(5)) == b"numpy"
+    assert te.write_bytes_to_buffer(base, b"abc", np.int64(4)) == -1  # still longer than the data
+    assert "larger than the data" in kvferry.last_error()
+    bid = te.transfer_submit_write(peer.session, base, np.uint64(peer.addr), np.int64(5))
+    assert bid != 0, kvferry.last_error()
+    assert te.get_batch_transfer_status([np.uint64(bid)]) == 0, kvferry.last_error()
+    assert peer.get(0, 5) == b"numpy"
+    assert te.unregister_memory(np.uint64(base)) == 0, kvferry.last_error()
+    assert te.batch_register_memory([base], [np.uint32(4096)]) == 0, kvferry.last_error()
+    assert te.batch_unregister_memory([np.uint64(base)]) == 0, kvferry.last_error()
+    addr = te.allocate_managed_buffer(np.int64(100))
+    assert addr != 0, kvferry.last_error()
+    assert te.free_managed_buffer(np.uint64(addr), np.int32(100)) == 0, kvferry.last_error()
+    assert te.register_memory(np.bool_(True), 5) == -1  # a bool is no address, numpy's neither
+    assert "bool" in kvferry.last_error()
+
+
 def test_managed_buffers_reuse_and_large(te):
     a = te.allocate_managed_buffer(1000)
     b = te.allocate_managed_buffer(1000)
