@@ -93,9 +93,11 @@ def last_error() -> str:
     return getattr(_local, "message", "")
 
 
-def last_status() -> int:
-    """The status of the last failing kvferry call on this thread (0 if none)."""
-    return getattr(_local, "status", 0)
+def last_status() -> "Status | int":
+    """The status of the last failing kvferry call on this thread, as a
+    `Status` (`Status.OK` if none; a plain int for a code this package does
+    not know)."""
+    return Status.of(getattr(_local, "status", 0))
 
 
 def record(status: int, message: str) -> None:

@@ -315,9 +315,14 @@ def library_path() -> str:
 
 def u64(value, what: str) -> int:
     """`value` as an unsigned 64-bit int, refusing what ctypes would wrap
-    silently (negative numbers, huge numbers) or misread (floats, str)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+    silently (negative numbers, huge numbers) or misread (floats, str,
+    bools). Integers of other types (numpy's, an IntEnum) are taken as the
+    int they are, as lists of them are (`_u64s`) and as pybind11 takes them
+    in Mooncake."""
+    if type(value) is not int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+        value = operator.index(value)
     if not 0 <= value < 1 << 64:
         raise ValueError(f"{what}: {value} is not an unsigned 64-bit value")
     return value

@@ -15,6 +15,8 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
+import numbers
+import operator
 import os
 import threading
 from dataclasses import dataclass, field
@@ -24,6 +26,13 @@ from ._errors import Error, Status
 DEFAULT_ARENA_BYTES = 64 << 20
 SMALL_ALIGN = 64
 PAGE = mmap.PAGESIZE
+
+
+def _int(value, what: str) -> int:
+    """An int, or an integer of another type (numpy's) as one; not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
+    return operator.index(value)
 
 
 def _align_up(x: int, a: int) -> int:
@@ -119,8 +128,7 @@ class ManagedAllocator:
         return arena
 
     def allocate(self, length: int) -> int:
-        if isinstance(length, bool) or not isinstance(length, int):
-            raise TypeError(f"length: expected an int, got {type(length).__name__} {length!r}")
+        length = _int(length, "length")
         if length <= 0:
             raise Error(Status.INVALID_ARGUMENT, f"cannot allocate a managed buffer of {length} bytes")
         align = PAGE if length >= PAGE else SMALL_ALIGN
@@ -144,10 +152,8 @@ class ManagedAllocator:
             return addr
 
     def free(self, addr: int, length: int) -> None:
-        if isinstance(addr, bool) or not isinstance(addr, int):
-            raise TypeError(f"buffer address: expected an int, got {type(addr).__name__} {addr!r}")
-        if isinstance(length, bool) or not isinstance(length, int):
-            raise TypeError(f"length: expected an int, got {type(length).__name__} {length!r}")
+        addr = _int(addr, "buffer address")
+        length = _int(length, "length")
         with self._lock:
             block = self._blocks.get(addr)
             if block is None:

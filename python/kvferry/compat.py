@@ -143,6 +143,15 @@ def _batch_sync_method(name: str, op: int):
         return self._batch_sync(name, op, target_hostname, buffers, peer_buffer_addresses, lengths)
 
     method.__name__ = method.__qualname__ = name
+    if op == READ:
+        direction = "at the peer's `peer_buffer_addresses[i]` to the local `buffers[i]`"
+    else:
+        direction = "at the local `buffers[i]` to the peer's `peer_buffer_addresses[i]`"
+    method.__doc__ = (
+        f"Copies `lengths[i]` bytes {direction}, for every i, and returns when all are done: 0, or -1 "
+        '(`kvferry.last_error()` says why). `target_hostname` is the peer\'s "host:port"; empty lists '
+        "move nothing (0)."
+    )
     return method
 
 
@@ -151,12 +160,21 @@ _FAILURES = (Error, TypeError, ValueError, OverflowError)
 
 
 class TransferEngine:
-    """Drop-in for `mooncake.engine.TransferEngine` (see COMPAT.md section 1
-    and docs/python.md). One per process, shared by all its threads."""
+    """Drop-in for `mooncake.engine.TransferEngine`: Mooncake's methods,
+    argument order and return codes (docs/python.md). One per process,
+    shared by all its threads.
+
+    Calls never raise: a failure returns Mooncake's failure value (-1, a
+    batch id or address of 0, b"", []) and leaves the reason in
+    `kvferry.last_error()` / `kvferry.last_status()` (per thread) and in the
+    `kvferry` logger (WARNING). Addresses are absolute virtual addresses;
+    in transfers the first address (list) is the local side, the second the
+    peer's, whose session id `target_hostname` is "host:port"."""
 
     def __init__(self) -> None:
         self._engine: Engine | None = None
         self._init_lock = threading.Lock()
+        self._closed_name = ""  # the session id of the engine `close()` ended
 
     # -- failure bookkeeping ------------------------------------------------------
 
@@ -175,8 +193,16 @@ class TransferEngine:
     def _e(self) -> Engine:
         engine = self._engine
         if engine is None:
-            raise Error(Status.INVALID_ARGUMENT, "the engine is not initialized: call initialize() first")
+            raise self._no_engine()
         return engine
+
+    def _no_engine(self) -> Error:
+        if self._closed_name:
+            return Error(
+                Status.INVALID_ARGUMENT,
+                f"the engine {self._closed_name} is closed: close() was called (initialize() starts a new one)",
+            )
+        return Error(Status.INVALID_ARGUMENT, "the engine is not initialized: call initialize() first")
 
     # -- setup ------------------------------------------------------------------
 
@@ -238,6 +264,7 @@ class TransferEngine:
         with self._init_lock:
             if self._engine is not None:
                 raise Error(Status.INVALID_ARGUMENT, f"already initialized as {self._engine.name}")
+            self._closed_name = ""
             self._engine = Engine(
                 hostname=host,
                 port=port,
@@ -253,8 +280,8 @@ class TransferEngine:
         return self._e().port
 
     def get_engine(self) -> Engine | None:
-        """The underlying `kvferry.Engine` (what kvferry's store client takes),
-        or None before `initialize`."""
+        """The underlying `kvferry.Engine`, or None before `initialize`. (Not
+        an object Mooncake's store accepts: kvferry has no store client.)"""
         return self._engine
 
     def get_session_id(self) -> str:
@@ -265,6 +292,7 @@ class TransferEngine:
         """Frees the engine (also done at exit). Not in Mooncake's API."""
         engine, self._engine = self._engine, None
         if engine is not None:
+            self._closed_name = engine.name
             engine.close()
 
     def __enter__(self) -> "TransferEngine":
@@ -277,25 +305,34 @@ class TransferEngine:
 
     @_mooncake(-1)
     def register_memory(self, buffer_addr, capacity, location="*") -> int:
-        self._e().register(_ffi.u64(buffer_addr, "buffer_addr"), capacity, location)
+        """Lets peers read and write `capacity` bytes at `buffer_addr`; 0 or
+        -1. `location`: "cpu:0", "npu:N", or "*" (detected)."""
+        self._e().register(_ffi.u64(buffer_addr, "buffer_addr"), _ffi.u64(capacity, "capacity"), location)
         return 0
 
     @_mooncake(-1)
     def unregister_memory(self, buffer_addr) -> int:
+        """Ends the registration that starts at `buffer_addr`, once the
+        transfers using it are done; 0 or -1."""
         self._e().unregister(_ffi.u64(buffer_addr, "buffer_addr"))
         return 0
 
     @_mooncake(-1)
     def batch_register_memory(self, buffer_addresses, capacities, location="*") -> int:
+        """`register_memory` for several regions, all or none; 0 or -1."""
         engine = self._e()
         addrs = list(buffer_addresses)
         for i, a in enumerate(addrs):
             _ffi.u64(a, f"buffer_addresses[{i}]")
-        engine.register_many(addrs, list(capacities), location)
+        caps = list(capacities)
+        for i, c in enumerate(caps):
+            _ffi.u64(c, f"capacities[{i}]")
+        engine.register_many(addrs, caps, location)
         return 0
 
     @_mooncake(-1)
     def batch_unregister_memory(self, buffer_addresses) -> int:
+        """`unregister_memory` for several regions, all or none; 0 or -1."""
         engine = self._e()
         addrs = list(buffer_addresses)
         for i, a in enumerate(addrs):
@@ -310,6 +347,8 @@ class TransferEngine:
 
     @_mooncake(-1)
     def free_managed_buffer(self, buffer_addr, length) -> int:
+        """Returns a buffer of `allocate_managed_buffer`, with the length it
+        was allocated with; 0 or -1."""
         self._e().free(buffer_addr, length)
         return 0
 
@@ -334,7 +373,8 @@ class TransferEngine:
         if not isinstance(src_ptr, (bytes, bytearray, memoryview)):
             raise TypeError(f"src_ptr: expected bytes, got {type(src_ptr).__name__}")
         data = bytes(src_ptr)
-        if isinstance(length, int) and not isinstance(length, bool) and length > len(data):
+        length = _ffi.u64(length, "length")
+        if length > len(data):
             raise ValueError(f"length {length} is larger than the data ({len(data)} bytes)")
         self._buffer_io(dest_address, length, "dest_address", lambda a, n: ctypes.memmove(a, data, n))
         return 0
@@ -349,11 +389,15 @@ class TransferEngine:
 
     @_mooncake(-1)
     def transfer_sync_read(self, target_hostname, buffer, peer_buffer_address, length, transport_hint="") -> int:
+        """Copies `length` bytes at the peer's `peer_buffer_address` to the
+        local `buffer`; 0 or -1. `target_hostname` is the peer's "host:port"."""
         self._e().transfer(target_hostname, READ, [buffer], [peer_buffer_address], [length])
         return 0
 
     @_mooncake(-1)
     def transfer_sync_write(self, target_hostname, buffer, peer_buffer_address, length, transport_hint="") -> int:
+        """Copies `length` bytes at the local `buffer` to the peer's
+        `peer_buffer_address`; 0 or -1."""
         self._e().transfer(target_hostname, WRITE, [buffer], [peer_buffer_address], [length])
         return 0
 
@@ -377,6 +421,9 @@ class TransferEngine:
     def transfer_sync(
         self, target_hostname, buffer, peer_buffer_address, length, opcode, notify=None, transport_hint=""
     ) -> int:
+        """One op, `opcode` `TransferOpcode.Read` or `.Write`; 0 or -1. With
+        `notify` (a `TransferNotify`), the peer receives it after the data
+        of a WRITE has landed (after a READ: once the read is done)."""
         self._sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode, notify)
         return 0
 
@@ -384,6 +431,7 @@ class TransferEngine:
     def batch_transfer_sync(
         self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify=None, transport_hint=""
     ) -> int:
+        """`transfer_sync` for lists of ops; 0 or -1."""
         self._sync(target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify)
         return 0
 
@@ -409,18 +457,25 @@ class TransferEngine:
     def batch_transfer_async_read(
         self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
     ) -> int:
+        """Starts the reads of `batch_transfer_sync_read` in the background:
+        a batch id (0 on failure) for `get_batch_transfer_status` or
+        `transfer_check_status`, which free it."""
         return self._e().submit(target_hostname, READ, buffers, peer_buffer_addresses, lengths).id
 
     @_mooncake(0)
     def batch_transfer_async_write(
         self, target_hostname, buffers, peer_buffer_addresses, lengths, transport_hint=""
     ) -> int:
+        """Starts the writes of `batch_transfer_sync_write` in the background:
+        a batch id (0 on failure), as `batch_transfer_async_read`."""
         return self._e().submit(target_hostname, WRITE, buffers, peer_buffer_addresses, lengths).id
 
     @_mooncake(0)
     def batch_transfer_async(
         self, target_hostname, buffers, peer_buffer_addresses, lengths, opcode, transport_hint=""
     ) -> int:
+        """`batch_transfer_async_read` / `_write` by `opcode`: a batch id, 0
+        on failure."""
         return self._e().submit(target_hostname, opcode, buffers, peer_buffer_addresses, lengths).id
 
     @_mooncake(0)
@@ -508,7 +563,8 @@ class TransferEngine:
         `TransferNotify(name, msg)` (also a `(name, msg)` tuple)."""
         engine = self._engine
         if engine is None:
-            return self._fail("get_notifies", Status.INVALID_ARGUMENT, "the engine is not initialized", list)
+            e = self._no_engine()
+            return self._fail("get_notifies", e.status, e.message, list)
         try:
             return [_decode_notify(n.sender, n.message) for n in engine.notifications()]
         except Error as e:

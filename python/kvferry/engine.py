@@ -94,7 +94,10 @@ class Region(NamedTuple):
         return self
 
     def __exit__(self, *exc) -> None:
-        self.engine.unregister(self.addr)
+        # A closed engine unregistered everything already: raising "the
+        # engine is closed" here would hide the exception that left the block.
+        if not self.engine.closed:
+            self.engine.unregister(self.addr)
 
 
 class _Handle:
@@ -249,14 +252,14 @@ class Engine:
 
     @staticmethod
     def _u16(v: Any, what: str) -> int:
-        _ffi.u64(v, what)
+        v = _ffi.u64(v, what)
         if v > 0xFFFF:
             raise ValueError(f"{what}: {v} is not a port number")
         return v
 
     @staticmethod
     def _u32(v: Any, what: str) -> int:
-        _ffi.u64(v, what)
+        v = _ffi.u64(v, what)
         if v > 0xFFFFFFFF:
             raise ValueError(f"{what}: {v} does not fit 32 bits")
         return v
@@ -282,6 +285,7 @@ class Engine:
 
     @property
     def closed(self) -> bool:
+        """True once `close()` ran: every later call raises `Error`."""
         return self._h.closed
 
     def close(self) -> None:
@@ -318,7 +322,7 @@ class Engine:
                 raise TypeError("length: required when buffer is an int address")
             length = s.nbytes
         else:
-            _ffi.u64(length, "length")
+            length = _ffi.u64(length, "length")
             if s.nbytes is not None and length > s.nbytes:
                 raise ValueError(f"length {length} is larger than the buffer ({s.nbytes} bytes)")
         loc = location if location is not None else s.location
@@ -487,9 +491,14 @@ class Engine:
         self.transfer(session, WRITE, *self._one(local, remote, length))
 
     def read_batch(self, session: str, local_addrs, remote_addrs, lengths=None) -> None:
+        """Copies `lengths[i]` bytes at `remote_addrs[i]` in `session`'s
+        memory to `local_addrs[i]`, for every i; returns when all are done.
+        `lengths` defaults to the sizes of the local buffers."""
         self.transfer(session, READ, local_addrs, remote_addrs, lengths)
 
     def write_batch(self, session: str, local_addrs, remote_addrs, lengths=None) -> None:
+        """Copies `lengths[i]` bytes at `local_addrs[i]` to `remote_addrs[i]`
+        in `session`'s memory, for every i; returns when all are done."""
         self.transfer(session, WRITE, local_addrs, remote_addrs, lengths)
 
     _opcode = staticmethod(_ffi.opcode)
@@ -526,9 +535,12 @@ class Engine:
         return Batch(self, out.value, n, keep)
 
     def submit_read(self, session: str, local_addrs, remote_addrs, lengths=None) -> "Batch":
+        """`read_batch` in the background: the `Batch` to wait for."""
         return self.submit(session, READ, local_addrs, remote_addrs, lengths)
 
     def submit_write(self, session: str, local_addrs, remote_addrs, lengths=None, *, notify=None) -> "Batch":
+        """`write_batch` in the background: the `Batch` to wait for. With
+        `notify` (str or bytes), the peer receives it once all the data landed."""
         return self.submit(session, WRITE, local_addrs, remote_addrs, lengths, notify=notify)
 
     def batch(self, batch_id: int) -> "Batch":

@@ -64,6 +64,7 @@ class MooncakeConfig:
 
     @classmethod
     def from_dict(cls, data: dict, path: str | None = None) -> "MooncakeConfig":
+        """The settings of a parsed mooncake.json; `ValueError` names a bad key."""
         if not isinstance(data, dict):
             raise ValueError(f"{path or 'mooncake config'}: expected a JSON object")
         where = path or "mooncake config"
@@ -93,6 +94,8 @@ class MooncakeConfig:
 
     @classmethod
     def load(cls, path: str) -> "MooncakeConfig":
+        """Reads and parses the mooncake.json at `path` (`ValueError` if it
+        cannot be read or is invalid)."""
         try:
             with open(path, encoding="utf-8") as f:
                 data = json.load(f)

@@ -37,16 +37,17 @@ def test_failure_is_logged(te, peer, caplog):
     with caplog.at_level(logging.WARNING, logger="kvferry"):
         assert te.transfer_sync_read(peer.session, 16, peer.addr, 8) == -1
     assert any("transfer_sync_read" in r.getMessage() and "registered" in r.getMessage() for r in caplog.records)
-    assert kvferry.last_status() == kvferry.Status.LOCAL_OUT_OF_RANGE
+    # A `Status` member, as docs/python.md prints it, not a bare int.
+    assert kvferry.last_status() is kvferry.Status.LOCAL_OUT_OF_RANGE
 
 
 def test_last_error_is_per_thread(te, peer):
     assert te.transfer_sync_read(peer.session, 16, peer.addr, 8) == -1
     seen = []
-    t = threading.Thread(target=lambda: seen.append(kvferry.last_error()))
+    t = threading.Thread(target=lambda: seen.append((kvferry.last_error(), kvferry.last_status())))
     t.start()
     t.join()
-    assert seen == [""] and kvferry.last_error()
+    assert seen == [("", kvferry.Status.OK)] and seen[0][1] is kvferry.Status.OK and kvferry.last_error()
 
 
 def test_unregistered_local_address(te, peer):
@@ -162,8 +163,9 @@ def test_register_errors(te, local):
     fails(te.register_memory(local.addr + 16, 64), -1, "overlaps")
     fails(te.register_memory(addr, 4096, "gpu:7"), -1, "location")
     fails(te.register_memory(addr, 4096, "npu:0"), -1, "npu:0")
-    fails(te.register_memory(addr, "4096"), -1, "int")
+    fails(te.register_memory(addr, "4096"), -1, "capacity", "int")
     fails(te.batch_register_memory([addr, addr + 1024], [1024]), -1, "buffers but")
+    fails(te.batch_register_memory([addr, addr + 1024], [1024, 1024.0]), -1, "capacities[1]", "int")
     fails(te.unregister_memory(addr), -1, "no region is registered")
     fails(te.batch_unregister_memory([addr]), -1, "no region")
     fails(te.unregister_memory("x"), -1)
@@ -195,8 +197,34 @@ def test_uninitialized_engine_fails_cleanly():
     fails(te.batch_transfer_async_read("127.0.0.1:15000", [1], [2], [3]), 0, "initialize")
     fails(te.transfer_check_status(5), -1, "initialize")
     fails(te.allocate_managed_buffer(10), 0, "initialize")
-    assert te.get_notifies() == []
+    fails(te.get_notifies(), [], "initialize() first")
     assert te.get_engine() is None
+
+
+def test_closed_engine_fails_cleanly(peer):
+    """After close(), every call gives its failure value and says the engine
+    was closed (not "not initialized"); initialize() starts a new one."""
+    te = kvferry.TransferEngine()
+    assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    name = te.get_session_id()
+    addr = te.allocate_managed_buffer(64)
+    assert addr
+    te.close()
+    te.close()  # idempotent
+    fails(te.get_rpc_port(), -1, name, "closed")
+    fails(te.transfer_sync_read(peer.session, addr, peer.addr, 8), -1, "closed")
+    fails(te.batch_transfer_sync_read(peer.session, [addr], [peer.addr], [8]), -1, "closed")
+    fails(te.batch_transfer_async_read(peer.session, [addr], [peer.addr], [8]), 0, "closed")
+    fails(te.transfer_check_status(5), -1, "closed")
+    fails(te.allocate_managed_buffer(10), 0, "closed")
+    fails(te.read_bytes_from_buffer(addr, 8), b"", "closed")
+    fails(te.get_notifies(), [], "closed")
+    assert te.get_engine() is None and te.get_session_id() == ""
+    assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0, kvferry.last_error()
+    try:
+        assert te.get_rpc_port() > 0
+    finally:
+        te.close()
 
 
 @pytest.mark.parametrize(

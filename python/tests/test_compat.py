@@ -2,6 +2,7 @@
 Mooncake's calls and return conventions. Each test runs with an initiator
 forced to tcp and one choosing the path itself (same host: cma)."""
 
+import inspect
 import os
 import signal
 import time
@@ -11,6 +12,44 @@ from conftest import Buffer, MiB, pattern
 from peer import Peer
 
 import kvferry
+
+
+# Mooncake's methods and their parameters, in order (as its Python API
+# reference names them; what callers may pass by keyword).
+MOONCAKE_METHODS = {
+    "initialize": "local_hostname metadata_server protocol device_name",
+    "initialize_ext": "local_hostname metadata_server protocol device_name metadata_type",
+    "get_rpc_port": "",
+    "get_engine": "",
+    "register_memory": "buffer_addr capacity location",
+    "unregister_memory": "buffer_addr",
+    "batch_register_memory": "buffer_addresses capacities location",
+    "batch_unregister_memory": "buffer_addresses",
+    "transfer_sync_read": "target_hostname buffer peer_buffer_address length transport_hint",
+    "transfer_sync_write": "target_hostname buffer peer_buffer_address length transport_hint",
+    "transfer_sync": "target_hostname buffer peer_buffer_address length opcode notify transport_hint",
+    "batch_transfer_sync_read": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_sync_write": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_sync": "target_hostname buffers peer_buffer_addresses lengths opcode notify transport_hint",
+    "batch_transfer_async_read": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_async_write": "target_hostname buffers peer_buffer_addresses lengths transport_hint",
+    "batch_transfer_async": "target_hostname buffers peer_buffer_addresses lengths opcode transport_hint",
+    "get_batch_transfer_status": "batch_ids",
+    "transfer_submit_write": "target_hostname buffer peer_buffer_address length transport_hint",
+    "transfer_check_status": "batch_id",
+    "get_notifies": "",
+    "allocate_managed_buffer": "length",
+    "free_managed_buffer": "buffer_addr length",
+    "write_bytes_to_buffer": "dest_address src_ptr length",
+    "read_bytes_from_buffer": "source_address length",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MOONCAKE_METHODS))
+def test_mooncake_signatures_and_help(name):
+    method = getattr(kvferry.TransferEngine, name)
+    assert list(inspect.signature(method).parameters)[1:] == MOONCAKE_METHODS[name].split()
+    assert method.__doc__ and len(method.__doc__) > 30, f"help(TransferEngine.{name}) says nothing"
 
 
 def test_initialize_and_port(te):
@@ -221,6 +260,31 @@ def test_managed_buffers_are_registered(te, peer):
     assert te.free_managed_buffer(addr, 64 << 10) == 0
     # Freed memory is no longer ours to write through the engine.
     assert te.write_bytes_to_buffer(addr, b"x", 1) == -1
+
+
+def test_numpy_integers_wherever_an_int_goes(te, peer):
+    """Mooncake (pybind11) takes any integer type; so does every call here,
+    not only the transfers (register_memory(np.int64(...)) was -1)."""
+    np = pytest.importorskip("numpy")
+    buf = np.zeros(4096, dtype=np.uint8)
+    base = np.int64(buf.ctypes.data)
+    assert te.register_memory(base, np.int64(buf.nbytes)) == 0, kvferry.last_error()
+    assert te.write_bytes_to_buffer(np.uint64(base), b"numpy", np.int32(5)) == 0, kvferry.last_error()
+    assert te.read_bytes_from_buffer(base, np.uint16(5)) == b"numpy"
+    assert te.write_bytes_to_buffer(base, b"abc", np.int64(4)) == -1  # still longer than the data
+    assert "larger than the data" in kvferry.last_error()
+    bid = te.transfer_submit_write(peer.session, base, np.uint64(peer.addr), np.int64(5))
+    assert bid != 0, kvferry.last_error()
+    assert te.get_batch_transfer_status([np.uint64(bid)]) == 0, kvferry.last_error()
+    assert peer.get(0, 5) == b"numpy"
+    assert te.unregister_memory(np.uint64(base)) == 0, kvferry.last_error()
+    assert te.batch_register_memory([base], [np.uint32(4096)]) == 0, kvferry.last_error()
+    assert te.batch_unregister_memory([np.uint64(base)]) == 0, kvferry.last_error()
+    addr = te.allocate_managed_buffer(np.int64(100))
+    assert addr != 0, kvferry.last_error()
+    assert te.free_managed_buffer(np.uint64(addr), np.int32(100)) == 0, kvferry.last_error()
+    assert te.register_memory(np.bool_(True), 5) == -1  # a bool is no address, numpy's neither
+    assert "bool" in kvferry.last_error()
 
 
 def test_managed_buffers_reuse_and_large(te):

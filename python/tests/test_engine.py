@@ -235,6 +235,25 @@ def test_closed_engine_raises():
     e.close()
     with pytest.raises(kvferry.Error, match="closed"):
         e.read("127.0.0.1:15000", 0x1000, 0x1000, 8)
+    with pytest.raises(kvferry.Error, match="closed"):
+        e.register(bytearray(64))
+
+
+def test_region_block_outliving_its_engine():
+    """A `with engine.register(...)` block whose engine closed inside it:
+    leaving it neither fails (close() unregistered the memory) nor hides
+    the exception that ended the block."""
+    buf = bytearray(4096)
+    with kvferry.Engine() as e:
+        with e.register(buf):
+            e.close()
+    with kvferry.Engine() as e:
+        with pytest.raises(KeyError, match="the block's own"):
+            with e.register(buf):
+                e.close()
+                raise KeyError("the block's own")
+    with kvferry.Engine() as e:  # the memory is free to register again
+        e.register(buf)
 
 
 def test_engine_is_freed_when_dropped():
