@@ -85,6 +85,10 @@ def _decode_notify(sender: str, message: bytes) -> TransferNotify:
     return TransferNotify(name, body.decode(errors="surrogateescape"))
 
 
+# Names an engine advertises that only this host can reach.
+LOOPBACK_PREFIXES = ("127.", "localhost:", "[::1]:")
+
+
 def _parse_local_hostname(value: str) -> tuple[str | None, int | None]:
     """`"host"`, `"host:port"`, `"[v6]"`, `"[v6]:port"` or a bare IPv6 address."""
     if not value:
@@ -272,6 +276,14 @@ class TransferEngine:
                 ascend=None if proto in ASCEND_PROTOCOLS else False,
             )
         logger.info("kvferry: engine %s is listening (protocol %r)", self._engine.name, proto or "auto")
+        if host is None and self._engine.name.startswith(LOOPBACK_PREFIXES):
+            # Peers address this engine by the name it advertises; a loopback
+            # one silently works on this host and fails from every other.
+            logger.warning(
+                "kvferry: no local_hostname given: engine %s is reachable from this host only; "
+                "pass this host's address (or set KVFERRY_HOSTNAME) for peers on other hosts",
+                self._engine.name,
+            )
         return 0
 
     @_mooncake(-1)

@@ -59,6 +59,20 @@ def test_initialize_and_port(te):
     assert isinstance(te.get_engine(), kvferry.Engine)
 
 
+def test_a_loopback_engine_without_a_hostname_says_so(caplog, monkeypatch):
+    monkeypatch.delenv("KVFERRY_HOSTNAME", raising=False)
+    monkeypatch.delenv("MOONCAKE_CONFIG_PATH", raising=False)
+    with caplog.at_level("WARNING", logger="kvferry"), kvferry.TransferEngine() as te:
+        assert te.initialize("", "P2PHANDSHAKE", "tcp", "") == 0
+        name = te.get_session_id()
+    assert name.startswith("127.0.0.1:")
+    assert any("reachable from this host only" in r.getMessage() and name in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="kvferry"), kvferry.TransferEngine() as te:
+        assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0  # asked for: no warning
+    assert not [r for r in caplog.records if "reachable from this host only" in r.getMessage()]
+
+
 def test_transport_follows_protocol(engines, peer):
     assert engines["tcp"].get_engine().transport_to(peer.session) == "tcp"
     assert engines["ascend"].get_engine().transport_to(peer.session) == "cma"
