@@ -518,6 +518,29 @@ kvf_status kvf_engine_transport_to(const struct kvf_engine *engine,
                                    size_t capacity,
                                    size_t *out_len);
 
+// The memory regions `session` has registered now (host and device), sorted
+// by address: their start addresses into `addrs` and lengths into `lens`,
+// `capacity` entries each, and their number into `*out_count`. Fetched from
+// the peer on every call (one round trip; handshakes on first contact), so
+// it reflects the peer's latest registrations. Mooncake's
+// `get_first_buffer_address` is `addrs[0]`.
+//
+// Ask for the number first with `capacity` 0 (the arrays may then be NULL):
+// when the peer has more regions than `capacity`, nothing is written to the
+// arrays, `*out_count` says how many there are, and the call returns
+// `KVF_STATUS_BUFFER_TOO_SMALL`.
+//
+// # Safety
+// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated; `addrs`
+// and `lens` NULL or writable for `capacity` elements; `out_count` NULL or
+// writable.
+kvf_status kvf_engine_peer_regions(const struct kvf_engine *engine,
+                                   const char *session,
+                                   uint64_t *addrs,
+                                   uint64_t *lens,
+                                   size_t capacity,
+                                   size_t *out_count);
+
 // Gives the library the CPython functions of `*api` (every field set).
 // Needed once per process before a `_pylists` call; later calls check
 // their argument and change nothing.

@@ -88,6 +88,10 @@ SIGNATURES: dict[str, tuple[object, list[object]]] = {
         c_status,
         [c_engine_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t, _size_p],
     ),
+    "kvf_engine_peer_regions": (
+        c_status,
+        [c_engine_p, ctypes.c_char_p, _u64_p, _u64_p, ctypes.c_size_t, _size_p],
+    ),
     "kvf_transfer_sync": (
         c_status,
         [c_engine_p, ctypes.c_char_p, ctypes.c_uint32, _column, _column, _column, ctypes.c_size_t],

@@ -291,6 +291,17 @@ class TransferEngine:
         """The engine's one listening port (peers use `"ip:port"`)."""
         return self._e().port
 
+    @_mooncake(0)
+    def get_first_buffer_address(self, segment_name) -> int:
+        """The start of the lowest-addressed region `segment_name` ("host:port")
+        has registered now (Mooncake's: of its first registered buffer; the
+        same for a peer that registers one). 0 on failure, or when the peer
+        has registered nothing. `get_engine().peer_regions()` lists them all."""
+        regions = self._e().peer_regions(segment_name)
+        if not regions:
+            raise Error(Status.NOT_REGISTERED, f"{segment_name} has registered no memory")
+        return regions[0][0]
+
     def get_engine(self) -> Engine | None:
         """The underlying `kvferry.Engine`, or None before `initialize`. (Not
         an object Mooncake's store accepts: kvferry has no store client.)"""

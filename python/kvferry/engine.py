@@ -615,6 +615,22 @@ class Engine:
         self._run(self._lib.kvf_engine_transport_to, _c_str(session, "session"), buf, len(buf), ctypes.byref(n))
         return buf.value.decode()
 
+    def peer_regions(self, session: str) -> list[tuple[int, int]]:
+        """The `(address, length)` of every region `session` has registered
+        now, host and device, sorted by address (asked of the peer on every
+        call: one round trip; handshakes on first contact)."""
+        name = _c_str(session, "session")
+        capacity = 16
+        while True:
+            addrs, lens = (ctypes.c_uint64 * capacity)(), (ctypes.c_uint64 * capacity)()
+            count = ctypes.c_size_t()
+            status = self._call(self._lib.kvf_engine_peer_regions, name, addrs, lens, capacity, ctypes.byref(count))
+            if status == Status.BUFFER_TOO_SMALL and count.value > capacity:
+                capacity = count.value  # the peer registered more meanwhile: ask again
+                continue
+            self._check(status)
+            return list(zip(addrs[: count.value], lens[: count.value]))
+
 
 class Batch:
     """An asynchronous batch. `wait()` / `poll()` raise the batch's error;

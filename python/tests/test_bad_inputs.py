@@ -90,12 +90,14 @@ def test_zero_and_overflowing_lengths(te, peer, local):
 def test_bad_session_strings(te, local, session, words):
     fails(te.transfer_sync_read(session, local.addr, local.addr, 8), -1, *words)
     fails(te.batch_transfer_async_write(session, [local.addr], [local.addr], [8]), 0)
+    fails(te.get_first_buffer_address(session), 0, *words)
 
 
 @pytest.mark.parametrize("session", [None, 12345, b"127.0.0.1:15000", ["127.0.0.1:1"]])
 def test_session_of_wrong_type(te, local, session):
     fails(te.transfer_sync_read(session, local.addr, local.addr, 8), -1, "session", "str")
     fails(te.batch_transfer_async_read(session, [local.addr], [local.addr], [8]), 0, "session")
+    fails(te.get_first_buffer_address(session), 0, "session")
 
 
 @pytest.mark.parametrize("addr", ["0x1000", 1.5, None, -4096, 2**64, object()])

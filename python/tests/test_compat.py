@@ -38,6 +38,7 @@ MOONCAKE_METHODS = {
     "transfer_submit_write": "target_hostname buffer peer_buffer_address length transport_hint",
     "transfer_check_status": "batch_id",
     "get_notifies": "",
+    "get_first_buffer_address": "segment_name",
     "allocate_managed_buffer": "length",
     "free_managed_buffer": "buffer_addr length",
     "write_bytes_to_buffer": "dest_address src_ptr length",
@@ -247,6 +248,24 @@ def test_peer_reads_from_us(te, peer, local):
     local.fill(0, pattern(4096, 8))
     assert peer.ask("read_from", te.get_session_id(), 3 * MiB, local.addr, 4096) == 0
     assert peer.get(3 * MiB, 4096) == pattern(4096, 8)
+
+
+def test_first_buffer_address_follows_the_peers_registrations(te, peer):
+    assert te.get_first_buffer_address(peer.session) == peer.addr
+    # A peer's own engine lists what it registered since: asked afresh, not cached.
+    with kvferry.TransferEngine() as other:
+        assert other.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+        assert te.get_first_buffer_address(other.get_session_id()) == 0
+        assert "registered no memory" in kvferry.last_error()
+        low, high = Buffer(other, 4096), Buffer(other, 8192)
+        try:
+            regions = te.get_engine().peer_regions(other.get_session_id())
+            assert regions == sorted([(low.addr, 4096), (high.addr, 8192)])
+            assert te.get_first_buffer_address(other.get_session_id()) == min(low.addr, high.addr)
+        finally:
+            low.close()
+            high.close()
+        assert te.get_engine().peer_regions(other.get_session_id()) == []
 
 
 def test_batch_register_and_unregister(te, peer):

@@ -1340,6 +1340,31 @@ static void test_fixed_bugs(void) {
 
 /* ---- main ------------------------------------------------------------- */
 
+/* What A learns of B's registrations: both regions, sorted by address; the
+ * count alone with capacity 0; a short capacity writes nothing. */
+static void test_peer_regions(void) {
+  uint64_t addrs[4] = {0}, lens[4] = {0}, lo = U(bbuf) < U(big_b) ? U(bbuf) : U(big_b);
+  size_t count = 0;
+  EXPECT(kvf_engine_peer_regions(A, b_name, NULL, NULL, 0, &count), KVF_STATUS_BUFFER_TOO_SMALL,
+         NULL);
+  CHECK(count == 2);
+  count = 0;
+  EXPECT(kvf_engine_peer_regions(A, b_name, addrs, lens, 1, &count), KVF_STATUS_BUFFER_TOO_SMALL,
+         NULL);
+  CHECK(count == 2 && addrs[0] == 0 && lens[0] == 0);
+  EXPECT(kvf_engine_peer_regions(A, b_name, addrs, lens, 4, &count), KVF_STATUS_OK, NULL);
+  CHECK(count == 2 && addrs[0] == lo && addrs[0] < addrs[1]);
+  CHECK(lens[0] == (lo == U(bbuf) ? LEN : BIG) && lens[1] == (lo == U(bbuf) ? BIG : LEN));
+  EXPECT(kvf_engine_peer_regions(A, b_name, addrs, lens, 4, NULL), KVF_STATUS_NULL_POINTER,
+         "out_count");
+  EXPECT(kvf_engine_peer_regions(A, b_name, NULL, lens, 4, &count), KVF_STATUS_NULL_POINTER,
+         "addrs");
+  EXPECT(kvf_engine_peer_regions(A, "127.0.0.1:1", addrs, lens, 4, &count),
+         KVF_STATUS_PEER_UNREACHABLE, NULL);
+  EXPECT(kvf_engine_peer_regions(NULL, b_name, addrs, lens, 4, &count), KVF_STATUS_NULL_POINTER,
+         "engine");
+}
+
 int main(int argc, char **argv) {
   const char *first;
   if (argc > 1 && strcmp(argv[1], SILENT_PEER_ARG) == 0) {
@@ -1377,6 +1402,7 @@ int main(int argc, char **argv) {
   test_engine_identity();
   test_registration();
   test_sync_transfers();
+  test_peer_regions();
   test_refused_transfers();
   test_async_batches();
   test_batch_in_progress();

@@ -146,3 +146,54 @@ pub unsafe extern "C" fn kvf_engine_transport_to(
         Ok(Status::Ok)
     })
 }
+
+/// The memory regions `session` has registered now (host and device), sorted
+/// by address: their start addresses into `addrs` and lengths into `lens`,
+/// `capacity` entries each, and their number into `*out_count`. Fetched from
+/// the peer on every call (one round trip; handshakes on first contact), so
+/// it reflects the peer's latest registrations. Mooncake's
+/// `get_first_buffer_address` is `addrs[0]`.
+///
+/// Ask for the number first with `capacity` 0 (the arrays may then be NULL):
+/// when the peer has more regions than `capacity`, nothing is written to the
+/// arrays, `*out_count` says how many there are, and the call returns
+/// `KVF_STATUS_BUFFER_TOO_SMALL`.
+///
+/// # Safety
+/// `engine` from `kvf_engine_new`; `session` NULL or NUL-terminated; `addrs`
+/// and `lens` NULL or writable for `capacity` elements; `out_count` NULL or
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvf_engine_peer_regions(
+    engine: *const kvf_engine,
+    session: *const c_char,
+    addrs: *mut u64,
+    lens: *mut u64,
+    capacity: usize,
+    out_count: *mut usize,
+) -> Status {
+    ffi!({
+        handle::need_out(out_count, "out_count")?;
+        // SAFETY: forwarded to the caller.
+        let e = unsafe { handle::engine(engine) }?;
+        // SAFETY: forwarded to the caller.
+        let session = unsafe { handle::str_arg(session, "session") }?;
+        let regions = e.peer_regions(session)?;
+        // SAFETY: checked non-NULL above; writable (caller's promise).
+        unsafe { out_count.write(regions.len()) };
+        if regions.len() > capacity {
+            return Err(Error::BufferTooSmall {
+                needed: regions.len(),
+                capacity,
+            });
+        }
+        let (a, l): (Vec<u64>, Vec<u64>) = regions.iter().map(|r| (r.addr, r.len)).unzip();
+        // Both arrays are checked before either is written.
+        handle::check_out_array(lens, capacity, l.len(), "lens")?;
+        // SAFETY: forwarded to the caller.
+        unsafe { handle::write_array(addrs, capacity, &a, "addrs") }?;
+        // SAFETY: forwarded to the caller.
+        unsafe { handle::write_array(lens, capacity, &l, "lens") }?;
+        Ok(Status::Ok)
+    })
+}

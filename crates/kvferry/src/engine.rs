@@ -18,7 +18,7 @@ use crate::board::LeaseBoard;
 use crate::config::{EngineConfig, Settings, TestHooks, TransportChoice};
 use crate::device::{DeviceState, StagingStats};
 use crate::error::{Error, Result};
-use crate::memory::Registry;
+use crate::memory::{RegionDesc, Registry};
 use crate::plan::{Op, Opcode, Plan, plan};
 use crate::segment::{Segment, host_identity, random_instance_id};
 use crate::server::Server;
@@ -746,6 +746,22 @@ impl Engine {
     /// handshaking if this is the first contact.
     pub fn transport_to(&self, peer: &str) -> Result<&'static str> {
         Ok(self.core.session(peer)?.transport().name())
+    }
+
+    /// The regions `peer` has registered now (host and device, sorted by
+    /// address), fetched afresh: a session's cached copy may predate the
+    /// peer's latest registrations. Handshakes on first contact; a peer that
+    /// restarted gets a new session.
+    pub fn peer_regions(&self, peer: &str) -> Result<Vec<RegionDesc>> {
+        let session = self.core.session(peer)?;
+        let segment = match session.refresh() {
+            Err(Error::PeerRestarted { .. }) => {
+                self.core.forget(&session);
+                self.core.session(peer)?.segment()
+            }
+            other => other?,
+        };
+        Ok(segment.regions.clone())
     }
 
     /// What carries slices that touch device memory with `peer`: the device
