@@ -584,6 +584,26 @@ class Engine {
     return std::string(buf, len);
   }
 
+  /// The regions `session` has registered now, sorted by address (asked of
+  /// the peer on every call).
+  std::vector<Region> peer_regions(const std::string &session) const {
+    std::vector<std::uint64_t> addrs, lens;
+    std::size_t count = 0;
+    for (;;) {
+      kvf_status s = kvf_engine_peer_regions(engine_, session.c_str(), addrs.data(), lens.data(),
+                                             addrs.size(), &count);
+      if (s == KVF_STATUS_BUFFER_TOO_SMALL && count > addrs.size()) {
+        addrs.assign(count, 0);  // first call, or the peer registered more meanwhile
+        lens.assign(count, 0);
+        continue;
+      }
+      detail::check(s, "kvf_engine_peer_regions");
+      std::vector<Region> out(count);
+      for (std::size_t i = 0; i < count; i++) out[i] = Region{addrs[i], lens[i]};
+      return out;
+    }
+  }
+
   /// The C handle, still owned by this object (NULL when moved from).
   const kvf_engine *get() const noexcept { return engine_; }
 

@@ -575,6 +575,11 @@ void test_notifications(const Engine &a, const Engine &b, const std::string &b_n
   CHECK(b.next_notification(n) && n.message == "landed");
   CHECK(std::memcmp(abuf.data(), bbuf.data(), 8192) == 0);
   CHECK(a.transport_to(b_name) == "local");
+  {
+    const std::vector<kvferry::Region> regions = a.peer_regions(b_name);
+    CHECK(regions.size() == 1 && regions[0].addr == addr_of(bbuf.data()) &&
+          regions[0].len == bbuf.size());
+  }
   EXPECT_ERROR(a.notify("127.0.0.1:1", "x"), KVF_STATUS_PEER_UNREACHABLE, "127.0.0.1:1");
 }
 
