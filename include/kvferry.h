@@ -103,7 +103,10 @@ enum kvf_status
   KVF_STATUS_BAD_LOCATION = -14,
   // Host memory to register is not all mapped readable and writable
   // in this process (unmapped, read-only, or a range running past the
-  // end of its mapping). Nothing was registered.
+  // end of its mapping). Nothing was registered. Also the status of a
+  // target's ERROR frame for a READ or WRITE of registered memory that
+  // its owner unmapped without unregistering it (the initiator's batch
+  // fails with `TransferFailed`).
   KVF_STATUS_REGION_NOT_MAPPED = -15,
   KVF_STATUS_ZERO_LENGTH_OP = -20,
   KVF_STATUS_ADDRESS_OVERFLOW = -21,

@@ -216,7 +216,10 @@ pub enum Status {
     BadLocation = -14,
     /// Host memory to register is not all mapped readable and writable
     /// in this process (unmapped, read-only, or a range running past the
-    /// end of its mapping). Nothing was registered.
+    /// end of its mapping). Nothing was registered. Also the status of a
+    /// target's ERROR frame for a READ or WRITE of registered memory that
+    /// its owner unmapped without unregistering it (the initiator's batch
+    /// fails with `TransferFailed`).
     RegionNotMapped = -15,
     // -20 .. -29: op validation (nothing was moved)
     ZeroLengthOp = -20,

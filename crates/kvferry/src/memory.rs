@@ -396,14 +396,13 @@ impl HostMappings {
         None
     }
 
-    /// Refuses `desc` unless all of it is readable and writable memory here.
-    /// `desc.addr + desc.len` must already be known not to overflow.
-    pub fn check(&self, desc: &RegionDesc) -> Result<()> {
-        let Some(gap) = self.first_gap(desc.addr, desc.end()) else {
-            return Ok(());
-        };
+    /// Where `[addr, end)` is not readable and writable memory, if it is
+    /// not: the first such address, and what is there ("nothing is mapped
+    /// at ..." or the mapping and its permissions).
+    pub fn find_gap(&self, addr: u64, end: u64) -> Option<String> {
+        let gap = self.first_gap(addr, end)?;
         let i = self.maps.partition_point(|m| m.end <= gap);
-        let detail = match self.maps.get(i) {
+        Some(match self.maps.get(i) {
             Some(m) if m.start <= gap => format!(
                 "{gap:#x} lies in the mapping [{:#x}, {:#x}) with permissions {}",
                 m.start,
@@ -411,12 +410,20 @@ impl HostMappings {
                 String::from_utf8_lossy(&m.perms)
             ),
             _ => format!("nothing is mapped at {gap:#x}"),
-        };
-        Err(Error::RegionNotMapped {
-            addr: desc.addr,
-            len: desc.len,
-            detail,
         })
+    }
+
+    /// Refuses `desc` unless all of it is readable and writable memory here.
+    /// `desc.addr + desc.len` must already be known not to overflow.
+    pub fn check(&self, desc: &RegionDesc) -> Result<()> {
+        match self.find_gap(desc.addr, desc.end()) {
+            None => Ok(()),
+            Some(detail) => Err(Error::RegionNotMapped {
+                addr: desc.addr,
+                len: desc.len,
+                detail,
+            }),
+        }
     }
 }
 
