@@ -383,7 +383,9 @@ kvf_status kvf_config_set_max_connections(struct kvf_config *config, uint32_t co
 // `libascendcl.so` from the loader's path (source CANN's `set_env.sh`).
 // Where there is none: `KVF_STATUS_UNSUPPORTED`, `kvf_last_error()` says
 // "Ascend runtime not found: ...", and the config is unchanged (an engine
-// made from it handles host memory only). A library built without the
+// made from it handles host memory only). A malformed
+// `KVFERRY_ASCEND_IPC` (not a boolean: docs/configuration.md) is
+// `KVF_STATUS_INVALID_ARGUMENT` naming it. A library built without the
 // `ascend` feature always answers `KVF_STATUS_UNSUPPORTED`.
 //
 // # Safety
