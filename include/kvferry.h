@@ -101,6 +101,13 @@ enum kvf_status
   KVF_STATUS_NOT_REGISTERED = -12,
   KVF_STATUS_REGION_BUSY = -13,
   KVF_STATUS_BAD_LOCATION = -14,
+  // Host memory to register is not all mapped readable and writable
+  // in this process (unmapped, read-only, or a range running past the
+  // end of its mapping). Nothing was registered. Also the status of a
+  // target's ERROR frame for a READ or WRITE of registered memory that
+  // its owner unmapped without unregistering it (the initiator's batch
+  // fails with `TransferFailed`).
+  KVF_STATUS_REGION_NOT_MAPPED = -15,
   KVF_STATUS_ZERO_LENGTH_OP = -20,
   KVF_STATUS_ADDRESS_OVERFLOW = -21,
   KVF_STATUS_LOCAL_OUT_OF_RANGE = -22,
@@ -376,7 +383,9 @@ kvf_status kvf_config_set_max_connections(struct kvf_config *config, uint32_t co
 // `libascendcl.so` from the loader's path (source CANN's `set_env.sh`).
 // Where there is none: `KVF_STATUS_UNSUPPORTED`, `kvf_last_error()` says
 // "Ascend runtime not found: ...", and the config is unchanged (an engine
-// made from it handles host memory only). A library built without the
+// made from it handles host memory only). A malformed
+// `KVFERRY_ASCEND_IPC` (not a boolean: docs/configuration.md) is
+// `KVF_STATUS_INVALID_ARGUMENT` naming it. A library built without the
 // `ascend` feature always answers `KVF_STATUS_UNSUPPORTED`.
 //
 // # Safety
@@ -434,8 +443,10 @@ kvf_status kvf_engine_rpc_port(const struct kvf_engine *engine, uint16_t *out_po
 
 // Registers `[addr, addr + len)` so peers can read and write it.
 // `location`: `"cpu:0"`, `"npu:N"`, or `"*"` / NULL to detect.
-// Zero length, overlap with a registered region and bad locations are
-// refused; nothing changes then.
+// Zero length, overlap with a registered region, bad locations, and host
+// memory that is not all mapped readable and writable in this process
+// (`KVF_STATUS_REGION_NOT_MAPPED`: a peer's transfer would fault on it)
+// are refused; nothing changes then.
 //
 // # Safety
 // `engine` from `kvf_engine_new`; `location` NULL or NUL-terminated; the

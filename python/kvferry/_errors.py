@@ -31,6 +31,7 @@ class Status(enum.IntEnum):
     NOT_REGISTERED = -12
     REGION_BUSY = -13
     BAD_LOCATION = -14
+    REGION_NOT_MAPPED = -15
     ZERO_LENGTH_OP = -20
     ADDRESS_OVERFLOW = -21
     LOCAL_OUT_OF_RANGE = -22

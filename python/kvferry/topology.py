@@ -1,5 +1,8 @@
 """Rank mapping and block planning, bit-compatible with the vllm-ascend KV
-connectors (COMPAT.md sections 2 and 3), computed by libkvferry.
+connectors (sections 2 and 3 of COMPAT.md, the shared spec at
+`../shared/docs/COMPAT.md` beside the kvferry repository, not shipped in it
+or in this package; docs/topology.md walks through them), computed by
+libkvferry.
 
 - Which prefill ranks each decode rank pulls from (`pull_ranks`,
   `pulls_per_rank`), the prefill side's view of the same choice
@@ -659,7 +662,8 @@ def plan_blocks(
     other iterables of ints are converted. A span must lie inside its
     layout even where a prefix hit skips part of it.
 
-    Rules (COMPAT.md section 2), for each layer, cache and run of ids that
+    Rules (section 2 of COMPAT.md, the shared spec beside the repository:
+    see the module docstring), for each layer, cache and run of ids that
     step by +1 on both sides: one op when both sides' blocks are back to
     back, else one op per block. With `pulls` (`n`) > 1 the `split` side's
     block ("local": a decode rank pulling; "remote": a prefill rank pushing)

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import MiB
+from conftest import Buffer, MiB
 from peer import Peer
 
 import kvferry
@@ -171,6 +171,32 @@ def test_register_errors(te, local):
     fails(te.unregister_memory(addr), -1, "no region is registered")
     fails(te.batch_unregister_memory([addr]), -1, "no region")
     fails(te.unregister_memory("x"), -1)
+
+
+def test_register_unmapped_memory(te, engines, local):
+    """register_memory(0x1000, 4096) returned 0, and another engine of this
+    process reading it then crashed the interpreter (SIGSEGV in the
+    in-process copy). Host memory must be mapped readable and writable."""
+    fails(te.register_memory(0x1000, 4096), -1, "[0x1000, +4096)", "nothing is mapped at 0x1000")
+    assert kvferry.last_status() is kvferry.Status.REGION_NOT_MAPPED
+    fails(te.register_memory(0x1000, 4096, "cpu:0"), -1, "readable and writable")
+    # All or none: the good region of the batch was not registered either.
+    buf = ctypes.create_string_buffer(4096)
+    addr = ctypes.addressof(buf)
+    fails(te.batch_register_memory([addr, 0x1000], [4096, 4096]), -1, "0x1000")
+    fails(te.unregister_memory(addr), -1, "no region is registered")
+    fails(te.unregister_memory(0x1000), -1, "no region is registered")
+    # Another engine of this process (in-process copy or tcp) is refused.
+    other = next(e for e in engines.values() if e is not te)
+    dst = Buffer(other, 4096)
+    try:
+        fails(
+            other.batch_transfer_sync_read(te.get_session_id(), [dst.addr], [0x1000], [4096]),
+            -1,
+            "remote range",
+        )
+    finally:
+        dst.close()
 
 
 def test_managed_buffer_errors(te, local):

@@ -56,11 +56,21 @@ def test_port_range_from_mooncake_variables(monkeypatch):
         assert te.get_rpc_port() == port
 
 
-def test_mc_force_tcp(monkeypatch, peer):
-    monkeypatch.setenv("MC_FORCE_TCP", "1")
+@pytest.mark.parametrize("value", ["1", "True", "YES", "on"])
+def test_mc_force_tcp(monkeypatch, peer, value):
+    monkeypatch.setenv("MC_FORCE_TCP", value)
     with kvferry.TransferEngine() as te:
         assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "ascend", "") == 0
         assert te.get_engine().transport_to(peer.session) == "tcp"
+
+
+def test_mc_force_tcp_typo_is_an_initialize_failure(monkeypatch):
+    """`MC_FORCE_TCP=True` and typos alike were taken as "off", silently."""
+    monkeypatch.setenv("MC_FORCE_TCP", "ture")
+    te = kvferry.TransferEngine()
+    assert te.initialize("127.0.0.1", "P2PHANDSHAKE", "ascend", "") == -1
+    assert "MC_FORCE_TCP" in kvferry.last_error() and "not a boolean" in kvferry.last_error()
+    assert kvferry.last_status() is kvferry.Status.INVALID_ARGUMENT
 
 
 def test_bad_environment_is_an_initialize_failure(monkeypatch):

@@ -120,6 +120,7 @@ static void test_version_and_status_strings(void) {
       KVF_STATUS_NOT_REGISTERED,
       KVF_STATUS_REGION_BUSY,
       KVF_STATUS_BAD_LOCATION,
+      KVF_STATUS_REGION_NOT_MAPPED,
       KVF_STATUS_ZERO_LENGTH_OP,
       KVF_STATUS_ADDRESS_OVERFLOW,
       KVF_STATUS_LOCAL_OUT_OF_RANGE,
@@ -171,6 +172,7 @@ static void test_version_and_status_strings(void) {
   CHECK(KVF_STATUS_OK == 0 && KVF_STATUS_IN_PROGRESS == 1);
   CHECK(KVF_STATUS_INVALID_ARGUMENT == -1 && KVF_STATUS_BUFFER_TOO_SMALL == -5);
   CHECK(KVF_STATUS_ZERO_LENGTH_REGION == -10 && KVF_STATUS_BAD_LOCATION == -14);
+  CHECK(KVF_STATUS_REGION_NOT_MAPPED == -15);
   CHECK(KVF_STATUS_ZERO_LENGTH_OP == -20 && KVF_STATUS_REMOTE_OUT_OF_RANGE == -23);
   CHECK(KVF_STATUS_BAD_BATCH_ID == -30 && KVF_STATUS_TIMEOUT == -33);
   CHECK(KVF_STATUS_BAD_SESSION == -40 && KVF_STATUS_IO == -43);
@@ -343,6 +345,19 @@ static void test_registration(void) {
   EXPECT(kvf_register_memory(A, s, 64, "NPU:7"), KVF_STATUS_UNSUPPORTED, "npu:7");
   EXPECT(kvf_register_memory(A, UINT64_MAX - 1, 4, "cpu:0"), KVF_STATUS_ADDRESS_OVERFLOW,
          "0xfffffffffffffffe");
+  /* Host memory must be mapped readable and writable here: a peer's
+   * transfer would fault on anything else. 0x1000 lies below the lowest
+   * address the kernel maps by default. */
+  EXPECT(kvf_register_memory(A, 0x1000, 4096, "cpu:0"), KVF_STATUS_REGION_NOT_MAPPED, "0x1000",
+         "nothing is mapped");
+  EXPECT(kvf_register_memory(A, 0x1000, 4096, NULL), KVF_STATUS_REGION_NOT_MAPPED, "0x1000");
+  addrs[0] = s;
+  lens[0] = 64;
+  addrs[1] = 0x1000;
+  lens[1] = 64;
+  EXPECT(kvf_register_memory_batch(A, addrs, lens, 2, "cpu:0"), KVF_STATUS_REGION_NOT_MAPPED,
+         "0x1000");
+  EXPECT(kvf_unregister_memory(A, 0x1000), KVF_STATUS_NOT_REGISTERED, "0x1000");
   /* None of the refused calls registered anything. */
   CHECK(!is_registered(A, s, 64));
 

@@ -20,8 +20,10 @@ use crate::optional::{self, PtrLocation};
 /// 2 MiB alignment; vllm-ascend allocates its KV caches that way.
 pub const DEVICE_ALIGNMENT: u64 = 2 << 20;
 
-/// Disables IPC exports and the ascend-ipc transport when `0` / `false`:
-/// same-host peers then move device memory over tcp with staging.
+/// Disables IPC exports and the ascend-ipc transport when off (`0`,
+/// `false`, `no`, `off`, any case; `kvferry::config::parse_flag`, which
+/// refuses anything else): same-host peers then move device memory over tcp
+/// with staging.
 pub const IPC_ENV: &str = "KVFERRY_ASCEND_IPC";
 
 /// How to load the Ascend runtime.
@@ -83,8 +85,13 @@ pub struct AscendRuntime {
     home: AtomicU32,
 }
 
-fn env_flag_off(key: &str) -> bool {
-    std::env::var(key).is_ok_and(|v| matches!(v.trim(), "0" | "false" | "off" | "no"))
+/// Whether IPC is on: the config's choice, else `KVFERRY_ASCEND_IPC`
+/// (`value`), else on. A malformed value is an error naming the variable,
+/// even when the config decides, as for the engine's own variables: a
+/// typo must not silently leave IPC on.
+fn ipc_setting(configured: Option<bool>, value: Option<&str>) -> Result<bool, Error> {
+    let from_env = kvferry::config::parse_flag(IPC_ENV, value)?;
+    Ok(configured.or(from_env).unwrap_or(true))
 }
 
 impl AscendRuntime {
@@ -97,7 +104,8 @@ impl AscendRuntime {
 
     pub fn with_config(config: AscendConfig) -> Result<Arc<AscendRuntime>, Error> {
         let rt = Rt::get(config.library)?;
-        let ipc = config.ipc.unwrap_or(!env_flag_off(IPC_ENV));
+        let value = std::env::var_os(IPC_ENV).map(|v| v.to_string_lossy().into_owned());
+        let ipc = ipc_setting(config.ipc, value.as_deref())?;
         if ipc && !optional::has_ipc(&rt.acl) {
             log::info!(
                 "kvferry: the Ascend runtime {} has no IPC by key (aclrtIpcMem*): same-host NPU transfers are staged over tcp",
@@ -553,4 +561,30 @@ pub(crate) fn key_of(export: &[u8]) -> Option<CString> {
         return None;
     }
     CString::new(export).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipc_is_on_unless_configured_or_switched_off_and_typos_are_errors() {
+        assert!(ipc_setting(None, None).unwrap());
+        assert!(ipc_setting(None, Some("")).unwrap());
+        for off in ["0", "false", "False", "NO", "off", "OFF"] {
+            assert!(!ipc_setting(None, Some(off)).unwrap(), "{off:?}");
+        }
+        for on in ["1", "TRUE", "yes", "On"] {
+            assert!(ipc_setting(None, Some(on)).unwrap(), "{on:?}");
+        }
+        for bad in ["of", "disable", "2"] {
+            let e = ipc_setting(None, Some(bad)).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { .. }), "{bad:?}: {e}");
+            assert!(e.to_string().contains("KVFERRY_ASCEND_IPC"), "{e}");
+        }
+        // The config's choice wins; a malformed variable is still an error.
+        assert!(!ipc_setting(Some(false), Some("1")).unwrap());
+        assert!(ipc_setting(Some(true), Some("0")).unwrap());
+        assert!(ipc_setting(Some(true), Some("bogus")).is_err());
+    }
 }

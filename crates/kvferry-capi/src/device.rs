@@ -16,7 +16,9 @@ use crate::handle;
 /// `libascendcl.so` from the loader's path (source CANN's `set_env.sh`).
 /// Where there is none: `KVF_STATUS_UNSUPPORTED`, `kvf_last_error()` says
 /// "Ascend runtime not found: ...", and the config is unchanged (an engine
-/// made from it handles host memory only). A library built without the
+/// made from it handles host memory only). A malformed
+/// `KVFERRY_ASCEND_IPC` (not a boolean: docs/configuration.md) is
+/// `KVF_STATUS_INVALID_ARGUMENT` naming it. A library built without the
 /// `ascend` feature always answers `KVF_STATUS_UNSUPPORTED`.
 ///
 /// # Safety

@@ -136,8 +136,10 @@ pub unsafe extern "C" fn kvf_engine_rpc_port(
 
 /// Registers `[addr, addr + len)` so peers can read and write it.
 /// `location`: `"cpu:0"`, `"npu:N"`, or `"*"` / NULL to detect.
-/// Zero length, overlap with a registered region and bad locations are
-/// refused; nothing changes then.
+/// Zero length, overlap with a registered region, bad locations, and host
+/// memory that is not all mapped readable and writable in this process
+/// (`KVF_STATUS_REGION_NOT_MAPPED`: a peer's transfer would fault on it)
+/// are refused; nothing changes then.
 ///
 /// # Safety
 /// `engine` from `kvf_engine_new`; `location` NULL or NUL-terminated; the

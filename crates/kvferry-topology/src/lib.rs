@@ -7,7 +7,8 @@
 //! connectors decide this with a few integer rules and one
 //! `random.Random(seed).sample(...)`; this crate computes exactly the same
 //! answers, so a kvferry peer and a Python connector peer can serve the same
-//! request. The rules are in `docs/COMPAT.md` sections 2 and 3.
+//! request. The rules are sections 2 and 3 of COMPAT.md, the shared spec at
+//! `../shared/docs/COMPAT.md` beside the kvferry repository (not in it).
 //!
 //! Pure computation: no I/O, no unsafe code, no panics on bad input (every
 //! rejection is a [`TopologyError`] with the values that caused it).

@@ -287,9 +287,7 @@ impl EngineConfig {
         };
         let ms =
             |key: &str| -> Result<Option<Duration>> { Ok(num(key)?.map(Duration::from_millis)) };
-        let flag = |key: &str| {
-            env(key).is_some_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes" | "on"))
-        };
+        let flag = |key: &str| parse_flag(key, env(key).as_deref());
 
         let hostname = match &self.hostname {
             Some(h) => check_hostname(h)
@@ -397,6 +395,9 @@ impl EngineConfig {
         if max_batches == 0 || max_batches > u32::MAX as usize {
             return Err(Error::invalid("max_batches must be in 1..=2^32-1"));
         }
+        // Read even when something before it decides, as the timeouts are:
+        // a malformed value is an error wherever it stands.
+        let force_tcp = flag("MC_FORCE_TCP")?;
         let transport = match self.transport {
             Some(t) => t,
             None => match env("KVFERRY_TRANSPORT").as_deref().map(str::trim) {
@@ -407,7 +408,7 @@ impl EngineConfig {
                         "KVFERRY_TRANSPORT={other:?}: expected \"auto\" or \"tcp\""
                     )));
                 }
-                None if flag("MC_FORCE_TCP") => TransportChoice::Tcp,
+                None if force_tcp == Some(true) => TransportChoice::Tcp,
                 None => TransportChoice::Auto,
             },
         };
@@ -470,6 +471,25 @@ impl EngineConfig {
             max_connections,
             staging_pool,
         })
+    }
+}
+
+/// The value of boolean environment variable `key`, given its `value`:
+/// `None` when unset or empty (as for every variable); `1`, `true`, `yes`,
+/// `on` and `0`, `false`, `no`, `off` in any case; anything else is an
+/// error naming the variable, as a malformed number is: a typo
+/// (`MC_FORCE_TCP=ture`) must not silently mean "off".
+pub fn parse_flag(key: &str, value: Option<&str>) -> Result<Option<bool>> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(Some(true)),
+        "0" | "false" | "no" | "off" => Ok(Some(false)),
+        _ => Err(Error::invalid(format!(
+            "environment variable {key}={:?} is not a boolean: expected 1/0, true/false, yes/no or on/off (any case)",
+            value.unwrap_or_default()
+        ))),
     }
 }
 
@@ -685,10 +705,54 @@ mod tests {
     }
 
     #[test]
+    fn flags_take_every_usual_spelling_in_any_case() {
+        let transport = |v: &str| {
+            EngineConfig::new()
+                .resolve_with(with(&[("MC_FORCE_TCP", v)]))
+                .map(|s| s.transport)
+        };
+        for on in [
+            "1", "true", "True", "TRUE", "yes", "YES", "Yes", "on", "ON", " On ",
+        ] {
+            assert_eq!(transport(on).unwrap(), TransportChoice::Tcp, "{on:?}");
+        }
+        for off in [
+            "0", "false", "False", "FALSE", "no", "NO", "off", "Off", "", "  ",
+        ] {
+            assert_eq!(transport(off).unwrap(), TransportChoice::Auto, "{off:?}");
+        }
+        for bad in ["ture", "2", "y", "n", "enable", "-1", "tcp", "yes please"] {
+            let e = transport(bad).unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument { .. }), "{bad:?}: {e}");
+            let m = e.to_string();
+            assert!(m.contains(&format!("MC_FORCE_TCP={bad:?}")), "{m}");
+            assert!(m.contains("not a boolean"), "{m}");
+        }
+        // Malformed is an error even where another setting decides, as a
+        // malformed timeout is.
+        for decided in [
+            EngineConfig::new().transport(TransportChoice::Auto),
+            EngineConfig::new(),
+        ] {
+            let e = decided
+                .resolve_with(with(&[
+                    ("KVFERRY_TRANSPORT", "tcp"),
+                    ("MC_FORCE_TCP", "ture"),
+                ]))
+                .unwrap_err();
+            assert!(e.to_string().contains("MC_FORCE_TCP"), "{e}");
+        }
+        assert_eq!(parse_flag("X", None).unwrap(), None);
+        assert_eq!(parse_flag("X", Some("oN")).unwrap(), Some(true));
+        assert_eq!(parse_flag("X", Some("nO")).unwrap(), Some(false));
+    }
+
+    #[test]
     fn bad_values_are_errors() {
         for vars in [
             [("ASCEND_TRANSFER_TIMEOUT", "soon")],
             [("KVFERRY_TRANSPORT", "carrier-pigeon")],
+            [("MC_FORCE_TCP", "maybe")],
             [("MC_MIN_RPC_PORT", "70000")],
             [("KVFERRY_SLICE_SIZE", "0")],
         ] {

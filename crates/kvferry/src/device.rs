@@ -31,7 +31,7 @@ use parking_lot::Mutex;
 use crate::config::StagingPoolSize;
 use crate::engine::Shared;
 use crate::error::{Error, Result};
-use crate::memory::{Location, LocationHint, RegionDesc, Registry};
+use crate::memory::{Location, LocationHint, RegionDesc, Registry, check_host_mapped};
 use crate::plan::{Opcode, Slice};
 use crate::segment::Segment;
 use crate::staging::StagingPool;
@@ -269,8 +269,10 @@ fn locate(
     }
 }
 
-/// Registers `regions` at `location`, all or none: device regions are
-/// checked and exported by the runtime first, and undone on any failure.
+/// Registers `regions` at `location`, all or none: host regions must be
+/// mapped readable and writable in this process (a peer's transfer would
+/// fault on anything else), device regions are checked and exported by the
+/// runtime, and what the runtime prepared is undone on any failure.
 pub(crate) fn register(shared: &Shared, regions: &[(u64, u64)], location: &str) -> Result<()> {
     let hint: LocationHint = location.parse()?;
     let state = &shared.device;
@@ -283,6 +285,8 @@ pub(crate) fn register(shared: &Shared, regions: &[(u64, u64)], location: &str) 
             location: locate(runtime, hint, addr, len)?,
         });
     }
+    // Before the runtime prepares anything: nothing to undo if it fails.
+    check_host_mapped(&descs)?;
     let Some(rt) = runtime else {
         return shared.registry.register(&descs);
     };

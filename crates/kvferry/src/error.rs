@@ -50,6 +50,13 @@ pub enum Error {
     #[error("bad location {location:?}: expected \"cpu\", \"cpu:N\", \"npu:N\" or \"*\"")]
     BadLocation { location: String },
 
+    /// Host memory offered for registration that this process has not
+    /// mapped readable and writable: a peer's transfer would fault on it.
+    #[error(
+        "cannot register [{addr:#x}, +{len}): it is not readable and writable memory of this process ({detail})"
+    )]
+    RegionNotMapped { addr: u64, len: u64, detail: String },
+
     #[error("op {index}: length is zero")]
     ZeroLengthOp { index: usize },
 
@@ -161,6 +168,7 @@ impl Error {
             Error::NotRegistered { .. } => Status::NotRegistered,
             Error::RegionBusy { .. } => Status::RegionBusy,
             Error::BadLocation { .. } => Status::BadLocation,
+            Error::RegionNotMapped { .. } => Status::RegionNotMapped,
             Error::ZeroLengthOp { .. } => Status::ZeroLengthOp,
             Error::AddressOverflow { .. } => Status::AddressOverflow,
             Error::LocalOutOfRange { .. } => Status::LocalOutOfRange,
@@ -206,6 +214,13 @@ pub enum Status {
     NotRegistered = -12,
     RegionBusy = -13,
     BadLocation = -14,
+    /// Host memory to register is not all mapped readable and writable
+    /// in this process (unmapped, read-only, or a range running past the
+    /// end of its mapping). Nothing was registered. Also the status of a
+    /// target's ERROR frame for a READ or WRITE of registered memory that
+    /// its owner unmapped without unregistering it (the initiator's batch
+    /// fails with `TransferFailed`).
+    RegionNotMapped = -15,
     // -20 .. -29: op validation (nothing was moved)
     ZeroLengthOp = -20,
     AddressOverflow = -21,
@@ -237,7 +252,7 @@ pub enum Status {
 
 impl Status {
     /// Every status, for tables and tests.
-    pub fn all() -> [Status; 29] {
+    pub fn all() -> [Status; 30] {
         [
             Status::Ok,
             Status::InProgress,
@@ -251,6 +266,7 @@ impl Status {
             Status::NotRegistered,
             Status::RegionBusy,
             Status::BadLocation,
+            Status::RegionNotMapped,
             Status::ZeroLengthOp,
             Status::AddressOverflow,
             Status::LocalOutOfRange,
@@ -286,6 +302,7 @@ impl Status {
             Status::NotRegistered => c"address not registered",
             Status::RegionBusy => c"region in use by an in-flight transfer",
             Status::BadLocation => c"bad location string",
+            Status::RegionNotMapped => c"memory not mapped readable and writable",
             Status::ZeroLengthOp => c"zero-length op",
             Status::AddressOverflow => c"address + length overflows",
             Status::LocalOutOfRange => c"local range outside registered memory",

@@ -291,6 +291,161 @@ impl Registry {
     }
 }
 
+/// The memory mappings of this process, from `/proc/self/maps`, in address
+/// order.
+///
+/// Registration checks host regions against them: a peer engine of this
+/// process copies to and from registered memory with `memcpy` (the local
+/// transport), so a range that is not mapped readable and writable here
+/// would crash the process (SIGSEGV) on that peer's first transfer instead
+/// of failing its registration (the socket and cma paths would fail with
+/// EFAULT, later than they need to). The kernel has the only complete
+/// view; reading and parsing it took 1.7 ms for 8000 mappings (release
+/// build, 2-core VM), and is done once per registration call, however many
+/// regions it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostMappings {
+    maps: Vec<Mapping>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    /// The permission field as the kernel writes it: `rw-p`, `r--s`, ...
+    perms: [u8; 4],
+}
+
+impl Mapping {
+    fn read_write(&self) -> bool {
+        self.perms[0] == b'r' && self.perms[1] == b'w'
+    }
+}
+
+const MAPS: &str = "/proc/self/maps";
+
+impl HostMappings {
+    /// This process's mappings now.
+    pub fn of_this_process() -> Result<Self> {
+        // Bytes, not a String: mapped file names need not be UTF-8.
+        let text = std::fs::read(MAPS).map_err(|e| {
+            Error::io(
+                format!("reading {MAPS} to check that host memory to register is mapped"),
+                e,
+            )
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses the text of a `maps` file: `start-end perms offset dev inode
+    /// [path]` per line, addresses in hex. Only the first two fields count.
+    pub fn parse(text: &[u8]) -> Result<Self> {
+        let mut maps = Vec::new();
+        for (n, line) in text.split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let bad = || Error::Internal {
+                what: format!(
+                    "{MAPS} line {}: cannot parse {:?}",
+                    n + 1,
+                    String::from_utf8_lossy(line)
+                ),
+            };
+            let mut fields = line.split(|&b| b == b' ');
+            let range = fields.next().ok_or_else(bad)?;
+            let perms = fields.next().ok_or_else(bad)?;
+            let hex = |f: &[u8]| {
+                std::str::from_utf8(f)
+                    .ok()
+                    .and_then(|t| u64::from_str_radix(t, 16).ok())
+            };
+            let mut ends = range.split(|&b| b == b'-');
+            let (Some(start), Some(end), None) = (
+                ends.next().and_then(hex),
+                ends.next().and_then(hex),
+                ends.next(),
+            ) else {
+                return Err(bad());
+            };
+            let perms: [u8; 4] = perms.try_into().map_err(|_| bad())?;
+            if end < start {
+                return Err(bad());
+            }
+            maps.push(Mapping { start, end, perms });
+        }
+        // The kernel lists them in order; the walk below relies on it.
+        maps.sort_by_key(|m| m.start);
+        Ok(HostMappings { maps })
+    }
+
+    /// The first address of `[addr, end)` that no readable and writable
+    /// mapping covers, if any. Adjacent mappings count as one (a buffer may
+    /// span mappings the kernel keeps apart, e.g. after an `mprotect` of
+    /// a neighbour or across a file mapping placed at its end).
+    fn first_gap(&self, addr: u64, end: u64) -> Option<u64> {
+        let mut at = addr;
+        while at < end {
+            // The first mapping that ends past `at`: the one holding it, if any.
+            let i = self.maps.partition_point(|m| m.end <= at);
+            match self.maps.get(i) {
+                Some(m) if m.start <= at && m.read_write() => at = m.end,
+                _ => return Some(at),
+            }
+        }
+        None
+    }
+
+    /// Where `[addr, end)` is not readable and writable memory, if it is
+    /// not: the first such address, and what is there ("nothing is mapped
+    /// at ..." or the mapping and its permissions).
+    pub fn find_gap(&self, addr: u64, end: u64) -> Option<String> {
+        let gap = self.first_gap(addr, end)?;
+        let i = self.maps.partition_point(|m| m.end <= gap);
+        Some(match self.maps.get(i) {
+            Some(m) if m.start <= gap => format!(
+                "{gap:#x} lies in the mapping [{:#x}, {:#x}) with permissions {}",
+                m.start,
+                m.end,
+                String::from_utf8_lossy(&m.perms)
+            ),
+            _ => format!("nothing is mapped at {gap:#x}"),
+        })
+    }
+
+    /// Refuses `desc` unless all of it is readable and writable memory here.
+    /// `desc.addr + desc.len` must already be known not to overflow.
+    pub fn check(&self, desc: &RegionDesc) -> Result<()> {
+        match self.find_gap(desc.addr, desc.end()) {
+            None => Ok(()),
+            Some(detail) => Err(Error::RegionNotMapped {
+                addr: desc.addr,
+                len: desc.len,
+                detail,
+            }),
+        }
+    }
+}
+
+/// Refuses host regions of `descs` that are not wholly readable and
+/// writable memory of this process ([`HostMappings`]), reading the mappings
+/// once for all of them. Device regions are the device runtime's to check
+/// (their addresses need not be host mappings at all), and regions of zero
+/// length or that overflow are left to the registry, which names them.
+pub fn check_host_mapped(descs: &[RegionDesc]) -> Result<()> {
+    let mut host = descs
+        .iter()
+        .filter(|d| {
+            d.location == Location::Host && d.len > 0 && d.addr.checked_add(d.len).is_some()
+        })
+        .peekable();
+    if host.peek().is_none() {
+        return Ok(());
+    }
+    let maps = HostMappings::of_this_process()?;
+    host.try_for_each(|d| maps.check(d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,6 +601,87 @@ mod tests {
         // Each retirement saw the region already out of the list.
         assert_eq!(*g.listed_at_retire.lock().unwrap(), vec![1, 1]);
         assert_eq!(r.descs().len(), 1);
+    }
+
+    const MAPS_TEXT: &[u8] = b"\
+55d0c0a00000-55d0c0a21000 r--p 00000000 fd:01 1234   /usr/bin/python3.12
+55d0c0a21000-55d0c0a40000 rw-p 00021000 fd:01 1234   /usr/bin/python3.12
+55d0c0a40000-55d0c0a60000 rw-p 00000000 00:00 0      [heap]
+7f0000000000-7f0000001000 ---p 00000000 00:00 0
+7f0000001000-7f0000002000 rw-s 00000000 00:01 99     /memfd:kv\xff (deleted)
+7f0000003000-7f0000004000 r--p 00000000 00:00 0
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
+";
+
+    fn not_mapped(maps: &HostMappings, addr: u64, len: u64) -> String {
+        match maps.check(&host(addr, len)) {
+            Err(e @ Error::RegionNotMapped { .. }) => e.to_string(),
+            other => panic!("[{addr:#x}, +{len}): {other:?}"),
+        }
+    }
+
+    #[test]
+    fn maps_are_parsed_and_adjacent_writable_mappings_merge() {
+        let maps = HostMappings::parse(MAPS_TEXT).unwrap();
+        assert_eq!(maps.maps.len(), 7);
+        // One rw mapping; two adjacent ones (data segment, heap) as one.
+        maps.check(&host(0x55d0c0a21000, 0x100)).unwrap();
+        maps.check(&host(0x55d0c0a21000, 0x3f000)).unwrap();
+        maps.check(&host(0x7f0000001000, 0x1000)).unwrap();
+        // Read-only, guard (---p), and the read-only mapping before a rw one.
+        let e = not_mapped(&maps, 0x55d0c0a1f000, 0x2000);
+        assert!(e.contains("with permissions r--p"), "{e}");
+        assert!(e.contains("0x55d0c0a1f000"), "{e}");
+        let e = not_mapped(&maps, 0x7f0000000800, 16);
+        assert!(e.contains("---p"), "{e}");
+        // Past the end of a mapping: into a gap, and into a read-only one.
+        let e = not_mapped(&maps, 0x55d0c0a5f000, 0x2000);
+        assert!(e.contains("nothing is mapped at 0x55d0c0a60000"), "{e}");
+        let e = not_mapped(&maps, 0x7f0000001000, 0x1001);
+        assert!(e.contains("nothing is mapped at 0x7f0000002000"), "{e}");
+        let e = not_mapped(&maps, 0x7f0000003000, 1);
+        assert!(e.contains("r--p"), "{e}");
+        let e = not_mapped(&maps, 0x1000, 4096);
+        assert!(e.contains("[0x1000, +4096)"), "{e}");
+        assert!(e.contains("nothing is mapped at 0x1000"), "{e}");
+        not_mapped(&maps, 0xffffffffff600000, 8);
+        assert!(HostMappings::parse(b"").unwrap().maps.is_empty());
+    }
+
+    #[test]
+    fn unparsable_maps_are_an_error_not_a_guess() {
+        for bad in [
+            &b"55d0c0a00000 rw-p 0 0:0 0\n"[..],
+            b"55d0c0a00000-zz rw-p 0 0:0 0\n",
+            b"2000-1000 rw-p 0 0:0 0\n",
+            b"1000-2000\n",
+            b"1000-2000 rw 0 0:0 0\n",
+        ] {
+            let e = HostMappings::parse(bad).unwrap_err();
+            assert!(e.to_string().contains("/proc/self/maps line 1"), "{e}");
+        }
+    }
+
+    #[test]
+    fn check_host_mapped_reads_this_process() {
+        let mut buf = vec![0u8; 8192];
+        let a = buf.as_mut_ptr() as u64;
+        check_host_mapped(&[host(a, 8192), host(a + 100, 1)]).unwrap();
+        // Zero lengths and overflows are the registry's to name.
+        check_host_mapped(&[host(0x1000, 0), host(u64::MAX - 1, 4)]).unwrap();
+        // Device regions are the runtime's to check.
+        check_host_mapped(&[RegionDesc {
+            addr: 0x1000,
+            len: 4096,
+            location: Location::Npu(0),
+        }])
+        .unwrap();
+        let e = check_host_mapped(&[host(a, 8192), host(0x1000, 4096)]).unwrap_err();
+        assert!(
+            matches!(e, Error::RegionNotMapped { addr: 0x1000, .. }),
+            "{e}"
+        );
+        drop(buf);
     }
 
     #[test]

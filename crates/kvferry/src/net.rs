@@ -323,10 +323,28 @@ impl Stream {
         iov: &mut [libc::iovec],
         send: bool,
         deadline: Instant,
-        mut spun: bool,
+        spun: bool,
     ) -> io::Result<u64> {
+        let mut moved = 0;
+        // SAFETY: forwarded to the caller.
+        unsafe { self.transfer_counted(iov, send, deadline, spun, &mut moved) }?;
+        Ok(moved)
+    }
+
+    /// `transfer_all`, counting the bytes moved in `moved` as they go, so
+    /// that a caller still knows how far it got when it fails.
+    ///
+    /// # Safety
+    /// As `transfer`, for the whole call.
+    unsafe fn transfer_counted(
+        &mut self,
+        iov: &mut [libc::iovec],
+        send: bool,
+        deadline: Instant,
+        mut spun: bool,
+        moved: &mut u64,
+    ) -> io::Result<()> {
         let mut start = 0;
-        let mut moved = 0u64;
         advance(iov, &mut start, 0);
         while start < iov.len() {
             let n_iov = (iov.len() - start).min(IOV_MAX);
@@ -347,10 +365,10 @@ impl Stream {
                 }
                 break;
             }
-            moved += n as u64;
+            *moved += n as u64;
             advance(iov, &mut start, n);
         }
-        Ok(moved)
+        Ok(())
     }
 
     /// Receives into all of `buf` by `deadline`; returns the bytes received
@@ -441,7 +459,8 @@ impl Stream {
     }
 
     /// Sends `head` then the bytes of `ranges` with writev, no copies, by
-    /// `deadline`.
+    /// `deadline`. A range the kernel cannot read fails with [`RangeFault`],
+    /// whose `moved` bytes (`head` included) went out.
     ///
     /// # Safety
     /// Every range must be readable for its length for the whole call
@@ -461,13 +480,16 @@ impl Stream {
                     .map(|r| iov(r.addr as *const u8, r.len as usize)),
             )
             .collect();
+        let mut moved = 0;
         // SAFETY: the iovecs point at `head` (borrowed for the call) and at
         // ranges the caller guarantees readable; sending only reads them.
-        unsafe { self.transfer_all(&mut iovs, true, deadline, false) }.map(|_| ())
+        unsafe { self.transfer_counted(&mut iovs, true, deadline, false, &mut moved) }
+            .map_err(|e| RangeFault::wrap(e, moved))
     }
 
     /// Receives exactly the bytes of `ranges` with readv, straight into
-    /// them, by `deadline`.
+    /// them, by `deadline`. A range the kernel cannot write fails with
+    /// [`RangeFault`]; the data from there on is still in the socket.
     ///
     /// # Safety
     /// Every range must be writable for its length for the whole call
@@ -484,8 +506,11 @@ impl Stream {
         if total >= QUICK_ACK_MIN_BYTES {
             quick_ack(&self.stream);
         }
+        let mut moved = 0;
         // SAFETY: the iovecs point at ranges the caller guarantees writable.
-        if unsafe { self.transfer_all(&mut iovs, false, deadline, false) }? < total {
+        unsafe { self.transfer_counted(&mut iovs, false, deadline, false, &mut moved) }
+            .map_err(|e| RangeFault::wrap(e, moved))?;
+        if moved < total {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "peer closed the connection mid-transfer",
@@ -494,6 +519,51 @@ impl Stream {
         Ok(())
     }
 }
+
+/// Why `send_ranges` or `recv_ranges` stopped: the kernel could not read
+/// (send) or write (receive) the memory of a range, EFAULT. Registered
+/// memory does that only when its owner unmapped it (or took away the
+/// access) without unregistering it first; the caller can say so, and
+/// where, rather than only "Bad address".
+///
+/// `moved`: the bytes sent or received before the fault (on send, `head`
+/// included). The fault lies at or after that offset of the data: the
+/// kernel counts no byte of the piece it was copying when it faulted.
+/// Linux TCP leaves that piece and everything after it in the socket on a
+/// receive, so the rest of a frame can be read and dropped to keep the
+/// stream in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeFault {
+    pub moved: u64,
+}
+
+impl RangeFault {
+    /// `e` as a fault after `moved` bytes, if it is EFAULT; else `e`.
+    fn wrap(e: io::Error, moved: u64) -> io::Error {
+        if e.raw_os_error() == Some(libc::EFAULT) {
+            io::Error::other(RangeFault { moved })
+        } else {
+            e
+        }
+    }
+
+    /// The fault `e` reports, if it is one.
+    pub fn of(e: &io::Error) -> Option<RangeFault> {
+        e.get_ref()?.downcast_ref::<RangeFault>().copied()
+    }
+}
+
+impl std::fmt::Display for RangeFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "registered memory faulted (EFAULT) after {} bytes: it is no longer mapped, or no longer readable and writable",
+            self.moved
+        )
+    }
+}
+
+impl std::error::Error for RangeFault {}
 
 fn truncated() -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, "truncated frame")

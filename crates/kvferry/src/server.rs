@@ -26,9 +26,9 @@ use parking_lot::Mutex;
 
 use crate::engine::Shared;
 use crate::error::Status;
-use crate::memory::{Location, Pin};
+use crate::memory::{HostMappings, Location, Pin};
 use crate::net::{self, RawRange};
-use crate::wire::{self, FrameHeader, Kind};
+use crate::wire::{self, FrameHeader, HEADER_LEN, Kind};
 
 /// How often idle handlers and the acceptor look at the shutdown flag.
 const TICK: Duration = Duration::from_millis(200);
@@ -666,19 +666,59 @@ impl Handler {
                 // SAFETY: every range lies inside a region pinned in `pins`
                 // for the whole call; registered memory is valid until
                 // unregistered, which waits for pins.
-                unsafe {
+                let sent = unsafe {
                     self.stream
                         .send_ranges(&[bytemuck::bytes_of(&hdr)], &raw, self.deadline)
+                };
+                if let Err(e) = sent {
+                    let Some(f) = net::RangeFault::of(&e) else {
+                        return Err(io(e));
+                    };
+                    let data_moved = f.moved.saturating_sub(HEADER_LEN as u64);
+                    let msg = self.fault_message(kind, &ranges, &pins, data_moved);
+                    if f.moved > 0 {
+                        // Part of the READ_DATA is out, promising `total`
+                        // bytes: no ERROR frame can follow in step.
+                        log::warn!(
+                            "kvferry: {msg}; connection dropped: part of its READ_DATA had gone out"
+                        );
+                        return Err(io(e));
+                    }
+                    // Nothing of the reply went out: a send that queued
+                    // bytes returns their count, not an error, and none
+                    // did. (The kernel usually copies the header together
+                    // with the data after it, so a fault in the first
+                    // range sends nothing.) An ERROR in its place keeps
+                    // the connection in step.
+                    log::warn!("kvferry: {msg}");
+                    self.send_error(rid, Status::RegionNotMapped, &msg)
+                        .map_err(io)?;
                 }
-                .map_err(io)?;
             }
             Kind::Write => {
                 // SAFETY: as above; the data lands straight in the
                 // registered ranges, and is acknowledged only once all of
                 // it is in place.
-                unsafe { self.stream.recv_ranges(&raw, self.deadline) }.map_err(io)?;
-                self.send(&FrameHeader::new(Kind::WriteAck, rid, 0), &[])
-                    .map_err(io)?;
+                match unsafe { self.stream.recv_ranges(&raw, self.deadline) } {
+                    Ok(()) => self
+                        .send(&FrameHeader::new(Kind::WriteAck, rid, 0), &[])
+                        .map_err(io)?,
+                    Err(e) => {
+                        let Some(f) = net::RangeFault::of(&e) else {
+                            return Err(io(e));
+                        };
+                        // The rest of the data is still in the socket
+                        // (`RangeFault`): dropped, and an ERROR in its
+                        // place keeps the connection in step.
+                        let msg = self.fault_message(kind, &ranges, &pins, f.moved);
+                        log::warn!("kvferry: {msg}");
+                        self.stream
+                            .discard(total - f.moved, self.deadline)
+                            .map_err(io)?;
+                        self.send_error(rid, Status::RegionNotMapped, &msg)
+                            .map_err(io)?;
+                    }
+                }
             }
             _ => {
                 self.shared.pins_served.fetch_add(1, Ordering::Relaxed);
@@ -691,6 +731,47 @@ impl Handler {
         }
         drop(pins);
         Ok(())
+    }
+
+    /// Says where serving a READ or WRITE of `ranges` faulted, `moved`
+    /// bytes into its data (`net::RangeFault`: the fault lies at or after
+    /// that byte), and what it means. The mappings are read again to name
+    /// the range and what became of it: a rare path, whose message is for
+    /// the owner of the memory.
+    fn fault_message(
+        &self,
+        kind: Kind,
+        ranges: &[wire::Range],
+        pins: &[Pin],
+        moved: u64,
+    ) -> String {
+        let maps = HostMappings::of_this_process().ok();
+        let mut skip = moved;
+        for (i, r) in ranges.iter().enumerate() {
+            if skip >= r.len {
+                skip -= r.len;
+                continue;
+            }
+            let from = r.addr + std::mem::take(&mut skip);
+            let Some(detail) = maps.as_ref().and_then(|m| m.find_gap(from, r.addr + r.len)) else {
+                continue;
+            };
+            let region = pins
+                .iter()
+                .map(|p| p.desc())
+                .find(|d| d.contains(r.addr, r.len))
+                .map(|d| format!("region [{:#x}, +{})", d.addr, d.len))
+                .unwrap_or_else(|| "a region".into());
+            return format!(
+                "{} cannot serve a {kind:?}: range {i} [{:#x}, +{}) of the request lies in {region}, registered but no longer readable and writable memory ({detail}): its owner unmapped it, or took away access, without unregistering it first",
+                self.shared.name, r.addr, r.len
+            );
+        }
+        // The mappings were restored in between, or could not be read.
+        format!(
+            "{} cannot serve a {kind:?}: its registered memory faulted (EFAULT) at or after byte {moved} of the request's data: its owner unmapped it, or took away access, without unregistering it first",
+            self.shared.name
+        )
     }
 
     fn check(

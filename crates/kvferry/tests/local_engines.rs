@@ -268,6 +268,126 @@ fn register_errors() {
     ));
 }
 
+/// Anonymous pages of this test's own, unmapped on drop.
+struct Pages {
+    addr: u64,
+    len: usize,
+}
+
+impl Pages {
+    const PAGE: usize = 4096;
+
+    fn map(pages: usize, prot: libc::c_int) -> Pages {
+        let len = pages * Self::PAGE;
+        // SAFETY: a fresh private anonymous mapping; no existing memory changes.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        Pages {
+            addr: p as u64,
+            len,
+        }
+    }
+
+    /// Sets the protection of page `page` (its own mapping from then on).
+    fn protect(&self, page: usize, prot: libc::c_int) {
+        let at = (self.addr as usize + page * Self::PAGE) as *mut libc::c_void;
+        // SAFETY: the page lies inside this mapping, which nothing else uses.
+        let rc = unsafe { libc::mprotect(at, Self::PAGE, prot) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping; every engine that registered it is gone.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+fn not_mapped(e: &Engine, regions: &[(u64, u64)]) -> String {
+    // SAFETY: refused before anything is registered (asserted below).
+    match unsafe { e.register_memory_batch(regions, "cpu:0") } {
+        Err(e @ Error::RegionNotMapped { .. }) => {
+            assert_eq!(e.status(), kvferry::Status::RegionNotMapped);
+            e.to_string()
+        }
+        other => panic!("{regions:x?}: {other:?}"),
+    }
+}
+
+/// Registering host memory that is not readable and writable here was
+/// accepted, and a peer engine of this process reading it then crashed the
+/// process (SIGSEGV in the in-process copy). Now registration refuses it,
+/// and the peer's read fails as any read outside registered memory does.
+#[test]
+fn host_memory_that_is_not_mapped_read_write_is_refused() {
+    let (a, b) = (engine(), engine());
+    let mut dst = Buf::zeros(4096);
+    register(&a, &mut dst);
+
+    // Unmapped (below the lowest address the kernel maps by default).
+    let msg = not_mapped(&b, &[(0x1000, 4096)]);
+    assert!(msg.contains("[0x1000, +4096)"), "{msg}");
+    assert!(msg.contains("nothing is mapped at 0x1000"), "{msg}");
+    let op = Op {
+        local: dst.addr(),
+        remote: 0x1000,
+        len: 4096,
+    };
+    let e = a.read(b.name(), &[op]).unwrap_err();
+    assert!(matches!(e, Error::RemoteOutOfRange { .. }), "{e}");
+    // The path that would have copied from it.
+    assert_eq!(a.transport_to(b.name()).unwrap(), "local");
+
+    // Read-only memory: a peer's write would fault.
+    let ro = Pages::map(1, libc::PROT_READ);
+    let msg = not_mapped(&b, &[(ro.addr, 4096)]);
+    assert!(msg.contains("with permissions r--p"), "{msg}");
+
+    // A range running past the end of its mapping (into a guard page),
+    // and a batch whose other region is fine: nothing of it registered.
+    let two = Pages::map(2, libc::PROT_READ | libc::PROT_WRITE);
+    two.protect(1, libc::PROT_NONE);
+    let msg = not_mapped(&b, &[(two.addr, 4097)]);
+    assert!(msg.contains(&format!("{:#x}", two.addr + 4096)), "{msg}");
+    assert!(msg.contains("---p"), "{msg}");
+    let mut good = Buf::zeros(4096);
+    not_mapped(&b, &[(good.addr(), 4096), (0x1000, 1)]);
+    assert!(b.segment().regions.is_empty());
+    register(&b, &mut good);
+    assert!(matches!(
+        b.unregister_memory(0x1000),
+        Err(Error::NotRegistered { .. })
+    ));
+
+    // Good memory over two mappings (their protections differ) is one
+    // range; the inside of a mapping and the whole of one are fine too.
+    let rw = Pages::map(2, libc::PROT_READ | libc::PROT_WRITE);
+    rw.protect(1, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+    // SAFETY: `rw` and `two` outlive `b` (dropped first below).
+    unsafe {
+        b.register_memory(rw.addr, 8192, "cpu:0").unwrap();
+        b.register_memory(two.addr + 8, 4088, "cpu:0").unwrap();
+    }
+    let src = Op {
+        local: dst.addr(),
+        remote: rw.addr + 4000,
+        len: 200,
+    };
+    a.write(b.name(), &[src]).unwrap();
+    a.read(b.name(), &[src]).unwrap();
+    drop((a, b));
+}
+
 #[test]
 fn many_threads_share_one_engine() {
     let (mut src, mut dst) = (Buf::pattern(1 << 20, 7), Buf::zeros(1 << 20));

@@ -369,3 +369,44 @@ fn an_impostor_replaying_a_segment_of_this_process_gets_no_local_copy() {
         "the victim's memory was written"
     );
 }
+
+/// Not a test of its own: the body of the child that unmaps registered memory.
+#[test]
+fn child_unmapping_target() {
+    common::unmapping_child_main();
+}
+
+/// A target whose owner unmapped registered memory without unregistering
+/// it: reading that memory fails with the target's own reason (an ERROR
+/// frame naming the range), not with a dropped connection ("the peer
+/// closed the connection"), and the target, alive, serves the rest.
+#[test]
+fn reading_memory_the_target_unmapped_fails_with_its_reason() {
+    const LEN: usize = 64 << 10;
+    let mut t = Target::spawn("child_unmapping_target", 0, LEN, 13, &[]);
+    let e = engine(TransportChoice::Tcp, Duration::from_secs(5));
+    let mut buf = vec![0u8; LEN];
+    // SAFETY: `buf` outlives `e` (dropped first at the end).
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    let op = |remote: u64| Op {
+        local: buf.as_ptr() as u64,
+        remote,
+        len: LEN as u64,
+    };
+    let unmapped = t.addr + LEN as u64;
+    let err = e.read(&t.name, &[op(unmapped)]).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::TransferFailed { .. }), "{msg}");
+    for word in [
+        format!("[{unmapped:#x}, +{LEN})"),
+        format!("nothing is mapped at {unmapped:#x}"),
+        "without unregistering".to_string(),
+    ] {
+        assert!(msg.contains(&word), "{word:?} not in {msg:?}");
+    }
+    assert!(!msg.contains("closed"), "{msg}");
+    e.read(&t.name, &[op(t.addr)]).unwrap();
+    assert!(buf == pattern(13, LEN), "the mapped half reads back");
+    assert!(t.child.try_wait().unwrap().is_none(), "the target died");
+    drop(e);
+}

@@ -236,6 +236,117 @@ fn target_refuses_ranges_outside_its_registry() {
     drop(e);
 }
 
+/// Registered memory whose owner took it away without unregistering it
+/// (made inaccessible here, PROT_NONE: an unmapped range faults the same
+/// way, but could be handed to other threads of this test process while
+/// the engine writes into it). A WRITE into it, or a READ that faults
+/// before any of its reply went out, gets an ERROR frame naming the range
+/// (a WRITE's remaining data is read and dropped) and the connection stays
+/// in step; a READ that faults after part of its READ_DATA went out closes
+/// its connection. The engine serves on either way.
+#[test]
+fn memory_taken_away_after_registration_fails_the_request_not_the_engine() {
+    const PAGE: usize = 4096;
+    const GOOD: usize = 1 << 20;
+    let e = engine(EngineConfig::new());
+    // SAFETY: a fresh private anonymous mapping of this test's own.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            GOOD + PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let base = p as u64;
+    let gone = base + GOOD as u64;
+    // SAFETY: the mapping outlives the registration (unregistered below).
+    unsafe { e.register_memory(base, (GOOD + PAGE) as u64, "cpu:0") }.unwrap();
+    // SAFETY: the last page of our mapping; nothing reads it from Rust.
+    let rc = unsafe { libc::mprotect(gone as *mut libc::c_void, PAGE, libc::PROT_NONE) };
+    assert_eq!(rc, 0);
+    let mut s = connect(&e);
+    let inst = hello(&mut s).instance_id;
+    let range = |addr: u64, len: usize| wire::Range {
+        addr,
+        len: len as u64,
+    };
+    let expect_fault = |s: &mut TcpStream, rid: u64, index: usize, r: wire::Range| {
+        let (h, msg) = read_frame(s).expect("an ERROR frame");
+        let msg = String::from_utf8_lossy(&msg);
+        assert_eq!(h.kind, Kind::ErrorReply as u16, "{msg}");
+        assert_eq!(h.request_id, rid);
+        assert_eq!(h.status, Status::RegionNotMapped as i32, "{msg}");
+        for word in [
+            format!("range {index} [{:#x}, +{})", r.addr, r.len),
+            format!("region [{base:#x}, +{})", GOOD + PAGE),
+            "---p".to_string(),
+            "without unregistering".to_string(),
+        ] {
+            assert!(msg.contains(&word), "{word:?} not in {msg:?}");
+        }
+        // Still in step: the next frame on this connection is served.
+        let ping = FrameHeader::new(Kind::Ping, rid + 100, 4);
+        wire::write_frame(s, &ping, &[b"abcd"]).unwrap();
+        let (h, pong) = read_frame(s).unwrap();
+        assert_eq!(
+            (h.kind, h.request_id, pong.as_slice()),
+            (Kind::Pong as u16, rid + 100, &b"abcd"[..])
+        );
+    };
+
+    // A WRITE of a good range then one in the page taken away: the first
+    // lands, the second faults.
+    let bad = range(gone + 16, 100);
+    let t = wire::encode_table(inst, &[range(base, PAGE), bad]);
+    let data = vec![0x5au8; PAGE + 100];
+    let h = FrameHeader::new(Kind::Write, 4, (t.len() + data.len()) as u64);
+    wire::write_frame(&mut s, &h, &[&t, &data]).unwrap();
+    expect_fault(&mut s, 4, 1, bad);
+
+    // A READ of it: nothing of the reply goes out; an ERROR instead.
+    let bad = range(gone, 64);
+    let t = wire::encode_table(inst, &[bad]);
+    let h = FrameHeader::new(Kind::Read, 6, t.len() as u64);
+    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    expect_fault(&mut s, 6, 0, bad);
+
+    // A READ that faults after a megabyte went out: the READ_DATA header
+    // and part of its data, then the connection closes.
+    let t = wire::encode_table(inst, &[range(base, GOOD), range(gone, 64)]);
+    let h = FrameHeader::new(Kind::Read, 7, t.len() as u64);
+    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    let h = wire::read_header(&mut s).unwrap().expect("READ_DATA");
+    assert_eq!((h.kind, h.request_id), (Kind::ReadData as u16, 7));
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    assert!(
+        rest.len() < GOOD + 64,
+        "{} bytes of a READ that faulted",
+        rest.len()
+    );
+
+    // SAFETY: our mapping; access back before the engine lets go of it.
+    let rc = unsafe {
+        libc::mprotect(
+            gone as *mut libc::c_void,
+            PAGE,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )
+    };
+    assert_eq!(rc, 0);
+    e.unregister_memory(base).unwrap();
+    // SAFETY: unregistered: nothing else uses the mapping any more.
+    let first = unsafe { std::slice::from_raw_parts(base as *const u8, PAGE) };
+    assert!(first.iter().all(|&b| b == 0x5a), "the good range landed");
+    // SAFETY: `first` is not used past this point.
+    unsafe { libc::munmap(p, GOOD + PAGE) };
+    still_serves(&e);
+}
+
 #[test]
 fn shared_secret_is_required_and_checked() {
     let secured = engine(EngineConfig::new().secret("s3cret"));

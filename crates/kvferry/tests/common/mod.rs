@@ -311,6 +311,61 @@ pub fn impostor_main() -> bool {
     true
 }
 
+/// A child target that breaks the promise of registration: it registers
+/// `2 * len` bytes of its own mapping (the first half filled with `seed`'s
+/// pattern), then unmaps the second half without unregistering it.
+/// Prints `READY <name> <addr> <len>` (`addr`: the first half) and serves
+/// until stdin closes. Returns false when not running as a child.
+pub fn unmapping_child_main() -> bool {
+    let Ok(spec) = std::env::var(CHILD) else {
+        return false;
+    };
+    let mut it = spec
+        .split_whitespace()
+        .map(|x| x.parse::<u64>().expect("child spec"));
+    let (port, len, seed) = (
+        it.next().unwrap_or(0),
+        it.next().unwrap_or(0) as usize,
+        it.next().unwrap_or(0),
+    );
+    let engine = Engine::new(EngineConfig::new().port(port as u16)).expect("child engine");
+    // SAFETY: a fresh private anonymous mapping of this child's own.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    // SAFETY: the first half of the mapping, used by nothing else yet.
+    unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) }
+        .copy_from_slice(&pattern(seed as u8, len));
+    let addr = p as u64;
+    // SAFETY: the mapping lives until this process exits, but for the half
+    // unmapped below: the broken promise this child is for (the kernel
+    // fails the engine's socket I/O on it with EFAULT).
+    unsafe { engine.register_memory(addr, 2 * len as u64, "cpu:0") }.expect("register");
+    // SAFETY: the second half of our own mapping; nothing in Rust uses it.
+    let rc = unsafe { libc::munmap((addr + len as u64) as *mut libc::c_void, len) };
+    assert_eq!(rc, 0);
+    println!("READY {} {addr} {len}", engine.name());
+    std::io::stdout().flush().ok();
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+    }
+    drop(engine);
+    true
+}
+
 /// `bytes` as lower-case hex (for `IMPOSTOR`).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
