@@ -370,14 +370,14 @@ fn an_impostor_replaying_a_segment_of_this_process_gets_no_local_copy() {
     );
 }
 
-/// Not a test of its own: the body of the child that unmaps registered memory.
+/// Not a test of its own: the body of the child that takes registered memory away.
 #[test]
 fn child_unmapping_target() {
     common::unmapping_child_main();
 }
 
-/// A target whose owner unmapped registered memory without unregistering
-/// it: reading that memory fails with the target's own reason (an ERROR
+/// A target whose owner took registered memory away (here: mapped it
+/// PROT_NONE) without unregistering it: reading that memory fails with the target's own reason (an ERROR
 /// frame naming the range), not with a dropped connection ("the peer
 /// closed the connection"), and the target, alive, serves the rest.
 #[test]
@@ -399,7 +399,8 @@ fn reading_memory_the_target_unmapped_fails_with_its_reason() {
     assert!(matches!(err, Error::TransferFailed { .. }), "{msg}");
     for word in [
         format!("[{unmapped:#x}, +{LEN})"),
-        format!("nothing is mapped at {unmapped:#x}"),
+        format!("{unmapped:#x} lies in the mapping [{unmapped:#x}, "),
+        "with permissions ---p".to_string(),
         "without unregistering".to_string(),
     ] {
         assert!(msg.contains(&word), "{word:?} not in {msg:?}");

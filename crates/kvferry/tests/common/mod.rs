@@ -346,12 +346,25 @@ pub fn unmapping_child_main() -> bool {
         .copy_from_slice(&pattern(seed as u8, len));
     let addr = p as u64;
     // SAFETY: the mapping lives until this process exits, but for the half
-    // unmapped below: the broken promise this child is for (the kernel
+    // taken away below: the broken promise this child is for (the kernel
     // fails the engine's socket I/O on it with EFAULT).
     unsafe { engine.register_memory(addr, 2 * len as u64, "cpu:0") }.expect("register");
+    // Takes the second half away: replaced in one step by an inaccessible
+    // reservation (a bare munmap would let the next mapping of this
+    // process, a thread's stack guard for one, land there and change what
+    // the target reports).
     // SAFETY: the second half of our own mapping; nothing in Rust uses it.
-    let rc = unsafe { libc::munmap((addr + len as u64) as *mut libc::c_void, len) };
-    assert_eq!(rc, 0);
+    let q = unsafe {
+        libc::mmap(
+            (addr + len as u64) as *mut libc::c_void,
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(q as u64, addr + len as u64);
     println!("READY {} {addr} {len}", engine.name());
     std::io::stdout().flush().ok();
     let mut line = String::new();
