@@ -317,9 +317,9 @@ def library_path() -> str:
     return _lib_path
 
 
-def u64(value, what: str) -> int:
-    """`value` as an unsigned 64-bit int, refusing what ctypes would wrap
-    silently (negative numbers, huge numbers) or misread (floats, str,
+def uint(value, what: str, bits: int = 64) -> int:
+    """`value` as an unsigned `bits`-bit int, refusing what ctypes would
+    wrap silently (negative numbers, huge numbers) or misread (floats, str,
     bools). Integers of other types (numpy's, an IntEnum) are taken as the
     int they are, as lists of them are (`_u64s`) and as pybind11 takes them
     in Mooncake."""
@@ -327,9 +327,13 @@ def u64(value, what: str) -> int:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
         value = operator.index(value)
-    if not 0 <= value < 1 << 64:
-        raise ValueError(f"{what}: {value} is not an unsigned 64-bit value")
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{what}: {value} is not an unsigned {bits}-bit value")
     return value
+
+
+# Addresses, lengths and ids: the common width (an alias: no extra call).
+u64 = uint
 
 
 def opcode(value) -> int:

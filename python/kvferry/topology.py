@@ -89,12 +89,8 @@ def _check(lib, status: int) -> None:
         raise _error(lib, status)
 
 
-def _uint(value: Any, what: str, bits: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
-    if not 0 <= value < 1 << bits:
-        raise ValueError(f"{what}: {value} is not an unsigned {bits}-bit value")
-    return value
+# Integers of any type (numpy's too), as everywhere in the package; never bools.
+_uint = _ffi.uint
 
 
 def _text(value: Any, what: str) -> bytes:
@@ -267,7 +263,9 @@ def prefill_union(
     lib = _lib()
     sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, prefill_pp)
     rid = _text(request_id, "request_id")
-    n = ctypes.c_size_t(min(prefill_tp * prefill_pp, 4096))
+    # From the checked shape: the arguments may be numpy integers, whose
+    # product could wrap.
+    n = ctypes.c_size_t(min(sh.prefill_tp * sh.prefill_pp, 4096))
     while True:
         ranks = (ctypes.c_uint32 * n.value)()
         status = lib.kvf_topology_prefill_union(ctypes.byref(sh), rid, ranks, len(ranks), ctypes.byref(n))
@@ -294,7 +292,7 @@ def push_targets(
     sh = _shape(prefill_tp, decode_tp, num_kv_heads, attention, 1)
     q = _uint(request_index, "request_index", 64)
     p = _uint(prefill_rank, "prefill_rank", 32)
-    ranks = (ctypes.c_uint32 * max(decode_tp, 1))()
+    ranks = (ctypes.c_uint32 * max(sh.decode_tp, 1))()
     n = ctypes.c_size_t()
     offset = ctypes.c_uint64()
     _check(

@@ -207,6 +207,38 @@ def test_python_argument_errors():
         topology.push_targets(8, 4, 4, "gqa", -1, 0)
 
 
+def test_numpy_integers_wherever_an_int_goes():
+    """docs/python.md: wherever an int goes, numpy's integers do too, as
+    block ids already did. Shapes, ranks, layouts and plan options raised
+    TypeError for them; bools (numpy's too) are still refused."""
+    np = pytest.importorskip("numpy")
+    i32, i64, u64 = np.int32, np.int64, np.uint64
+    assert topology.pulls_per_rank(i64(8), i32(4), u64(4)) == topology.pulls_per_rank(8, 4, 4)
+    assert topology.pull_ranks("req-0", i64(8), i64(4), i64(4), "gqa", i32(1)) == topology.pull_ranks("req-0", 8, 4, 4)
+    assert topology.prefill_union("req-0", i32(8), i32(4), i32(4), "gqa", i32(2)) == topology.prefill_union(
+        "req-0", 8, 4, 4, "gqa", 2
+    )
+    assert topology.push_targets(i64(8), i64(4), i64(4), "gqa", u64(3), i32(5)) == topology.push_targets(
+        8, 4, 4, "gqa", 3, 5
+    )
+    local = topology.Layout([[(u64(0x100000), i64(256), i64(512))]], i64(64))
+    assert (local.num_blocks, type(local.num_blocks)) == (64, int)
+    remote = one_cache(64, 0x200000, 256)
+    ids = dict(local_ids=[6, 7], remote_ids=[0, 1, 2, 3])
+    want = plan_lists(topology.plan_blocks(local, remote, **ids, computed_tokens=32, tokens_per_block=16))
+    got = topology.plan_blocks(local, remote, **ids, computed_tokens=i64(32), tokens_per_block=u64(16))
+    assert plan_lists(got) == want
+    half = one_cache(64, 0x300000, 128)  # a pull of half the block
+    want = plan_lists(topology.plan_blocks(local, half, [1], [2], pulls=2, offset_index=1))
+    assert plan_lists(topology.plan_blocks(local, half, [1], [2], pulls=i32(2), offset_index=u64(1))) == want
+    with pytest.raises(TypeError, match="decode_tp"):
+        topology.pulls_per_rank(8, np.bool_(True), 4)
+    with pytest.raises(TypeError, match="num_blocks"):
+        topology.Layout([[(0x100000, 256)]], np.bool_(True))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        topology.pulls_per_rank(8, 4, i64(-1))
+
+
 # ---- the header -------------------------------------------------------------------------
 
 
