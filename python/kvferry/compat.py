@@ -269,20 +269,22 @@ class TransferEngine:
             if self._engine is not None:
                 raise Error(Status.INVALID_ARGUMENT, f"already initialized as {self._engine.name}")
             self._closed_name = ""
-            self._engine = Engine(
+            engine = self._engine = Engine(
                 hostname=host,
                 port=port,
                 transport="tcp" if proto == "tcp" else None,
                 ascend=None if proto in ASCEND_PROTOCOLS else False,
             )
-        logger.info("kvferry: engine %s is listening (protocol %r)", self._engine.name, proto or "auto")
-        if host is None and self._engine.name.startswith(LOOPBACK_PREFIXES):
+        # `engine`, not `self._engine`: a close() on another thread may have
+        # taken it already, and this method must not raise.
+        logger.info("kvferry: engine %s is listening (protocol %r)", engine.name, proto or "auto")
+        if host is None and engine.name.startswith(LOOPBACK_PREFIXES):
             # Peers address this engine by the name it advertises; a loopback
             # one silently works on this host and fails from every other.
             logger.warning(
                 "kvferry: no local_hostname given: engine %s is reachable from this host only; "
                 "pass this host's address (or set KVFERRY_HOSTNAME) for peers on other hosts",
-                self._engine.name,
+                engine.name,
             )
         return 0
 

@@ -119,20 +119,35 @@ impl Drop for Target {
     }
 }
 
-/// The child side: serve until stdin closes. Call at the top of the
-/// child test function; returns false when not running as a child.
-pub fn child_main() -> bool {
-    let Ok(spec) = std::env::var(CHILD) else {
-        return false;
-    };
+/// A child's `CHILD` spec, "port len seed" (absent numbers are 0); None
+/// when not running as a child.
+fn child_spec() -> Option<(u64, u64, u64)> {
+    let spec = std::env::var(CHILD).ok()?;
     let mut it = spec
         .split_whitespace()
         .map(|x| x.parse::<u64>().expect("child spec"));
-    let (port, len, seed) = (
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0),
-    );
+    let mut next = || it.next().unwrap_or(0);
+    Some((next(), next(), next()))
+}
+
+/// Blocks until the parent closes this child's stdin (its way of saying stop).
+fn until_stdin_closes() {
+    let mut line = String::new();
+    while std::io::stdin()
+        .read_line(&mut line)
+        .map(|n| n > 0)
+        .unwrap_or(false)
+    {
+        line.clear();
+    }
+}
+
+/// The child side: serve until stdin closes. Call at the top of the
+/// child test function; returns false when not running as a child.
+pub fn child_main() -> bool {
+    let Some((port, len, seed)) = child_spec() else {
+        return false;
+    };
     let engine = Engine::new(EngineConfig::new().port(port as u16)).expect("child engine");
     // A little slack before the buffer so two children never share addresses.
     let slack = 4096 * (seed as usize % 7 + 1);
@@ -146,14 +161,7 @@ pub fn child_main() -> bool {
     // Serve; report notifications; exit when stdin closes.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
-        let mut s = String::new();
-        while std::io::stdin()
-            .read_line(&mut s)
-            .map(|n| n > 0)
-            .unwrap_or(false)
-        {
-            s.clear();
-        }
+        until_stdin_closes();
         let _ = tx.send(());
     });
     loop {
@@ -300,34 +308,21 @@ pub fn impostor_main() -> bool {
     std::thread::spawn(move || serve_as_impostor(listener, seg));
     println!("READY 127.0.0.1:{port} 0 0");
     std::io::stdout().flush().ok();
-    let mut line = String::new();
-    while std::io::stdin()
-        .read_line(&mut line)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {
-        line.clear();
-    }
+    until_stdin_closes();
     true
 }
 
 /// A child target that breaks the promise of registration: it registers
 /// `2 * len` bytes of its own mapping (the first half filled with `seed`'s
-/// pattern), then unmaps the second half without unregistering it.
+/// pattern), then takes the second half away (PROT_NONE) without
+/// unregistering it.
 /// Prints `READY <name> <addr> <len>` (`addr`: the first half) and serves
 /// until stdin closes. Returns false when not running as a child.
 pub fn unmapping_child_main() -> bool {
-    let Ok(spec) = std::env::var(CHILD) else {
+    let Some((port, len, seed)) = child_spec() else {
         return false;
     };
-    let mut it = spec
-        .split_whitespace()
-        .map(|x| x.parse::<u64>().expect("child spec"));
-    let (port, len, seed) = (
-        it.next().unwrap_or(0),
-        it.next().unwrap_or(0) as usize,
-        it.next().unwrap_or(0),
-    );
+    let len = len as usize;
     let engine = Engine::new(EngineConfig::new().port(port as u16)).expect("child engine");
     // SAFETY: a fresh private anonymous mapping of this child's own.
     let p = unsafe {
@@ -367,14 +362,7 @@ pub fn unmapping_child_main() -> bool {
     assert_eq!(q as u64, addr + len as u64);
     println!("READY {} {addr} {len}", engine.name());
     std::io::stdout().flush().ok();
-    let mut line = String::new();
-    while std::io::stdin()
-        .read_line(&mut line)
-        .map(|n| n > 0)
-        .unwrap_or(false)
-    {
-        line.clear();
-    }
+    until_stdin_closes();
     drop(engine);
     true
 }
