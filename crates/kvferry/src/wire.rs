@@ -659,7 +659,9 @@ pub fn decode_notify(bytes: &[u8]) -> std::result::Result<(String, Vec<u8>), Str
 pub fn remote_error(peer: &str, h: &FrameHeader, message: &[u8]) -> Error {
     let message = String::from_utf8_lossy(message).into_owned();
     match Status::from_code(h.status) {
-        Some(Status::RemoteOutOfRange) => Error::TransferFailed {
+        // Refusals of one request: the target keeps the stream in step
+        // (a WRITE's data read and dropped), so the connection goes on.
+        Some(Status::RemoteOutOfRange | Status::RegionNotMapped) => Error::TransferFailed {
             peer: peer.to_owned(),
             reason: format!("the target refused the request: {message}"),
         },
