@@ -1,8 +1,8 @@
 //! What arrives on an engine's port from a client that does not play by
 //! the rules: garbage, truncated, oversized and wrong-version frames, reads
 //! outside registered memory, a wrong shared secret, frames trickled a byte
-//! at a time, connections that never greet or come in floods, a flood of
-//! notifications. Each gets an ERROR frame, a clean refusal or a closed
+//! at a time, a reply nobody reads, connections that never greet or come in
+//! floods, a flood of notifications. Each gets an ERROR frame, a clean refusal or a closed
 //! connection within its deadline, and the engine keeps serving everyone
 //! else. A target that trickles its replies fails the initiator's batch at
 //! its deadline.
@@ -679,6 +679,60 @@ fn a_trickled_write_does_not_keep_its_ranges_pinned() {
     });
     unregistered.unwrap();
     assert_cut(closed, "a WRITE's data");
+    drop(mem);
+    still_serves(&e);
+}
+
+/// A READ whose reply the client never reads: the target's send stalls
+/// once the socket buffers are full. It gives up at the transfer timeout
+/// from the request, closes the connection and drops its pins, so the
+/// owner's unregister (which waits that long for pins) succeeds instead of
+/// finding the region busy; and the engine keeps serving.
+#[test]
+fn a_reply_nobody_reads_does_not_keep_its_ranges_pinned() {
+    // More than loopback's socket buffers hold (a few MiB each side).
+    const LEN: usize = 64 << 20;
+    let e = engine(EngineConfig::new());
+    let mut mem = vec![0u8; LEN];
+    let addr = mem.as_mut_ptr() as u64;
+    // SAFETY: `mem` outlives the engine's use of it (unregistered below).
+    unsafe { e.register_memory(addr, LEN as u64, "cpu:0") }.unwrap();
+    let mut s = connect(&e);
+    let instance = hello(&mut s).instance_id;
+    let t = wire::encode_table(
+        instance,
+        &[wire::Range {
+            addr,
+            len: LEN as u64,
+        }],
+    );
+    let asked = Instant::now();
+    s.write_all(&frame(Kind::Read, &t)).unwrap();
+    std::thread::sleep(TRANSFER_TIMEOUT / 2);
+    // Waits for the pin up to the transfer timeout: the target must have
+    // let go of it by then.
+    e.unregister_memory(addr).unwrap();
+    let unregistered = asked.elapsed();
+    assert!(
+        unregistered < TRANSFER_TIMEOUT + Duration::from_secs(1),
+        "unregister returned {unregistered:?} after the READ"
+    );
+    // What the target queued before it gave up, then the end of the stream.
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the target kept the stalled connection open: {e}"),
+        }
+    }
+    assert!(
+        got < LEN,
+        "the whole reply arrived ({got} bytes): nothing stalled"
+    );
     drop(mem);
     still_serves(&e);
 }
