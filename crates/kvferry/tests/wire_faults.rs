@@ -2,9 +2,9 @@
 //! the rules: garbage, truncated, oversized and wrong-version frames, reads
 //! outside registered memory, a wrong shared secret, frames trickled a byte
 //! at a time, a reply nobody reads, connections that never greet or come in
-//! floods, a flood of notifications. Each gets an ERROR frame, a clean refusal or a closed
-//! connection within its deadline, and the engine keeps serving everyone
-//! else. A target that trickles its replies fails the initiator's batch at
+//! floods, a flood of notifications. Each gets an ERROR frame, a clean
+//! refusal or a closed connection within its deadline, and the engine keeps
+//! serving everyone else. A target that trickles its replies fails the initiator's batch at
 //! its deadline.
 
 use std::io::{Read, Write};
