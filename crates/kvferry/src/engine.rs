@@ -753,7 +753,11 @@ impl Engine {
     /// peer's latest registrations. Handshakes on first contact; a peer that
     /// restarted gets a new session.
     pub fn peer_regions(&self, peer: &str) -> Result<Vec<RegionDesc>> {
-        let session = self.core.session(peer)?;
+        let cached = self.core.sessions.lock().get(peer).cloned();
+        let Some(session) = cached else {
+            // A new session has just fetched the segment.
+            return Ok(self.core.session(peer)?.segment().regions.clone());
+        };
         let segment = match session.refresh() {
             Err(Error::PeerRestarted { .. }) => {
                 self.core.forget(&session);
