@@ -76,7 +76,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::memory::RetireGuard;
+use crate::memory::{MapsLine, RetireGuard};
 
 /// `"KVFLEASE"`.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"KVFLEASE");
@@ -372,23 +372,22 @@ impl LeaseBoard {
         if pid == 0 || pid == std::process::id() {
             return false;
         }
-        match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-            Ok(maps) => maps.lines().any(|l| self.is_board_mapping(l)),
+        match std::fs::read(format!("/proc/{pid}/maps")) {
+            Ok(maps) => maps
+                .split(|&b| b == b'\n')
+                .filter_map(MapsLine::parse)
+                .any(|m| self.is_board_mapping(&m)),
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => pid != 1,
             Err(_) => false,
         }
     }
 
-    /// Whether a line of `/proc/<pid>/maps` (`addresses perms offset dev
-    /// inode path`) is a mapping of this board.
-    fn is_board_mapping(&self, line: &str) -> bool {
-        let mut fields = line.split_ascii_whitespace().skip(4);
-        let inode = fields.next().and_then(|i| i.parse::<u64>().ok());
-        let path = fields.next().unwrap_or("");
-        inode == Some(self.inode)
-            && path
-                .strip_prefix("/memfd:")
-                .is_some_and(|p| p.as_bytes() == NAME.to_bytes())
+    /// Whether a mapping of some process is this board: its inode, and the
+    /// memfd's name (the kernel may add " (deleted)" after it).
+    fn is_board_mapping(&self, m: &MapsLine<'_>) -> bool {
+        let first_word = m.path.split(|&b| b == b' ').next().unwrap_or_default();
+        m.inode == self.inode
+            && first_word.strip_prefix(b"/memfd:".as_slice()) == Some(NAME.to_bytes())
     }
 
     /// Frees the slots of orphaned connections whose process has exited.

@@ -289,17 +289,17 @@ impl EngineConfig {
             |key: &str| -> Result<Option<Duration>> { Ok(num(key)?.map(Duration::from_millis)) };
         let flag = |key: &str| parse_flag(key, env(key).as_deref());
 
-        let hostname = match &self.hostname {
-            Some(h) => check_hostname(h)
-                .map_err(|reason| Error::invalid(format!("hostname {h:?}: {reason}")))?,
-            None => match env("KVFERRY_HOSTNAME").filter(|h| !h.is_empty()) {
-                Some(h) => check_hostname(&h).map_err(|reason| {
-                    Error::invalid(format!(
-                        "environment variable KVFERRY_HOSTNAME={h:?}: {reason}"
-                    ))
-                })?,
-                None => "127.0.0.1".to_owned(),
-            },
+        // The builder's, else the environment's (named in the error), else loopback.
+        let given = match &self.hostname {
+            Some(h) => Some((h.clone(), "hostname ")),
+            None => env("KVFERRY_HOSTNAME")
+                .filter(|h| !h.is_empty())
+                .map(|h| (h, "environment variable KVFERRY_HOSTNAME=")),
+        };
+        let hostname = match given {
+            Some((h, source)) => check_hostname(&h)
+                .map_err(|reason| Error::invalid(format!("{source}{h:?}: {reason}")))?,
+            None => "127.0.0.1".to_owned(),
         };
         let port = match self.port {
             Some(p) => Some(p),

@@ -324,6 +324,47 @@ impl Mapping {
 
 const MAPS: &str = "/proc/self/maps";
 
+/// One line of a `/proc/<pid>/maps` file: `start-end perms offset dev
+/// inode [path]`, addresses in hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MapsLine<'a> {
+    pub start: u64,
+    pub end: u64,
+    /// The permission field as the kernel writes it: `rw-p`, `r--s`, ...
+    pub perms: [u8; 4],
+    pub inode: u64,
+    /// Empty for an anonymous mapping. Bytes: file names need not be UTF-8.
+    pub path: &'a [u8],
+}
+
+impl<'a> MapsLine<'a> {
+    /// The line's fields, or None when it is not a maps line.
+    pub(crate) fn parse(line: &'a [u8]) -> Option<MapsLine<'a>> {
+        let mut fields = line.split(|&b| b == b' ').filter(|f| !f.is_empty());
+        let text = |f: &'a [u8]| std::str::from_utf8(f).ok();
+        let (start, end) = text(fields.next()?)?.split_once('-')?;
+        let start = u64::from_str_radix(start, 16).ok()?;
+        let end = u64::from_str_radix(end, 16).ok()?;
+        let perms: [u8; 4] = fields.next()?.try_into().ok()?;
+        let inode = text(fields.nth(2)?)?.parse().ok()?;
+        // The path is the rest of the line, spaces included.
+        let path = match fields.next() {
+            Some(first) => {
+                let at = first.as_ptr() as usize - line.as_ptr() as usize;
+                &line[at..]
+            }
+            None => &[],
+        };
+        (start <= end).then_some(MapsLine {
+            start,
+            end,
+            perms,
+            inode,
+            path,
+        })
+    }
+}
+
 impl HostMappings {
     /// This process's mappings now.
     pub fn of_this_process() -> Result<Self> {
@@ -337,42 +378,26 @@ impl HostMappings {
         Self::parse(&text)
     }
 
-    /// Parses the text of a `maps` file: `start-end perms offset dev inode
-    /// [path]` per line, addresses in hex. Only the first two fields count.
+    /// Parses the text of a `maps` file ([`MapsLine`]); a line that is not
+    /// one is an error, not a guess.
     pub fn parse(text: &[u8]) -> Result<Self> {
         let mut maps = Vec::new();
         for (n, line) in text.split(|&b| b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
-            let bad = || Error::Internal {
+            let m = MapsLine::parse(line).ok_or_else(|| Error::Internal {
                 what: format!(
                     "{MAPS} line {}: cannot parse {:?}",
                     n + 1,
                     String::from_utf8_lossy(line)
                 ),
-            };
-            let mut fields = line.split(|&b| b == b' ');
-            let range = fields.next().ok_or_else(bad)?;
-            let perms = fields.next().ok_or_else(bad)?;
-            let hex = |f: &[u8]| {
-                std::str::from_utf8(f)
-                    .ok()
-                    .and_then(|t| u64::from_str_radix(t, 16).ok())
-            };
-            let mut ends = range.split(|&b| b == b'-');
-            let (Some(start), Some(end), None) = (
-                ends.next().and_then(hex),
-                ends.next().and_then(hex),
-                ends.next(),
-            ) else {
-                return Err(bad());
-            };
-            let perms: [u8; 4] = perms.try_into().map_err(|_| bad())?;
-            if end < start {
-                return Err(bad());
-            }
-            maps.push(Mapping { start, end, perms });
+            })?;
+            maps.push(Mapping {
+                start: m.start,
+                end: m.end,
+                perms: m.perms,
+            });
         }
         // The kernel lists them in order; the walk below relies on it.
         maps.sort_by_key(|m| m.start);
@@ -624,6 +649,19 @@ ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0 [vsyscall]
     fn maps_are_parsed_and_adjacent_writable_mappings_merge() {
         let maps = HostMappings::parse(MAPS_TEXT).unwrap();
         assert_eq!(maps.maps.len(), 7);
+        // The path is the rest of the line, whatever its bytes and spaces.
+        let memfd = MAPS_TEXT.split(|&b| b == b'\n').nth(4).unwrap();
+        let m = MapsLine::parse(memfd).unwrap();
+        assert_eq!(
+            (m.start, m.end, m.inode),
+            (0x7f0000001000, 0x7f0000002000, 99)
+        );
+        assert_eq!(
+            (&m.perms, m.path),
+            (b"rw-s", &b"/memfd:kv\xff (deleted)"[..])
+        );
+        let anon = MAPS_TEXT.split(|&b| b == b'\n').nth(3).unwrap();
+        assert_eq!(MapsLine::parse(anon).unwrap().path, b"");
         // One rw mapping; two adjacent ones (data segment, heap) as one.
         maps.check(&host(0x55d0c0a21000, 0x100)).unwrap();
         maps.check(&host(0x55d0c0a21000, 0x3f000)).unwrap();

@@ -62,6 +62,16 @@ struct Piece {
     len: u64,
 }
 
+impl From<&Slice> for Piece {
+    fn from(s: &Slice) -> Piece {
+        Piece {
+            local: s.local,
+            remote: s.remote,
+            len: s.len,
+        }
+    }
+}
+
 /// What one `copy_pieces` achieved.
 #[derive(Debug)]
 struct CopyOutcome {
@@ -185,11 +195,7 @@ fn chunk_pieces(slices: &[Slice], chunk: u64) -> Vec<Vec<Piece>> {
     let mut out: Vec<Vec<Piece>> = vec![Vec::new()];
     let mut room = chunk;
     for s in slices {
-        let mut p = Piece {
-            local: s.local,
-            remote: s.remote,
-            len: s.len,
-        };
+        let mut p = Piece::from(s);
         while p.len > 0 {
             if room == 0 {
                 out.push(Vec::new());
@@ -873,15 +879,7 @@ impl CmaTransport {
             lens.zip(outcomes).collect()
         } else {
             // One chunk, on this thread: nothing to share with the pool.
-            let pieces: Vec<Piece> = job
-                .slices
-                .iter()
-                .map(|s| Piece {
-                    local: s.local,
-                    remote: s.remote,
-                    len: s.len,
-                })
-                .collect();
+            let pieces: Vec<Piece> = job.slices.iter().map(Piece::from).collect();
             // SAFETY: as above.
             let o = unsafe {
                 copy_pieces(
