@@ -587,13 +587,14 @@ class Engine {
   /// The regions `session` has registered now, sorted by address (asked of
   /// the peer on every call).
   std::vector<Region> peer_regions(const std::string &session) const {
-    std::vector<std::uint64_t> addrs, lens;
+    // Room for the usual few regions: one round trip, not a count first.
+    std::vector<std::uint64_t> addrs(16), lens(16);
     std::size_t count = 0;
     for (;;) {
       kvf_status s = kvf_engine_peer_regions(engine_, session.c_str(), addrs.data(), lens.data(),
                                              addrs.size(), &count);
       if (s == KVF_STATUS_BUFFER_TOO_SMALL && count > addrs.size()) {
-        addrs.assign(count, 0);  // first call, or the peer registered more meanwhile
+        addrs.assign(count, 0);  // more than that (or the peer registered more meanwhile)
         lens.assign(count, 0);
         continue;
       }

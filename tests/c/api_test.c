@@ -1374,6 +1374,8 @@ static void test_peer_regions(void) {
          "out_count");
   EXPECT(kvf_engine_peer_regions(A, b_name, NULL, lens, 4, &count), KVF_STATUS_NULL_POINTER,
          "addrs");
+  EXPECT(kvf_engine_peer_regions(A, b_name, addrs, addrs, 4, &count),
+         KVF_STATUS_INVALID_ARGUMENT, "overlap");
   EXPECT(kvf_engine_peer_regions(A, "127.0.0.1:1", addrs, lens, 4, &count),
          KVF_STATUS_PEER_UNREACHABLE, NULL);
   EXPECT(kvf_engine_peer_regions(NULL, b_name, addrs, lens, 4, &count), KVF_STATUS_NULL_POINTER,

@@ -187,13 +187,15 @@ pub unsafe extern "C" fn kvf_engine_peer_regions(
                 capacity,
             });
         }
-        let (a, l): (Vec<u64>, Vec<u64>) = regions.iter().map(|r| (r.addr, r.len)).unzip();
-        // Both arrays are checked before either is written.
-        handle::check_out_array(lens, capacity, l.len(), "lens")?;
-        // SAFETY: forwarded to the caller.
-        unsafe { handle::write_array(addrs, capacity, &a, "addrs") }?;
-        // SAFETY: forwarded to the caller.
-        unsafe { handle::write_array(lens, capacity, &l, "lens") }?;
+        // Both arrays are checked (and for overlap) before either is written.
+        // SAFETY: forwarded to the caller (the two arrays).
+        let [a, l] = unsafe {
+            handle::out_arrays([(addrs, "addrs"), (lens, "lens")], capacity, regions.len())
+        }?;
+        for ((a, l), r) in a.iter_mut().zip(l.iter_mut()).zip(&regions) {
+            a.write(r.addr);
+            l.write(r.len);
+        }
         Ok(Status::Ok)
     })
 }
