@@ -317,16 +317,23 @@ def library_path() -> str:
     return _lib_path
 
 
+def integer(value, what: str, expected: str = "an int") -> int:
+    """`value` as an int: an int, or an integer of another type (numpy's, an
+    IntEnum) as the int it is, as pybind11 takes them in Mooncake; a bool,
+    float or str is refused (TypeError naming `what`) rather than read as a
+    number."""
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what}: expected {expected}, got {type(value).__name__} {value!r}")
+    return operator.index(value)
+
+
 def uint(value, what: str, bits: int = 64) -> int:
-    """`value` as an unsigned `bits`-bit int, refusing what ctypes would
-    wrap silently (negative numbers, huge numbers) or misread (floats, str,
-    bools). Integers of other types (numpy's, an IntEnum) are taken as the
-    int they are, as lists of them are (`_u64s`) and as pybind11 takes them
-    in Mooncake."""
-    if type(value) is not int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
-        value = operator.index(value)
+    """`value` as an unsigned `bits`-bit int ([`integer`]), refusing what
+    ctypes would wrap silently (negative numbers, huge numbers), as lists of
+    them are (`_u64s`)."""
+    value = integer(value, what)
     if not 0 <= value < 1 << bits:
         raise ValueError(f"{what}: {value} is not an unsigned {bits}-bit value")
     return value
@@ -340,9 +347,7 @@ def opcode(value) -> int:
     """`KVF_OP_READ` or `KVF_OP_WRITE` from an int (or an IntEnum such as
     `TransferOpcode`, or a numpy integer); a float, bool or str is refused
     rather than truncated or parsed."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"opcode: expected kvferry.READ or kvferry.WRITE, got {type(value).__name__} {value!r}")
-    op = int(value)
+    op = integer(value, "opcode", "kvferry.READ or kvferry.WRITE")
     if op not in (KVF_OP_READ, KVF_OP_WRITE):
         raise ValueError(f"opcode: expected kvferry.READ (0) or kvferry.WRITE (1), got {value!r}")
     return op

@@ -15,24 +15,16 @@ from __future__ import annotations
 import bisect
 import ctypes
 import mmap
-import numbers
-import operator
 import os
 import threading
 from dataclasses import dataclass, field
 
 from ._errors import Error, Status
+from ._ffi import integer as _int
 
 DEFAULT_ARENA_BYTES = 64 << 20
 SMALL_ALIGN = 64
 PAGE = mmap.PAGESIZE
-
-
-def _int(value, what: str) -> int:
-    """An int, or an integer of another type (numpy's) as one; not a bool."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what}: expected an int, got {type(value).__name__} {value!r}")
-    return operator.index(value)
 
 
 def _align_up(x: int, a: int) -> int:

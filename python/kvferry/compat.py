@@ -583,17 +583,12 @@ class TransferEngine:
 
     # -- notifications ------------------------------------------------------------
 
+    @_mooncake(list)
     def get_notifies(self) -> list[TransferNotify]:
         """Every notification received since the last call, oldest first, as
-        `TransferNotify(name, msg)` (also a `(name, msg)` tuple)."""
-        engine = self._engine
-        if engine is None:
-            e = self._no_engine()
-            return self._fail("get_notifies", e.status, e.message, list)
-        try:
-            return [_decode_notify(n.sender, n.message) for n in engine.notifications()]
-        except Error as e:
-            return self._fail("get_notifies", e.status, e.message, list)
+        `TransferNotify(name, msg)` (also a `(name, msg)` tuple); `[]` on
+        failure."""
+        return [_decode_notify(n.sender, n.message) for n in self._e().notifications()]
 
     @_mooncake(-1)
     def send_notify(self, target_hostname, notify) -> int:

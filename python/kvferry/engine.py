@@ -195,10 +195,10 @@ class Engine:
             if hostname is not None:
                 setting(lib.kvf_config_set_hostname, _c_str(hostname, "hostname"))
             if port is not None:
-                setting(lib.kvf_config_set_port, self._u16(port, "port"))
+                setting(lib.kvf_config_set_port, _ffi.uint(port, "port", 16))
             if port_range is not None:
                 lo, hi = port_range
-                setting(lib.kvf_config_set_port_range, self._u16(lo, "port_range"), self._u16(hi, "port_range"))
+                setting(lib.kvf_config_set_port_range, _ffi.uint(lo, "port_range", 16), _ffi.uint(hi, "port_range", 16))
             if transport is not None:
                 setting(lib.kvf_config_set_transport, _c_str(transport, "transport"))
             if connect_timeout_ms is not None:
@@ -208,11 +208,11 @@ class Engine:
             if slice_size is not None:
                 setting(lib.kvf_config_set_slice_size, _ffi.u64(slice_size, "slice_size"))
             if async_workers is not None:
-                setting(lib.kvf_config_set_async_workers, self._u32(async_workers, "async_workers"))
+                setting(lib.kvf_config_set_async_workers, _ffi.uint(async_workers, "async_workers", 32))
             if lanes is not None:
-                setting(lib.kvf_config_set_lanes, self._u32(lanes, "lanes"))
+                setting(lib.kvf_config_set_lanes, _ffi.uint(lanes, "lanes", 32))
             if max_connections is not None:
-                setting(lib.kvf_config_set_max_connections, self._u32(max_connections, "max_connections"))
+                setting(lib.kvf_config_set_max_connections, _ffi.uint(max_connections, "max_connections", 32))
             if secret is not None:
                 setting(lib.kvf_config_set_secret, _c_str(secret, "secret"))
             if ascend not in (True, False, None):
@@ -249,20 +249,6 @@ class Engine:
     def _check(self, status: int) -> None:
         if status != Status.OK:
             raise _lib_error(self._lib, status)
-
-    @staticmethod
-    def _u16(v: Any, what: str) -> int:
-        v = _ffi.u64(v, what)
-        if v > 0xFFFF:
-            raise ValueError(f"{what}: {v} is not a port number")
-        return v
-
-    @staticmethod
-    def _u32(v: Any, what: str) -> int:
-        v = _ffi.u64(v, what)
-        if v > 0xFFFFFFFF:
-            raise ValueError(f"{what}: {v} does not fit 32 bits")
-        return v
 
     def _call(self, fn, *args) -> int:
         """`fn(engine, *args)`: its status."""
