@@ -7,7 +7,8 @@ the same process (the copy is nothing), beside the parts of it: the bare
 whole call takes), the whole call with that path off, the bare
 `kvf_transfer_sync` with prepared arrays, and what converting the three
 lists of ints in Python costs (`kvferry._ffi.u64_columns`, the general
-path). Best of 5 rounds of 20000 calls, in microseconds per call.
+path) and, of that, the scan of one list for bools. Best of 5 rounds of
+20000 calls, in microseconds per call.
 docs/python.md and tools/bench/discussion.md quote these figures.
 
     cargo build --release -p kvferry-capi
@@ -82,6 +83,10 @@ def main():
             (
                 "the three lists to arrays in Python (u64_columns)",
                 per_call_us(lambda: _ffi.u64_columns(columns, names)),
+            ),
+            (
+                "of which one list's scan for bools (_ffi._u64s)",
+                per_call_us(lambda: bool in map(type, local)),
             ),
         ]
         del keep

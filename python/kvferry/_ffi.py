@@ -376,10 +376,9 @@ def _u64s(values, what: str) -> array.array:
     if isinstance(values, (str, bytes, bytearray, memoryview)) or not hasattr(values, "__iter__"):
         # array() would read bytes as raw machine words: refuse them here.
         raise TypeError(f"{what}: expected a list of ints, got {type(values).__name__}")
-    kind = type(values)
     if not hasattr(values, "__len__"):
         values = list(values)  # an iterator can be read once: keep its items to name a bad one
-        kind = list
+    kind = type(values)
     try:
         arr = array.array("Q", values)
     except (TypeError, OverflowError):
