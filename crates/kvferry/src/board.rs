@@ -501,7 +501,9 @@ mod tests {
     }
 
     /// Env var that makes `child_maps_the_board` map the board at
-    /// `"<path> <len>"`, as an initiator does, and wait to be killed.
+    /// `"<path> <len>"`, as an initiator does, and keep it mapped until it
+    /// is killed or its stdin closes (the parent's `Child` dropped, as when
+    /// a test fails before killing it: no child outlives its test).
     const MAP_BOARD: &str = "KVFERRY_TEST_MAP_BOARD";
 
     /// Not a test of its own: the child of the test below.
@@ -519,9 +521,7 @@ mod tests {
         let _map = Mapping::map(file.as_raw_fd(), len.parse().unwrap()).unwrap();
         drop(file);
         println!("MAPPED");
-        loop {
-            std::thread::sleep(std::time::Duration::from_secs(3600));
-        }
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
     }
 
     /// A child process that maps `b` as an initiator does.
@@ -543,6 +543,7 @@ mod tests {
                     b.byte_len()
                 ),
             )
+            .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();

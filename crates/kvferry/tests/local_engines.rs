@@ -378,13 +378,23 @@ fn host_memory_that_is_not_mapped_read_write_is_refused() {
         b.register_memory(rw.addr, 8192, "cpu:0").unwrap();
         b.register_memory(two.addr + 8, 4088, "cpu:0").unwrap();
     }
-    let src = Op {
+    // 200 bytes across the two mappings, there and back.
+    dst.0[..200].copy_from_slice(&Buf::pattern(200, 3).0);
+    let across = Op {
         local: dst.addr(),
         remote: rw.addr + 4000,
         len: 200,
     };
-    a.write(b.name(), &[src]).unwrap();
-    a.read(b.name(), &[src]).unwrap();
+    a.write(b.name(), &[across]).unwrap();
+    // SAFETY: `rw` is mapped readable for its 8192 bytes, alive here.
+    let landed = unsafe { std::slice::from_raw_parts((rw.addr + 4000) as *const u8, 200) };
+    assert_eq!(landed, &dst.0[..200], "the write across the two mappings");
+    let back = Op {
+        local: dst.addr() + 1024,
+        ..across
+    };
+    a.read(b.name(), &[back]).unwrap();
+    assert_eq!(dst.0[1024..1224], dst.0[..200], "the read across them");
     drop((a, b));
 }
 

@@ -320,6 +320,8 @@ fn an_impostor_naming_another_pid_gets_no_cma() {
     };
     honest.read(&victim.name, &[whole]).unwrap();
     assert!(check == pattern(21, LEN), "the victim's memory was written");
+    // The engines go before the buffers they registered (declared after them).
+    drop((honest, e));
 }
 
 /// Not a test of its own: the body of the impostor child.
@@ -343,7 +345,26 @@ fn an_impostor_replaying_a_segment_of_this_process_gets_no_local_copy() {
     // SAFETY: `secret` outlives `victim`.
     unsafe { victim.register_memory(secret.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
     let seg = common::hex(&kvferry::wire::encode_segment(&victim.segment()));
-    let impostor = Target::spawn("child_impostor", 0, 0, 0, &[(common::IMPOSTOR, &seg)]);
+    // On the victim's own port (at [::1]; the victim listens on IPv4), so
+    // that only the proof that this process serves the connection can tell
+    // the impostor from the victim.
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback here");
+        return;
+    }
+    let port = victim.rpc_port().to_string();
+    let impostor = Target::spawn(
+        "child_impostor",
+        0,
+        0,
+        0,
+        &[(common::IMPOSTOR, &seg), (common::IMPOSTOR_V6_PORT, &port)],
+    );
+    assert!(
+        impostor.name.ends_with(&format!(":{port}")),
+        "{}",
+        impostor.name
+    );
     let e = engine(TransportChoice::Auto, Duration::from_secs(5));
     // SAFETY: `buf` outlives `e`.
     unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
@@ -377,9 +398,10 @@ fn child_unmapping_target() {
 }
 
 /// A target whose owner took registered memory away (here: mapped it
-/// PROT_NONE) without unregistering it: reading that memory fails with the target's own reason (an ERROR
-/// frame naming the range), not with a dropped connection ("the peer
-/// closed the connection"), and the target, alive, serves the rest.
+/// PROT_NONE) without unregistering it: reading that memory fails with the
+/// target's own reason (an ERROR frame naming the range), not with a
+/// dropped connection ("the peer closed the connection"), and the target,
+/// alive, serves the rest.
 #[test]
 fn reading_memory_the_target_unmapped_fails_with_its_reason() {
     const LEN: usize = 64 << 10;

@@ -233,6 +233,10 @@ pub fn initiator_main() -> bool {
 /// Env var that turns the test binary into an impostor child: the hex of
 /// the encoded segment it serves as its own (`impostor_main`).
 pub const IMPOSTOR: &str = "KVFERRY_TEST_IMPOSTOR";
+/// With `IMPOSTOR`: the port the impostor listens on, at `[::1]` (the port
+/// of an engine that listens on IPv4 only), instead of any port of
+/// 127.0.0.1.
+pub const IMPOSTOR_V6_PORT: &str = "KVFERRY_TEST_IMPOSTOR_V6_PORT";
 
 /// Answers on `listener` as a kvferry target that moves no data: HELLO
 /// claims the instance of `seg` (an encoded segment), GET_SEGMENT returns
@@ -293,8 +297,9 @@ fn impostor_conn(s: &mut std::net::TcpStream, instance: u64, seg: &[u8]) {
 }
 
 /// The impostor child: serves the segment in `IMPOSTOR` (`serve_as_impostor`)
-/// on a port of 127.0.0.1, printed as `READY <name> 0 0`, until stdin
-/// closes. Returns false when not running as one.
+/// on a port of 127.0.0.1 (or `[::1]:IMPOSTOR_V6_PORT`), printed as
+/// `READY <name> 0 0`, until stdin closes. Returns false when not running
+/// as one.
 pub fn impostor_main() -> bool {
     let Ok(hex) = std::env::var(IMPOSTOR) else {
         return false;
@@ -303,10 +308,14 @@ pub fn impostor_main() -> bool {
         .step_by(2)
         .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
         .collect();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("address").port();
+    let at = match std::env::var(IMPOSTOR_V6_PORT) {
+        Ok(port) => format!("[::1]:{port}"),
+        Err(_) => "127.0.0.1:0".to_owned(),
+    };
+    let listener = std::net::TcpListener::bind(&at).expect("bind");
+    let name = listener.local_addr().expect("address").to_string();
     std::thread::spawn(move || serve_as_impostor(listener, seg));
-    println!("READY 127.0.0.1:{port} 0 0");
+    println!("READY {name} 0 0");
     std::io::stdout().flush().ok();
     until_stdin_closes();
     true
