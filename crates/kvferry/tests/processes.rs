@@ -9,6 +9,24 @@ use std::time::{Duration, Instant};
 use common::{Target, pattern};
 use kvferry::{Engine, EngineConfig, Error, Op, Opcode, TransportChoice};
 
+/// Registers all of `buf` with `e`, as host memory.
+///
+/// # Safety
+/// `buf` outlives `e`'s use of it.
+unsafe fn register_all(e: &Engine, buf: &mut [u8]) {
+    // SAFETY: forwarded to the caller.
+    unsafe { e.register_memory(buf.as_mut_ptr() as u64, buf.len() as u64, "cpu:0") }.unwrap();
+}
+
+/// The op that moves all of `buf` to or from `remote`.
+fn whole(buf: &[u8], remote: u64) -> Op {
+    Op {
+        local: buf.as_ptr() as u64,
+        remote,
+        len: buf.len() as u64,
+    }
+}
+
 /// Not a test of its own: the body of every child process.
 #[test]
 fn child_target() {
@@ -31,7 +49,7 @@ fn read_write_roundtrip(transport: TransportChoice, expect: &str) {
     let e = engine(transport, Duration::from_secs(20));
     let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives `e` (dropped at the end of this function first).
-    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    unsafe { register_all(&e, &mut buf) };
     assert_eq!(e.transport_to(&t.name).unwrap(), expect);
 
     // Sync read in 64 KiB blocks, reversed so nothing coalesces.
@@ -91,7 +109,7 @@ fn killed_mid_batch(transport: TransportChoice) {
     let e = engine(transport, timeout);
     let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives `e`.
-    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    unsafe { register_all(&e, &mut buf) };
     let ops = common::block_ops(buf.as_ptr() as u64, victim.addr, LEN as u64, 1 << 20);
     // Keep batches in flight, then kill the peer under them.
     let ids: Vec<_> = (0..6)
@@ -171,12 +189,8 @@ fn restarted(transport: TransportChoice) {
     let e = engine(transport, Duration::from_secs(10));
     let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives `e`.
-    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
-    let old = Op {
-        local: buf.as_ptr() as u64,
-        remote: first.addr,
-        len: LEN as u64,
-    };
+    unsafe { register_all(&e, &mut buf) };
+    let old = whole(&buf, first.addr);
     e.read(&first.name, &[old]).unwrap();
     first.kill();
     let second = Target::spawn("child_target", port, LEN, 5, &[]);
@@ -202,11 +216,7 @@ fn restarted(transport: TransportChoice) {
         "bytes moved from a stale address"
     );
     // The new segment works.
-    let new = Op {
-        local: buf.as_ptr() as u64,
-        remote: second.addr,
-        len: LEN as u64,
-    };
+    let new = whole(&buf, second.addr);
     e.read(&second.name, &[new]).unwrap();
     assert!(buf == pattern(5, LEN));
     drop(e);
@@ -284,7 +294,7 @@ fn an_impostor_naming_another_pid_gets_no_cma() {
     let e = engine(TransportChoice::Auto, Duration::from_secs(5));
     let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives `e`.
-    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    unsafe { register_all(&e, &mut buf) };
 
     // The impostor's segment: this host, the victim's pid and buffer.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -298,11 +308,7 @@ fn an_impostor_naming_another_pid_gets_no_cma() {
     let seg = wire::encode_segment(&seg);
     std::thread::spawn(move || common::serve_as_impostor(listener, seg));
 
-    let op = Op {
-        local: buf.as_ptr() as u64,
-        remote: victim.addr,
-        len: LEN as u64,
-    };
+    let op = whole(&buf, victim.addr);
     assert!(e.read(&name, &[op]).is_err(), "the impostor serves no data");
     assert_eq!(e.transport_to(&name).unwrap(), "tcp");
     assert!(buf.iter().all(|&b| b == 0), "bytes of the victim were read");
@@ -312,13 +318,9 @@ fn an_impostor_naming_another_pid_gets_no_cma() {
     let mut check = vec![0u8; LEN];
     let honest = engine(TransportChoice::Tcp, Duration::from_secs(5));
     // SAFETY: `check` outlives `honest`.
-    unsafe { honest.register_memory(check.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
-    let whole = Op {
-        local: check.as_ptr() as u64,
-        remote: victim.addr,
-        len: LEN as u64,
-    };
-    honest.read(&victim.name, &[whole]).unwrap();
+    unsafe { register_all(&honest, &mut check) };
+    let all = whole(&check, victim.addr);
+    honest.read(&victim.name, &[all]).unwrap();
     assert!(check == pattern(21, LEN), "the victim's memory was written");
     // The engines go before the buffers they registered (declared after them).
     drop((honest, e));
@@ -343,7 +345,7 @@ fn an_impostor_replaying_a_segment_of_this_process_gets_no_local_copy() {
     let mut buf = vec![0u8; LEN];
     let victim = engine(TransportChoice::Auto, Duration::from_secs(5));
     // SAFETY: `secret` outlives `victim`.
-    unsafe { victim.register_memory(secret.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    unsafe { register_all(&victim, &mut secret) };
     let seg = common::hex(&kvferry::wire::encode_segment(&victim.segment()));
     // On the victim's own port (at [::1]; the victim listens on IPv4), so
     // that only the proof that this process serves the connection can tell
@@ -367,13 +369,9 @@ fn an_impostor_replaying_a_segment_of_this_process_gets_no_local_copy() {
     );
     let e = engine(TransportChoice::Auto, Duration::from_secs(5));
     // SAFETY: `buf` outlives `e`.
-    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    unsafe { register_all(&e, &mut buf) };
 
-    let op = Op {
-        local: buf.as_ptr() as u64,
-        remote: secret.as_ptr() as u64,
-        len: LEN as u64,
-    };
+    let op = whole(&buf, secret.as_ptr() as u64);
     assert!(
         e.read(&impostor.name, &[op]).is_err(),
         "the impostor serves no data"
@@ -409,7 +407,7 @@ fn reading_memory_the_target_unmapped_fails_with_its_reason() {
     let e = engine(TransportChoice::Tcp, Duration::from_secs(5));
     let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives `e` (dropped first at the end).
-    unsafe { e.register_memory(buf.as_mut_ptr() as u64, LEN as u64, "cpu:0") }.unwrap();
+    unsafe { register_all(&e, &mut buf) };
     let op = |remote: u64| Op {
         local: buf.as_ptr() as u64,
         remote,
