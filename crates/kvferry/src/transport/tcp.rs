@@ -446,17 +446,6 @@ impl Conn {
     }
 }
 
-/// The CPUs this process may run on: a batch fans out over no more lanes.
-/// Each lane is a thread copying at both ends; more of them than CPUs
-/// only take turns. Measured on the 2-vCPU test guest before this cap
-/// (`KVFERRY_LANES=2` and `=4 kvferry bench --transport tcp --block-size
-/// 1M --batch-size 32 --layout contiguous`, and 4M): 2 lanes 4.3 / 4.5-4.7
-/// GB/s, 4 lanes 4.1-4.3 / 4.2.
-fn cpus() -> usize {
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
 /// Whether an error leaves the connection in step (a refused request) or
 /// not (I/O, protocol, timeout).
 fn conn_survives(e: &Error) -> bool {
@@ -709,10 +698,16 @@ impl Transport for TcpTransport {
             requests.push((start, job.slices.len()));
         }
         let total: u64 = job.slices.iter().map(|s| s.len).sum();
+        // No more lanes than CPUs: each lane is a thread copying at both
+        // ends; more of them only take turns. Measured on the 2-vCPU test
+        // guest before this cap (`KVFERRY_LANES=2` and `=4 kvferry bench
+        // --transport tcp --block-size 1M --batch-size 32 --layout
+        // contiguous`, and 4M): 2 lanes 4.3 / 4.5-4.7 GB/s, 4 lanes
+        // 4.1-4.3 / 4.2.
         let lanes = if total < PARALLEL_MIN_BYTES {
             1
         } else {
-            self.lanes.len().min(requests.len()).min(cpus())
+            self.lanes.len().min(requests.len()).min(net::cpus())
         };
         if lanes <= 1 {
             self.run_lane(None, job, &requests, report);
