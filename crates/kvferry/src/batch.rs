@@ -6,12 +6,14 @@
 //! refused instead of being dereferenced.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::plan::Slice;
+use crate::spin;
 
 /// An opaque batch handle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,6 +59,9 @@ struct Progress {
 pub struct Batch {
     progress: Mutex<Progress>,
     finished: Condvar,
+    /// Set with `finished`'s notification: what a waiter polls before it
+    /// sleeps on the condvar (no lock taken).
+    ended: AtomicBool,
 }
 
 impl Batch {
@@ -68,6 +73,7 @@ impl Batch {
                 first_error: None,
             }),
             finished: Condvar::new(),
+            ended: AtomicBool::new(num_slices == 0),
         }
     }
 
@@ -87,6 +93,7 @@ impl Batch {
         }
         p.slices_left -= 1;
         if p.slices_left == 0 {
+            self.ended.store(true, Ordering::Release);
             self.finished.notify_all();
         }
     }
@@ -101,6 +108,7 @@ impl Batch {
         p.op_failed.iter_mut().for_each(|f| *f = true);
         p.first_error.get_or_insert_with(|| ended_by(e));
         p.slices_left = 0;
+        self.ended.store(true, Ordering::Release);
         self.finished.notify_all();
     }
 
@@ -131,6 +139,10 @@ impl Batch {
     /// done, the first error when one failed, `Timeout` when still running
     /// (and only then: see [`BatchState::Failed`]).
     pub fn wait(&self, timeout: Duration) -> Result<()> {
+        // A batch about to end: poll rather than pay a wake-up.
+        if !timeout.is_zero() {
+            spin::poll_briefly(|| self.ended.load(Ordering::Acquire));
+        }
         let deadline = Instant::now().checked_add(timeout);
         let mut p = self.progress.lock();
         while p.slices_left > 0 {

@@ -38,6 +38,7 @@ pub mod segment;
 pub mod server;
 pub mod session;
 pub mod socket_owner;
+pub mod spin;
 pub mod staging;
 pub mod transport;
 pub mod wire;

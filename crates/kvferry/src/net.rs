@@ -6,13 +6,13 @@
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytemuck::Zeroable;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::spin;
 use crate::wire::{FrameHeader, HEADER_LEN};
 
 /// Most iovecs one readv / writev takes (Linux IOV_MAX).
@@ -101,75 +101,24 @@ pub(crate) fn wait_fd(
     Ok(n > 0)
 }
 
-/// How long a thread waiting for a frame polls without sleeping.
-///
-/// A thread that sleeps in the kernel is woken by an interrupt to its CPU;
-/// on a virtual machine whose idle vCPU halted, that wake-up alone costs
-/// 40-50 us, and a request/reply round trip pays it twice. Back-to-back
-/// batches reply within a few microseconds, so both ends poll this long
-/// first: measured on a 2-vCPU KVM guest, a cma batch of 32 x 16 KiB went
-/// from 136 us to about 45 us. The cost is at most this much CPU per frame
-/// when no reply comes soon.
-pub const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(50);
-
-/// Polls `stream` for something to read for up to `SPIN_BEFORE_SLEEP`
+/// Polls `stream` for something to read for up to `spin::SPIN_BEFORE_SLEEP`
 /// without sleeping. `true` when it became readable.
 pub fn spin_until_readable(stream: &TcpStream) -> io::Result<bool> {
     spin_fd(stream.as_raw_fd(), libc::POLLIN)
 }
 
-/// The CPUs this process may run on.
-pub fn cpus() -> usize {
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Threads of this process in the middle of moving a frame's data through
-/// a socket (`send_ranges` / `recv_ranges`), on either side of a transfer.
-static MOVING: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts its thread in `MOVING` while it lives.
-struct Moving;
-
-impl Moving {
-    fn enter() -> Moving {
-        MOVING.fetch_add(1, Ordering::Relaxed);
-        Moving
-    }
-}
-
-impl Drop for Moving {
-    fn drop(&mut self) {
-        MOVING.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Whether polling instead of sleeping can pay: only while a CPU is left
-/// for it. When this process has as many threads moving data as CPUs (a
-/// large batch fanned out over lanes, or the server serving as many), every
-/// CPU is copying; a poller only takes turns with a copier, and the peer
-/// it waits for gets its CPU later. Measured on the 2-vCPU test guest
-/// (`tools/te_pingpong.py kvferry:TransferEngine tcp --op read`, batches
-/// of 32 on two lanes, three interleaved runs against a build that always
-/// polled): 1 MiB blocks 4.24-4.33 -> 4.40-4.49 GB/s, 4 MiB 4.69-4.78 ->
-/// 4.94-5.09; writes within noise.
-fn polling_pays() -> bool {
-    MOVING.load(Ordering::Relaxed) < cpus()
-}
-
 fn spin_fd(fd: libc::c_int, events: libc::c_short) -> io::Result<bool> {
-    if !polling_pays() {
-        return Ok(false);
-    }
-    let start = Instant::now();
-    loop {
-        if wait_fd(fd, events, Duration::ZERO)? {
-            return Ok(true);
+    let mut failed = None;
+    let ready = spin::poll_briefly(|| match wait_fd(fd, events, Duration::ZERO) {
+        Ok(ready) => ready,
+        Err(e) => {
+            failed = Some(e);
+            true // stops the polling
         }
-        if start.elapsed() >= SPIN_BEFORE_SLEEP {
-            return Ok(false);
-        }
-        std::hint::spin_loop();
+    });
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(ready),
     }
 }
 
@@ -292,7 +241,7 @@ impl Stream {
 
     /// One sendmsg / recvmsg of `iov`: the number of bytes moved (0 on
     /// receive: the peer closed). A call that would block is first retried
-    /// while polling for up to `SPIN_BEFORE_SLEEP` (the peer drains or fills
+    /// while polling for up to `spin::SPIN_BEFORE_SLEEP` (the peer drains or fills
     /// the socket within microseconds mid-transfer; sleeping instead costs a
     /// wake-up), and only then made blocking, bounded by `deadline`.
     /// `spun`: the caller polled that long already, in vain: block at once.
@@ -429,7 +378,7 @@ impl Stream {
     }
 
     /// Reads the header of a reply to a request just sent, by `deadline`:
-    /// polls for up to `SPIN_BEFORE_SLEEP`, then sleeps in the read (a
+    /// polls for up to `spin::SPIN_BEFORE_SLEEP`, then sleeps in the read (a
     /// reply is never there at once: trying first would cost a syscall).
     pub fn await_header(&mut self, deadline: Instant) -> io::Result<Option<FrameHeader>> {
         let ready = spin_until_readable(&self.stream)?;
@@ -524,7 +473,7 @@ impl Stream {
             )
             .collect();
         let mut moved = 0;
-        let _moving = Moving::enter();
+        let _moving = spin::Moving::enter();
         // SAFETY: the iovecs point at `head` (borrowed for the call) and at
         // ranges the caller guarantees readable; sending only reads them.
         unsafe { self.transfer_counted(&mut iovs, true, deadline, false, &mut moved) }
@@ -551,7 +500,7 @@ impl Stream {
             quick_ack(&self.stream);
         }
         let mut moved = 0;
-        let _moving = Moving::enter();
+        let _moving = spin::Moving::enter();
         // SAFETY: the iovecs point at ranges the caller guarantees writable.
         unsafe { self.transfer_counted(&mut iovs, false, deadline, false, &mut moved) }
             .map_err(|e| RangeFault::wrap(e, moved))?;

@@ -30,10 +30,11 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::board::{self, Mapping};
 use crate::config::TestHooks;
 use crate::error::{Error, Result};
-use crate::net::{IOV_MAX, SPIN_BEFORE_SLEEP};
+use crate::net::IOV_MAX;
 use crate::plan::{Opcode, Slice};
 use crate::segment::Segment;
 use crate::socket_owner;
+use crate::spin;
 use crate::transport::tcp::{Conn, TcpTransport};
 use crate::transport::{Job, Report, Transport};
 use crate::wire;
@@ -299,8 +300,8 @@ struct PoolInner {
 }
 
 /// The engine's second copy thread for cma batches: one worker, started
-/// on first use, that polls for work for `SPIN_BEFORE_SLEEP` before it
-/// sleeps (waking a halted vCPU costs tens of microseconds, see net.rs).
+/// on first use, that polls for work for `spin::SPIN_BEFORE_SLEEP` before it
+/// sleeps (waking a halted vCPU costs tens of microseconds, see spin.rs).
 /// One batch uses it at a time; a batch that finds it busy copies alone.
 #[derive(Debug, Default)]
 pub struct CopyPool {
@@ -379,9 +380,7 @@ impl CopyPool {
         let all = work.chunks.len();
         let start = Instant::now();
         let own = start - began;
-        while work.done.load(Ordering::Acquire) < all && start.elapsed() < SPIN_BEFORE_SLEEP {
-            std::hint::spin_loop();
-        }
+        spin::poll_briefly(|| work.done.load(Ordering::Acquire) >= all);
         {
             let mut st = inner.state.lock();
             // Not picked up (the worker is still waking): it never will be.
@@ -414,10 +413,7 @@ impl Drop for CopyPool {
 
 fn worker_loop(inner: &PoolInner) {
     loop {
-        let start = Instant::now();
-        while !inner.posted.load(Ordering::Acquire) && start.elapsed() < SPIN_BEFORE_SLEEP {
-            std::hint::spin_loop();
-        }
+        spin::poll_briefly(|| inner.posted.load(Ordering::Acquire));
         let work = {
             let mut st = inner.state.lock();
             loop {

@@ -707,7 +707,10 @@ impl Transport for TcpTransport {
         let lanes = if total < PARALLEL_MIN_BYTES {
             1
         } else {
-            self.lanes.len().min(requests.len()).min(net::cpus())
+            self.lanes
+                .len()
+                .min(requests.len())
+                .min(crate::spin::cpus())
         };
         if lanes <= 1 {
             self.run_lane(None, job, &requests, report);
