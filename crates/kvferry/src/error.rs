@@ -106,6 +106,12 @@ pub enum Error {
     #[error("transfer with peer {peer} failed: {reason}")]
     TransferFailed { peer: String, reason: String },
 
+    /// The target refused one request (a range outside its registrations,
+    /// or memory its owner took away since) and keeps the connection in
+    /// step: the request's ops failed, the connection goes on.
+    #[error("transfer with peer {peer} failed: the target refused the request: {message}")]
+    RequestRefused { peer: String, message: String },
+
     #[error("peer {peer} restarted: {detail}")]
     PeerRestarted { peer: String, detail: String },
 
@@ -180,7 +186,7 @@ impl Error {
             Error::TooManyBatches { .. } => Status::TooManyBatches,
             Error::Timeout { .. } => Status::Timeout,
             Error::TransferTimeout { .. } => Status::TransferTimeout,
-            Error::TransferFailed { .. } => Status::TransferFailed,
+            Error::TransferFailed { .. } | Error::RequestRefused { .. } => Status::TransferFailed,
             Error::PeerRestarted { .. } => Status::PeerRestarted,
             Error::Protocol { .. } => Status::Protocol,
             Error::AuthFailed { .. } => Status::AuthFailed,

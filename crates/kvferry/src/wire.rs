@@ -661,9 +661,9 @@ pub fn remote_error(peer: &str, h: &FrameHeader, message: &[u8]) -> Error {
     match Status::from_code(h.status) {
         // Refusals of one request: the target keeps the stream in step
         // (a WRITE's data read and dropped), so the connection goes on.
-        Some(Status::RemoteOutOfRange | Status::RegionNotMapped) => Error::TransferFailed {
+        Some(Status::RemoteOutOfRange | Status::RegionNotMapped) => Error::RequestRefused {
             peer: peer.to_owned(),
-            reason: format!("the target refused the request: {message}"),
+            message,
         },
         Some(Status::PeerRestarted) => Error::PeerRestarted {
             peer: peer.to_owned(),

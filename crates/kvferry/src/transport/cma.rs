@@ -760,10 +760,10 @@ impl BoardClient {
             if fresh {
                 // The error the target gives a PIN of this range.
                 let s = &job.slices[i];
-                return Enter::Refused(Error::TransferFailed {
+                return Enter::Refused(Error::RequestRefused {
                     peer: tcp.peer_name().to_owned(),
-                    reason: format!(
-                        "the target refused the request: range {i} [{:#x}, +{}) is not inside one region registered with {}",
+                    message: format!(
+                        "range {i} [{:#x}, +{}) is not inside one region registered with {}",
                         s.remote,
                         s.len,
                         tcp.peer_name()

@@ -449,8 +449,10 @@ impl Conn {
 /// Whether an error leaves the connection in step (a refused request) or
 /// not (I/O, protocol, timeout).
 fn conn_survives(e: &Error) -> bool {
-    matches!(e, Error::TransferFailed { reason, .. } if reason.starts_with("the target refused"))
-        || matches!(e, Error::PeerRestarted { .. })
+    matches!(
+        e,
+        Error::RequestRefused { .. } | Error::PeerRestarted { .. }
+    )
 }
 
 /// Connections to one peer.
