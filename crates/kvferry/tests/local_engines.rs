@@ -1,8 +1,11 @@
 //! Two engines in one process, through the public API, as a user drives them.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{Mapping, PAGE};
 use kvferry::{BatchId, BatchState, Engine, EngineConfig, Error, Op, OpState, Opcode};
 
 /// Memory that outlives the engines registered on it in every test.
@@ -268,51 +271,6 @@ fn register_errors() {
     ));
 }
 
-/// Anonymous pages of this test's own, unmapped on drop.
-struct Pages {
-    addr: u64,
-    len: usize,
-}
-
-impl Pages {
-    const PAGE: usize = 4096;
-
-    fn map(pages: usize, prot: libc::c_int) -> Pages {
-        let len = pages * Self::PAGE;
-        // SAFETY: a fresh private anonymous mapping; no existing memory changes.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
-        Pages {
-            addr: p as u64,
-            len,
-        }
-    }
-
-    /// Sets the protection of page `page` (its own mapping from then on).
-    fn protect(&self, page: usize, prot: libc::c_int) {
-        let at = (self.addr as usize + page * Self::PAGE) as *mut libc::c_void;
-        // SAFETY: the page lies inside this mapping, which nothing else uses.
-        let rc = unsafe { libc::mprotect(at, Self::PAGE, prot) };
-        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-    }
-}
-
-impl Drop for Pages {
-    fn drop(&mut self) {
-        // SAFETY: our own mapping; every engine that registered it is gone.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
-    }
-}
-
 fn not_mapped(e: &Engine, regions: &[(u64, u64)]) -> String {
     // SAFETY: refused before anything is registered (asserted below).
     match unsafe { e.register_memory_batch(regions, "cpu:0") } {
@@ -349,16 +307,16 @@ fn host_memory_that_is_not_mapped_read_write_is_refused() {
     assert_eq!(a.transport_to(b.name()).unwrap(), "local");
 
     // Read-only memory: a peer's write would fault.
-    let ro = Pages::map(1, libc::PROT_READ);
-    let msg = not_mapped(&b, &[(ro.addr, 4096)]);
+    let ro = Mapping::new(PAGE, libc::PROT_READ);
+    let msg = not_mapped(&b, &[(ro.addr(), 4096)]);
     assert!(msg.contains("with permissions r--p"), "{msg}");
 
     // A range running past the end of its mapping (into a guard page),
     // and a batch whose other region is fine: nothing of it registered.
-    let two = Pages::map(2, libc::PROT_READ | libc::PROT_WRITE);
-    two.protect(1, libc::PROT_NONE);
-    let msg = not_mapped(&b, &[(two.addr, 4097)]);
-    assert!(msg.contains(&format!("{:#x}", two.addr + 4096)), "{msg}");
+    let mut two = Mapping::new(2 * PAGE, libc::PROT_READ | libc::PROT_WRITE);
+    two.protect(PAGE, PAGE, libc::PROT_NONE);
+    let msg = not_mapped(&b, &[(two.addr(), 4097)]);
+    assert!(msg.contains(&format!("{:#x}", two.addr() + 4096)), "{msg}");
     assert!(msg.contains("---p"), "{msg}");
     let mut good = Buf::zeros(4096);
     not_mapped(&b, &[(good.addr(), 4096), (0x1000, 1)]);
@@ -371,23 +329,27 @@ fn host_memory_that_is_not_mapped_read_write_is_refused() {
 
     // Good memory over two mappings (their protections differ) is one
     // range; the inside of a mapping and the whole of one are fine too.
-    let rw = Pages::map(2, libc::PROT_READ | libc::PROT_WRITE);
-    rw.protect(1, libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC);
+    let mut rw = Mapping::new(2 * PAGE, libc::PROT_READ | libc::PROT_WRITE);
+    rw.protect(
+        PAGE,
+        PAGE,
+        libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC,
+    );
     // SAFETY: `rw` and `two` outlive `b` (dropped first below).
     unsafe {
-        b.register_memory(rw.addr, 8192, "cpu:0").unwrap();
-        b.register_memory(two.addr + 8, 4088, "cpu:0").unwrap();
+        b.register_memory(rw.addr(), 8192, "cpu:0").unwrap();
+        b.register_memory(two.addr() + 8, 4088, "cpu:0").unwrap();
     }
     // 200 bytes across the two mappings, there and back.
     dst.0[..200].copy_from_slice(&Buf::pattern(200, 3).0);
     let across = Op {
         local: dst.addr(),
-        remote: rw.addr + 4000,
+        remote: rw.addr() + 4000,
         len: 200,
     };
     a.write(b.name(), &[across]).unwrap();
-    // SAFETY: `rw` is mapped readable for its 8192 bytes, alive here.
-    let landed = unsafe { std::slice::from_raw_parts((rw.addr + 4000) as *const u8, 200) };
+    // SAFETY: `rw` is mapped readable for its 8192 bytes; the write is done.
+    let landed = unsafe { rw.bytes(4000, 200) };
     assert_eq!(landed, &dst.0[..200], "the write across the two mappings");
     let back = Op {
         local: dst.addr() + 1024,

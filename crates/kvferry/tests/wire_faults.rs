@@ -7,10 +7,13 @@
 //! serving everyone else. A target that trickles its replies fails the
 //! initiator's batch at its deadline.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::{Mapping, PAGE, send_frame};
 use kvferry::board::{MAX_SLOTS_PER_CONN, SLOT_COUNT};
 use kvferry::wire::{self, FrameHeader, Kind};
 use kvferry::{Engine, EngineConfig, Error, Op, Status, TransportChoice};
@@ -36,6 +39,37 @@ fn read_frame(s: &mut TcpStream) -> Option<(FrameHeader, Vec<u8>)> {
     Some((h, p))
 }
 
+/// Sends a frame (`send_frame`, which must succeed) and reads the next one,
+/// its answer; `None` when the connection closes first.
+fn round_trip(
+    s: &mut TcpStream,
+    kind: Kind,
+    rid: u64,
+    parts: &[&[u8]],
+) -> Option<(FrameHeader, Vec<u8>)> {
+    send_frame(s, kind, rid, parts).expect("send a frame");
+    read_frame(s)
+}
+
+/// Sends a PING of `rid` and asserts the PONG that echoes its id and
+/// `payload`: the connection is in step.
+fn assert_pong(s: &mut TcpStream, rid: u64, payload: &[u8]) {
+    let (h, p) = round_trip(s, Kind::Ping, rid, &[payload]).expect("a PONG");
+    assert_eq!(
+        (h.kind, h.request_id, p.as_slice()),
+        (Kind::Pong as u16, rid, payload)
+    );
+}
+
+/// Whether a read with a read timeout failed only because nothing came in
+/// time.
+fn nothing_came(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 fn hello(s: &mut TcpStream) -> wire::HelloReply {
     try_hello(s).expect("hello reply")
 }
@@ -49,8 +83,7 @@ fn try_hello(s: &mut TcpStream) -> Option<wire::HelloReply> {
         nonce: [7; 16],
         instance_id: 0,
     };
-    let h = FrameHeader::new(Kind::Hello, 1, std::mem::size_of::<wire::Hello>() as u64);
-    wire::write_frame(s, &h, &[bytemuck::bytes_of(&hello)]).ok()?;
+    send_frame(s, Kind::Hello, 1, &[bytemuck::bytes_of(&hello)]).ok()?;
     let (h, p) = read_frame(s)?;
     (h.kind == Kind::HelloReply as u16).then(|| wire::pod_from(&p).unwrap())
 }
@@ -173,13 +206,7 @@ fn bad_frames_close_only_their_connection() {
     }
 
     // The bystander's connection still works.
-    let ping = FrameHeader::new(Kind::Ping, 77, 4);
-    wire::write_frame(&mut bystander, &ping, &[b"abcd"]).unwrap();
-    let (h, p) = read_frame(&mut bystander).unwrap();
-    assert_eq!(
-        (h.kind, h.request_id, p.as_slice()),
-        (Kind::Pong as u16, 77, &b"abcd"[..])
-    );
+    assert_pong(&mut bystander, 77, b"abcd");
 
     still_serves(&e);
 }
@@ -197,8 +224,7 @@ fn target_refuses_ranges_outside_its_registry() {
 
     let read = |s: &mut TcpStream, inst: u64, addr: u64, len: u64| {
         let t = wire::encode_table(inst, &[wire::Range { addr, len }]);
-        wire::write_frame(s, &FrameHeader::new(Kind::Read, 3, t.len() as u64), &[&t]).unwrap();
-        read_frame(s).unwrap()
+        round_trip(s, Kind::Read, 3, &[&t]).unwrap()
     };
     // Past the end, before the start, and a wild address: ERROR, connection kept.
     for (addr, len) in [(base + 8000, 200), (base - 1, 2), (0x10, 16)] {
@@ -223,9 +249,7 @@ fn target_refuses_ranges_outside_its_registry() {
             len: 4,
         }],
     );
-    let h = FrameHeader::new(Kind::Write, 4, t.len() as u64 + 4);
-    wire::write_frame(&mut s, &h, &[&t, b"XXXX"]).unwrap();
-    let (h, _) = read_frame(&mut s).unwrap();
+    let (h, _) = round_trip(&mut s, Kind::Write, 4, &[&t, b"XXXX"]).unwrap();
     assert_eq!(h.status, Status::RemoteOutOfRange as i32);
     assert!(mem.iter().all(|&b| b == 3));
 
@@ -246,28 +270,15 @@ fn target_refuses_ranges_outside_its_registry() {
 /// its connection. The engine serves on either way.
 #[test]
 fn memory_taken_away_after_registration_fails_the_request_not_the_engine() {
-    const PAGE: usize = 4096;
     const GOOD: usize = 1 << 20;
     let e = engine(EngineConfig::new());
-    // SAFETY: a fresh private anonymous mapping of this test's own.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            GOOD + PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    let base = p as u64;
+    let mut mem = Mapping::new(GOOD + PAGE, libc::PROT_READ | libc::PROT_WRITE);
+    let base = mem.addr();
     let gone = base + GOOD as u64;
     // SAFETY: the mapping outlives the registration (unregistered below).
     unsafe { e.register_memory(base, (GOOD + PAGE) as u64, "cpu:0") }.unwrap();
-    // SAFETY: the last page of our mapping; nothing reads it from Rust.
-    let rc = unsafe { libc::mprotect(gone as *mut libc::c_void, PAGE, libc::PROT_NONE) };
-    assert_eq!(rc, 0);
+    // The last page taken away, still registered.
+    mem.protect(GOOD, PAGE, libc::PROT_NONE);
     let mut s = connect(&e);
     let inst = hello(&mut s).instance_id;
     let range = |addr: u64, len: usize| wire::Range {
@@ -289,13 +300,7 @@ fn memory_taken_away_after_registration_fails_the_request_not_the_engine() {
             assert!(msg.contains(&word), "{word:?} not in {msg:?}");
         }
         // Still in step: the next frame on this connection is served.
-        let ping = FrameHeader::new(Kind::Ping, rid + 100, 4);
-        wire::write_frame(s, &ping, &[b"abcd"]).unwrap();
-        let (h, pong) = read_frame(s).unwrap();
-        assert_eq!(
-            (h.kind, h.request_id, pong.as_slice()),
-            (Kind::Pong as u16, rid + 100, &b"abcd"[..])
-        );
+        assert_pong(s, rid + 100, b"abcd");
     };
 
     // A WRITE of a good range then one in the page taken away: the first
@@ -303,15 +308,13 @@ fn memory_taken_away_after_registration_fails_the_request_not_the_engine() {
     let bad = range(gone + 16, 100);
     let t = wire::encode_table(inst, &[range(base, PAGE), bad]);
     let data = vec![0x5au8; PAGE + 100];
-    let h = FrameHeader::new(Kind::Write, 4, (t.len() + data.len()) as u64);
-    wire::write_frame(&mut s, &h, &[&t, &data]).unwrap();
+    send_frame(&mut s, Kind::Write, 4, &[&t, &data]).unwrap();
     expect_fault(&mut s, 4, 1, bad);
 
     // A READ of it: nothing of the reply goes out; an ERROR instead.
     let bad = range(gone, 64);
     let t = wire::encode_table(inst, &[bad]);
-    let h = FrameHeader::new(Kind::Read, 6, t.len() as u64);
-    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    send_frame(&mut s, Kind::Read, 6, &[&t]).unwrap();
     expect_fault(&mut s, 6, 0, bad);
 
     // A READ that faults after a megabyte went out: the READ_DATA header
@@ -319,8 +322,7 @@ fn memory_taken_away_after_registration_fails_the_request_not_the_engine() {
     // not the read timeout of a connection kept open), with nothing after
     // the data: an ERROR frame there would be read as the rest of the data.
     let t = wire::encode_table(inst, &[range(base, GOOD), range(gone, 64)]);
-    let h = FrameHeader::new(Kind::Read, 7, t.len() as u64);
-    wire::write_frame(&mut s, &h, &[&t]).unwrap();
+    send_frame(&mut s, Kind::Read, 7, &[&t]).unwrap();
     let h = wire::read_header(&mut s).unwrap().expect("READ_DATA");
     assert_eq!((h.kind, h.request_id), (Kind::ReadData as u16, 7));
     let mut rest = Vec::new();
@@ -333,24 +335,16 @@ fn memory_taken_away_after_registration_fails_the_request_not_the_engine() {
     );
     // SAFETY: the first `rest.len()` <= GOOD bytes of our mapping, still
     // readable; the engine only reads them too.
-    let sent = unsafe { std::slice::from_raw_parts(base as *const u8, rest.len()) };
+    let sent = unsafe { mem.bytes(0, rest.len()) };
     assert!(rest == sent, "bytes other than the range's data followed");
 
-    // SAFETY: our mapping; access back before the engine lets go of it.
-    let rc = unsafe {
-        libc::mprotect(
-            gone as *mut libc::c_void,
-            PAGE,
-            libc::PROT_READ | libc::PROT_WRITE,
-        )
-    };
-    assert_eq!(rc, 0);
+    // Access back before the engine lets go of it.
+    mem.protect(GOOD, PAGE, libc::PROT_READ | libc::PROT_WRITE);
     e.unregister_memory(base).unwrap();
     // SAFETY: unregistered: nothing else uses the mapping any more.
-    let first = unsafe { std::slice::from_raw_parts(base as *const u8, PAGE) };
+    let first = unsafe { mem.bytes(0, PAGE) };
     assert!(first.iter().all(|&b| b == 0x5a), "the good range landed");
-    // SAFETY: `first` is not used past this point.
-    unsafe { libc::munmap(p, GOOD + PAGE) };
+    drop(mem);
     still_serves(&e);
 }
 
@@ -425,15 +419,10 @@ fn nobody_listening_is_a_fast_clear_error() {
     assert!(t.elapsed() < Duration::from_secs(2));
 }
 
+/// The bytes of a frame of `kind` for request 9 (any id will do).
 fn frame(kind: Kind, payload: &[u8]) -> Vec<u8> {
-    frame_for(kind, 9, payload)
-}
-
-/// A frame of `kind` for (or answering) request `rid`.
-fn frame_for(kind: Kind, rid: u64, payload: &[u8]) -> Vec<u8> {
-    let h = FrameHeader::new(kind, rid, payload.len() as u64);
-    let mut out = bytemuck::bytes_of(&h).to_vec();
-    out.extend_from_slice(payload);
+    let mut out = Vec::new();
+    send_frame(&mut out, kind, 9, &[payload]).unwrap();
     out
 }
 
@@ -479,9 +468,8 @@ fn lease_board_requests_are_checked() {
     let mut buf = vec![0u8; 8192];
     // SAFETY: `buf` outlives the engine.
     unsafe { e.register_memory(buf.as_mut_ptr() as u64, 8192, "cpu:0") }.unwrap();
-    s.write_all(&frame(Kind::LeaseRegions, &instance.to_le_bytes()))
-        .unwrap();
-    let (h, p) = read_frame(&mut s).expect("regions");
+    let (h, p) =
+        round_trip(&mut s, Kind::LeaseRegions, 9, &[&instance.to_le_bytes()]).expect("regions");
     assert_eq!(h.kind, Kind::LeaseRegionsReply as u16);
     let (_, regions) = wire::decode_lease_regions(&p).unwrap();
     assert_eq!(
@@ -491,9 +479,8 @@ fn lease_board_requests_are_checked() {
             len: 8192
         }]
     );
-    s.write_all(&frame(Kind::LeaseRegions, &(instance ^ 1).to_le_bytes()))
-        .unwrap();
-    let (h, _) = read_frame(&mut s).expect("refusal");
+    let stale = (instance ^ 1).to_le_bytes();
+    let (h, _) = round_trip(&mut s, Kind::LeaseRegions, 9, &[&stale]).expect("refusal");
     assert_eq!(h.status, Status::PeerRestarted as i32);
     drop(s);
     // The closed connection's slots are free again: new connections get
@@ -524,9 +511,7 @@ fn ask_slots(
         slots,
         pid,
     };
-    s.write_all(&frame(Kind::LeaseBoard, bytemuck::bytes_of(&req)))
-        .unwrap();
-    read_frame(s).expect("a reply")
+    round_trip(s, Kind::LeaseBoard, 9, &[bytemuck::bytes_of(&req)]).expect("a reply")
 }
 
 /// Takes every slot of `e`'s lease board on new connections (slots of
@@ -598,11 +583,7 @@ fn trickle(
             match s.read(&mut buf) {
                 Ok(0) => return Some(start.elapsed()),
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if nothing_came(&e) => {}
                 Err(_) => return Some(start.elapsed()),
             }
         }
@@ -763,21 +744,15 @@ fn a_reply_trickled_to_the_initiator_fails_at_its_deadline() {
         let (mut s, _) = listener.accept().unwrap();
         while let Some((h, p)) = read_frame(&mut s) {
             let rid = h.request_id;
-            let reply = match Kind::from_u16(h.kind) {
+            let sent = match Kind::from_u16(h.kind) {
                 Some(Kind::Hello) => {
                     let hello: wire::Hello = wire::pod_from(&p).unwrap();
-                    let r = wire::HelloReply {
-                        version: 1,
-                        auth_required: 0,
-                        reserved: 0,
-                        nonce: hello.nonce,
-                        instance_id: 42,
-                        proof: [0; 32],
-                    };
-                    frame_for(Kind::HelloReply, rid, bytemuck::bytes_of(&r))
+                    let r = common::hello_reply(42, hello.nonce);
+                    send_frame(&mut s, Kind::HelloReply, rid, &[bytemuck::bytes_of(&r)])
                 }
                 Some(Kind::GetSegment) => {
-                    frame_for(Kind::SegmentReply, rid, &wire::encode_segment(&segment))
+                    let seg = wire::encode_segment(&segment);
+                    send_frame(&mut s, Kind::SegmentReply, rid, &[&seg])
                 }
                 Some(Kind::Read) => {
                     let (ranges, total) = wire::decode_ranges(&p[16..]).unwrap();
@@ -794,7 +769,7 @@ fn a_reply_trickled_to_the_initiator_fails_at_its_deadline() {
                 }
                 _ => return,
             };
-            s.write_all(&reply).unwrap();
+            sent.unwrap();
         }
     });
     // On a thread of its own, which a failing test leaves behind.
@@ -833,14 +808,7 @@ fn closed_after(s: &mut TcpStream) -> Duration {
         match s.read(&mut buf) {
             Ok(0) => return start.elapsed(),
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                panic!("still open after {:?}", start.elapsed())
-            }
+            Err(e) if nothing_came(&e) => panic!("still open after {:?}", start.elapsed()),
             Err(_) => return start.elapsed(),
         }
     }
@@ -878,9 +846,7 @@ fn a_connection_that_does_not_greet_is_closed_after_the_connect_timeout() {
     assert!(t < limit, "no AUTH: {t:?}");
     // The greeted connection idled through all of this and still works.
     std::thread::sleep(connect_timeout * 2);
-    let ping = FrameHeader::new(Kind::Ping, 8, 2);
-    wire::write_frame(&mut idle, &ping, &[b"hi"]).unwrap();
-    let (h, p) = read_frame(&mut idle).expect("a PONG");
+    let (h, p) = round_trip(&mut idle, Kind::Ping, 8, &[b"hi"]).expect("a PONG");
     assert_eq!((h.kind, p.as_slice()), (Kind::Pong as u16, &b"hi"[..]));
     still_serves(&e);
 }

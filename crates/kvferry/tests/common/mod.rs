@@ -1,11 +1,13 @@
-//! Helpers for the multi-process tests: a child process that serves a
-//! registered buffer, driven over stdin / stdout.
+//! Helpers shared by the integration tests: a child process that serves a
+//! registered buffer, driven over stdin / stdout; the frames of hand-written
+//! peers; memory mapped with `mmap` whose protection a test changes.
 #![allow(dead_code, reason = "each test file uses a subset")]
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
+use kvferry::wire::{self, FrameHeader, Kind};
 use kvferry::{Engine, EngineConfig};
 
 /// The byte at offset `i` of a buffer filled with `seed`.
@@ -41,7 +43,6 @@ pub struct Target {
     pub lines: std::sync::mpsc::Receiver<String>,
     pub name: String,
     pub addr: u64,
-    pub len: u64,
 }
 
 impl Target {
@@ -81,13 +82,11 @@ impl Target {
             lines: rx,
             name: String::new(),
             addr: 0,
-            len: 0,
         };
         let ready = t.expect_line("READY", Duration::from_secs(120));
         let mut it = ready.split_whitespace().skip(1);
         t.name = it.next().expect("name").to_owned();
         t.addr = it.next().and_then(|a| a.parse().ok()).expect("addr");
-        t.len = it.next().and_then(|a| a.parse().ok()).expect("len");
         t
     }
 
@@ -238,12 +237,37 @@ pub const IMPOSTOR: &str = "KVFERRY_TEST_IMPOSTOR";
 /// 127.0.0.1.
 pub const IMPOSTOR_V6_PORT: &str = "KVFERRY_TEST_IMPOSTOR_V6_PORT";
 
+/// Writes a frame of `kind` for (or answering) request `rid`, its payload
+/// `parts` one after another.
+pub fn send_frame(
+    s: &mut impl Write,
+    kind: Kind,
+    rid: u64,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let len = parts.iter().map(|p| p.len() as u64).sum();
+    wire::write_frame(s, &FrameHeader::new(kind, rid, len), parts)
+}
+
+/// The HELLO_REPLY of a hand-written target of instance `instance_id` that
+/// asks for no shared secret (so nobody checks its `nonce`).
+pub fn hello_reply(instance_id: u64, nonce: [u8; 16]) -> wire::HelloReply {
+    wire::HelloReply {
+        version: wire::VERSION,
+        auth_required: 0,
+        reserved: 0,
+        nonce,
+        instance_id,
+        proof: [0; 32],
+    }
+}
+
 /// Answers on `listener` as a kvferry target that moves no data: HELLO
 /// claims the instance of `seg` (an encoded segment), GET_SEGMENT returns
 /// `seg`, PINs are granted, LEASE_BOARD is refused, and anything else (READ,
 /// WRITE) ends the connection. Returns when the listener fails.
 pub fn serve_as_impostor(listener: std::net::TcpListener, seg: Vec<u8>) {
-    let instance = kvferry::wire::decode_segment(&seg)
+    let instance = wire::decode_segment(&seg)
         .expect("an encoded segment")
         .instance_id;
     for conn in listener.incoming() {
@@ -254,38 +278,27 @@ pub fn serve_as_impostor(listener: std::net::TcpListener, seg: Vec<u8>) {
 }
 
 fn impostor_conn(s: &mut std::net::TcpStream, instance: u64, seg: &[u8]) {
-    use kvferry::wire::{self, FrameHeader, Kind};
     let mut lease = 1u64;
     while let Ok(Some(h)) = wire::read_header(s) {
         let payload = std::io::Read::take(&mut *s, h.payload_len);
         if std::io::copy(&mut { payload }, &mut std::io::sink()).is_err() {
             return;
         }
-        let reply = |s: &mut std::net::TcpStream, kind, payload: &[u8]| {
-            let f = FrameHeader::new(kind, h.request_id, payload.len() as u64);
-            wire::write_frame(s, &f, &[payload])
-        };
+        let rid = h.request_id;
         let sent = match Kind::from_u16(h.kind) {
             Some(Kind::Hello) => {
-                let r = wire::HelloReply {
-                    version: wire::VERSION,
-                    auth_required: 0,
-                    reserved: 0,
-                    nonce: [0; 16],
-                    instance_id: instance,
-                    proof: [0; 32],
-                };
-                reply(s, Kind::HelloReply, bytemuck::bytes_of(&r))
+                let r = hello_reply(instance, [0; 16]);
+                send_frame(s, Kind::HelloReply, rid, &[bytemuck::bytes_of(&r)])
             }
-            Some(Kind::GetSegment) => reply(s, Kind::SegmentReply, seg),
+            Some(Kind::GetSegment) => send_frame(s, Kind::SegmentReply, rid, &[seg]),
             Some(Kind::Pin) => {
                 lease += 1;
-                reply(s, Kind::PinOk, &lease.to_le_bytes())
+                send_frame(s, Kind::PinOk, rid, &[&lease.to_le_bytes()])
             }
             Some(Kind::Unpin) => Ok(()),
             // No lease board, and no data: READ / WRITE end the connection.
             Some(Kind::LeaseBoard) => {
-                let (f, m) = wire::error_frame(h.request_id, kvferry::Status::Unsupported, "none");
+                let (f, m) = wire::error_frame(rid, kvferry::Status::Unsupported, "none");
                 wire::write_frame(s, &f, &[&m])
             }
             _ => return,
@@ -333,50 +346,130 @@ pub fn unmapping_child_main() -> bool {
     };
     let len = len as usize;
     let engine = Engine::new(EngineConfig::new().port(port as u16)).expect("child engine");
-    // SAFETY: a fresh private anonymous mapping of this child's own.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            2 * len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
+    let mut mem = Mapping::new(2 * len, libc::PROT_READ | libc::PROT_WRITE);
     // SAFETY: the first half of the mapping, used by nothing else yet.
-    unsafe { std::slice::from_raw_parts_mut(p.cast::<u8>(), len) }
-        .copy_from_slice(&pattern(seed as u8, len));
-    let addr = p as u64;
-    // SAFETY: the mapping lives until this process exits, but for the half
-    // taken away below: the broken promise this child is for (the kernel
-    // fails the engine's socket I/O on it with EFAULT).
+    unsafe { mem.bytes_mut(0, len) }.copy_from_slice(&pattern(seed as u8, len));
+    let addr = mem.addr();
+    // SAFETY: `mem` outlives `engine` (dropped after it below), but for the
+    // half taken away next: the broken promise this child is for (the
+    // kernel fails the engine's socket I/O on it with EFAULT).
     unsafe { engine.register_memory(addr, 2 * len as u64, "cpu:0") }.expect("register");
-    // Takes the second half away: replaced in one step by an inaccessible
-    // reservation (a bare munmap would let the next mapping of this
-    // process, a thread's stack guard for one, land there and change what
-    // the target reports).
-    // SAFETY: the second half of our own mapping; nothing in Rust uses it.
-    let q = unsafe {
-        libc::mmap(
-            (addr + len as u64) as *mut libc::c_void,
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(q as u64, addr + len as u64);
+    mem.take_away(len, len);
     println!("READY {} {addr} {len}", engine.name());
     std::io::stdout().flush().ok();
     until_stdin_closes();
     drop(engine);
+    drop(mem);
     true
 }
 
 /// `bytes` as lower-case hex (for `IMPOSTOR`).
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The page size the tests lay their mappings out in.
+pub const PAGE: usize = 4096;
+
+/// Private anonymous memory of this process's own, unmapped on drop: memory
+/// whose protection a test changes page by page, or takes away, as a
+/// buffer's owner might behind the back of an engine it registered with.
+pub struct Mapping {
+    addr: u64,
+    len: usize,
+}
+
+impl Mapping {
+    /// `len` bytes (whole pages) with protection `prot`.
+    pub fn new(len: usize, prot: libc::c_int) -> Mapping {
+        // SAFETY: a fresh private anonymous mapping; no existing memory changes.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        Mapping {
+            addr: p as u64,
+            len,
+        }
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// The address of `[offset, +len)`, which must lie inside the mapping.
+    fn at(&self, offset: usize, len: usize) -> *mut libc::c_void {
+        assert!(
+            offset + len <= self.len,
+            "[{offset}, +{len}) of {}",
+            self.len
+        );
+        (self.addr as usize + offset) as *mut libc::c_void
+    }
+
+    /// Sets the protection of the pages `[offset, +len)`, their contents
+    /// kept (a mapping of their own from then on).
+    pub fn protect(&mut self, offset: usize, len: usize, prot: libc::c_int) {
+        let at = self.at(offset, len);
+        // SAFETY: pages of this mapping; `&mut self`: no slice of it lives.
+        let rc = unsafe { libc::mprotect(at, len, prot) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    /// Takes the pages `[offset, +len)` away, their contents gone: replaced
+    /// in one step by an inaccessible reservation (a bare munmap would let
+    /// the next mapping of this process, a thread's stack guard for one,
+    /// land there and change what a target reports about the range).
+    pub fn take_away(&mut self, offset: usize, len: usize) {
+        let at = self.at(offset, len);
+        // SAFETY: pages of this mapping; `&mut self`: no slice of it lives.
+        let q = unsafe {
+            libc::mmap(
+                at,
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(q, at, "{}", std::io::Error::last_os_error());
+    }
+
+    /// The bytes `[offset, +len)`.
+    ///
+    /// # Safety
+    /// They are readable, and nothing (an engine they are registered with
+    /// included) writes them while the slice lives.
+    pub unsafe fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        let at = self.at(offset, len);
+        // SAFETY: inside this mapping; the rest is the caller's promise.
+        unsafe { std::slice::from_raw_parts(at.cast::<u8>(), len) }
+    }
+
+    /// The bytes `[offset, +len)`, to write.
+    ///
+    /// # Safety
+    /// They are readable and writable, and nothing else (an engine they are
+    /// registered with included) uses them while the slice lives.
+    pub unsafe fn bytes_mut(&mut self, offset: usize, len: usize) -> &mut [u8] {
+        let at = self.at(offset, len);
+        // SAFETY: inside this mapping; the rest is the caller's promise.
+        unsafe { std::slice::from_raw_parts_mut(at.cast::<u8>(), len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, which no slice borrows any more; the tests
+        // drop the engines that registered it first.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
 }
