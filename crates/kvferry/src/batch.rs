@@ -139,11 +139,14 @@ impl Batch {
     /// done, the first error when one failed, `Timeout` when still running
     /// (and only then: see [`BatchState::Failed`]).
     pub fn wait(&self, timeout: Duration) -> Result<()> {
-        // A batch about to end: poll rather than pay a wake-up.
-        if !timeout.is_zero() {
-            spin::poll_briefly(|| self.ended.load(Ordering::Acquire));
-        }
         let deadline = Instant::now().checked_add(timeout);
+        // A batch about to end: poll rather than pay a wake-up (never past
+        // the deadline).
+        if !timeout.is_zero() {
+            spin::poll_briefly(|| {
+                self.ended.load(Ordering::Acquire) || deadline.is_some_and(|d| Instant::now() >= d)
+            });
+        }
         let mut p = self.progress.lock();
         while p.slices_left > 0 {
             match deadline {
@@ -268,6 +271,29 @@ mod tests {
             first_op: first,
             last_op: last,
         }
+    }
+
+    #[test]
+    fn a_waiter_sees_the_batch_end_on_another_thread() {
+        // Ended within the waiter's polling window, and long after it
+        // (asleep on the condvar): both return Ok, the second by wake-up.
+        for delay in [Duration::from_micros(10), Duration::from_millis(50)] {
+            let b = Arc::new(Batch::new(1, 1));
+            let b2 = Arc::clone(&b);
+            let t = std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                b2.complete_slice(&slice(0, 0), Ok(()));
+            });
+            b.wait(Duration::from_secs(10)).unwrap();
+            t.join().unwrap();
+        }
+        // A wait shorter than the polling window stops at its deadline.
+        let b = Batch::new(1, 1);
+        assert!(matches!(
+            b.wait(Duration::from_micros(5)),
+            Err(Error::Timeout { .. })
+        ));
+        assert!(matches!(b.state(), BatchState::InProgress));
     }
 
     #[test]

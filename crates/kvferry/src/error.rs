@@ -108,7 +108,9 @@ pub enum Error {
 
     /// The target refused one request (a range outside its registrations,
     /// or memory its owner took away since) and keeps the connection in
-    /// step: the request's ops failed, the connection goes on.
+    /// step: the request's ops failed, the connection goes on. cma gives
+    /// the same error when the target's region list (its lease board)
+    /// already shows the range outside every region.
     #[error("transfer with peer {peer} failed: the target refused the request: {message}")]
     RequestRefused { peer: String, message: String },
 

@@ -38,7 +38,7 @@ pub mod segment;
 pub mod server;
 pub mod session;
 pub mod socket_owner;
-pub mod spin;
+pub(crate) mod spin;
 pub mod staging;
 pub mod transport;
 pub mod wire;

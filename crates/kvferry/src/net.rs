@@ -102,7 +102,8 @@ pub(crate) fn wait_fd(
 }
 
 /// Polls `stream` for something to read for up to `spin::SPIN_BEFORE_SLEEP`
-/// without sleeping. `true` when it became readable.
+/// without sleeping. `true` when it became readable; `false` at once when
+/// polling does not pay now (`spin::polling_pays`).
 pub fn spin_until_readable(stream: &TcpStream) -> io::Result<bool> {
     spin_fd(stream.as_raw_fd(), libc::POLLIN)
 }
@@ -241,10 +242,11 @@ impl Stream {
 
     /// One sendmsg / recvmsg of `iov`: the number of bytes moved (0 on
     /// receive: the peer closed). A call that would block is first retried
-    /// while polling for up to `spin::SPIN_BEFORE_SLEEP` (the peer drains or fills
-    /// the socket within microseconds mid-transfer; sleeping instead costs a
-    /// wake-up), and only then made blocking, bounded by `deadline`.
-    /// `spun`: the caller polled that long already, in vain: block at once.
+    /// while polling for up to `spin::SPIN_BEFORE_SLEEP`, when polling pays
+    /// (the peer drains or fills the socket within microseconds
+    /// mid-transfer; sleeping instead costs a wake-up), and only then made
+    /// blocking, bounded by `deadline`. `spun`: the caller polled already
+    /// in vain, or chose not to: block at once.
     ///
     /// # Safety
     /// The iovecs must point at memory valid for the direction: readable to
@@ -378,8 +380,9 @@ impl Stream {
     }
 
     /// Reads the header of a reply to a request just sent, by `deadline`:
-    /// polls for up to `spin::SPIN_BEFORE_SLEEP`, then sleeps in the read (a
-    /// reply is never there at once: trying first would cost a syscall).
+    /// polls for up to `spin::SPIN_BEFORE_SLEEP` (when polling pays), then
+    /// sleeps in the read (a reply is never there at once: trying first
+    /// would cost a syscall).
     pub fn await_header(&mut self, deadline: Instant) -> io::Result<Option<FrameHeader>> {
         let ready = spin_until_readable(&self.stream)?;
         self.header(deadline, !ready)

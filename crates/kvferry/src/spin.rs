@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 /// 40-50 us, and a request/reply round trip pays it twice. Back-to-back
 /// batches reply within a few microseconds, so both ends poll this long
 /// first: measured on a 2-vCPU KVM guest, a cma batch of 32 x 16 KiB went
-/// from 136 us to about 45 us. The cost is at most this much CPU per frame
-/// when no reply comes soon.
+/// from 136 us to about 45 us. The cost is at most this much CPU per wait
+/// when nothing comes soon. Used by socket waits (net.rs), the cma copy
+/// pool and batch waits, each only while `polling_pays`.
 pub const SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(50);
 
 /// The CPUs this process may run on.
@@ -26,12 +27,13 @@ static MOVING: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts its thread in `MOVING` while it lives.
 #[derive(Debug)]
-pub struct Moving;
+pub struct Moving(());
 
 impl Moving {
+    #[must_use = "the thread counts as moving only while the guard lives"]
     pub fn enter() -> Moving {
         MOVING.fetch_add(1, Ordering::Relaxed);
-        Moving
+        Moving(())
     }
 }
 
@@ -44,8 +46,11 @@ impl Drop for Moving {
 /// Whether polling instead of sleeping can pay: only while a CPU is left
 /// for it. When this process has as many threads moving data as CPUs (a
 /// large batch fanned out over lanes, or the server serving as many), every
-/// CPU is copying; a poller only takes turns with a copier, and the peer
-/// it waits for gets its CPU later. Measured on the 2-vCPU test guest
+/// CPU is likely copying; a poller only takes turns with a copier, and the
+/// peer it waits for gets its CPU later. A heuristic: a thread counts from
+/// the start to the end of its frame's data, also while it sleeps in the
+/// kernel for the socket (a slow peer), and cma copies do not count
+/// (counting them cost async cma batches, commit b57d8b0). Measured on the 2-vCPU test guest
 /// (`tools/te_pingpong.py kvferry:TransferEngine tcp --op read`, batches
 /// of 32 on two lanes, three interleaved runs against a build that always
 /// polled): 1 MiB blocks 4.24-4.33 -> 4.40-4.49 GB/s, 4 MiB 4.69-4.78 ->

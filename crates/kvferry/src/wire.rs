@@ -688,6 +688,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_request_reads_as_before_and_keeps_its_status() {
+        for status in [Status::RemoteOutOfRange, Status::RegionNotMapped] {
+            let (h, msg) = error_frame(7, status, "range 0 is out");
+            let e = remote_error("p:1", &h, &msg);
+            assert!(matches!(e, Error::RequestRefused { .. }), "{e:?}");
+            assert_eq!(
+                e.to_string(),
+                "transfer with peer p:1 failed: the target refused the request: range 0 is out"
+            );
+            assert_eq!(e.status(), Status::TransferFailed);
+        }
+        let (h, msg) = error_frame(7, Status::Internal, "boom");
+        assert!(matches!(
+            remote_error("p:1", &h, &msg),
+            Error::TransferFailed { .. }
+        ));
+    }
+
+    #[test]
     fn header_validation() {
         let ok = FrameHeader::new(Kind::Read, 1, 32);
         assert_eq!(ok.validate(), Ok(Kind::Read));

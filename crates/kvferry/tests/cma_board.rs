@@ -231,6 +231,11 @@ fn range_outside_every_region_fails_like_a_refused_pin() {
     });
     for e in [&fast, &pinned] {
         assert!(matches!(e, Error::RequestRefused { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("the target refused the request: range 0"),
+            "{e}"
+        );
     }
     assert_eq!(fast.status(), pinned.status());
 }

@@ -236,6 +236,9 @@ struct Work {
     outcomes: Mutex<Vec<Option<CopyOutcome>>>,
     /// Chunks copied; changed under the pool's state lock.
     done: AtomicUsize,
+    /// When the last chunk was done (set with `done`): how late a worker
+    /// was, apart from how long the poster took to see it.
+    finished_at: Mutex<Option<Instant>>,
 }
 
 impl Work {
@@ -277,7 +280,9 @@ impl Work {
             }
             {
                 let _st = pool.state.lock();
-                self.done.fetch_add(1, Ordering::Release);
+                if self.done.fetch_add(1, Ordering::Release) + 1 == self.chunks.len() {
+                    *self.finished_at.lock() = Some(Instant::now());
+                }
             }
             pool.done_cv.notify_all();
         }
@@ -300,8 +305,8 @@ struct PoolInner {
 }
 
 /// The engine's second copy thread for cma batches: one worker, started
-/// on first use, that polls for work for `spin::SPIN_BEFORE_SLEEP` before it
-/// sleeps (waking a halted vCPU costs tens of microseconds, see spin.rs).
+/// on first use, that polls for work for `spin::SPIN_BEFORE_SLEEP` (while
+/// `spin::polling_pays`) before it sleeps (waking a halted vCPU costs tens of microseconds, see spin.rs).
 /// One batch uses it at a time; a batch that finds it busy copies alone.
 #[derive(Debug, Default)]
 pub struct CopyPool {
@@ -392,8 +397,10 @@ impl CopyPool {
             }
         }
         // A healthy worker ends its last chunk well within the time this
-        // thread copied its share; waiting longer means it lost its CPU.
-        if start.elapsed() > own {
+        // thread copied its share; ending later means it lost its CPU. (When
+        // it ended, not when this thread, perhaps asleep, saw it.)
+        let finished = work.finished_at.lock().unwrap_or(start);
+        if finished.saturating_duration_since(start) > own {
             self.backoff.store(BACKOFF_BATCHES, Ordering::Relaxed);
         }
         self.busy.store(false, Ordering::Release);
@@ -865,6 +872,7 @@ impl CmaTransport {
                 chunks,
                 next: AtomicUsize::new(0),
                 done: AtomicUsize::new(0),
+                finished_at: Mutex::new(None),
             });
             // SAFETY: local ranges are pinned by the plan and remote ones
             // leased by the caller until after `copy` returns, and the pool

@@ -148,7 +148,8 @@ impl Conn {
     /// Reads a reply header, with its payload if it is small (control) or
     /// an error; checks it is `expect` for request `rid`. The whole reply
     /// is bounded by the operation's deadline (the reads poll for
-    /// `SPIN_BEFORE_SLEEP` before they sleep).
+    /// `spin::SPIN_BEFORE_SLEEP`, while `spin::polling_pays`, before they
+    /// sleep).
     fn reply(&mut self, peer: &str, expect: Kind, rid: u64) -> Result<(FrameHeader, Vec<u8>)> {
         let h = self
             .stream
@@ -728,5 +729,32 @@ impl Transport for TcpTransport {
             }
             self.run_lane(Some(0), job, &per_lane[0], report);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_refused_request_or_a_restart_keeps_the_connection() {
+        let peer = "p:1".to_owned();
+        assert!(conn_survives(&Error::RequestRefused {
+            peer: peer.clone(),
+            message: "range 0".into(),
+        }));
+        assert!(conn_survives(&Error::PeerRestarted {
+            peer: peer.clone(),
+            detail: "new instance".into(),
+        }));
+        // A failure whose text happens to read like a refusal is not one.
+        assert!(!conn_survives(&Error::TransferFailed {
+            peer: peer.clone(),
+            reason: "the target refused the request: but this is I/O".into(),
+        }));
+        assert!(!conn_survives(&Error::Protocol {
+            peer,
+            detail: "bad frame".into(),
+        }));
     }
 }

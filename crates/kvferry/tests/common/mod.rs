@@ -250,13 +250,13 @@ pub fn send_frame(
 }
 
 /// The HELLO_REPLY of a hand-written target of instance `instance_id` that
-/// asks for no shared secret (so nobody checks its `nonce`).
-pub fn hello_reply(instance_id: u64, nonce: [u8; 16]) -> wire::HelloReply {
+/// asks for no shared secret (so nobody checks its nonce, left zero).
+pub fn hello_reply(instance_id: u64) -> wire::HelloReply {
     wire::HelloReply {
         version: wire::VERSION,
         auth_required: 0,
         reserved: 0,
-        nonce,
+        nonce: [0; 16],
         instance_id,
         proof: [0; 32],
     }
@@ -287,7 +287,7 @@ fn impostor_conn(s: &mut std::net::TcpStream, instance: u64, seg: &[u8]) {
         let rid = h.request_id;
         let sent = match Kind::from_u16(h.kind) {
             Some(Kind::Hello) => {
-                let r = hello_reply(instance, [0; 16]);
+                let r = hello_reply(instance);
                 send_frame(s, Kind::HelloReply, rid, &[bytemuck::bytes_of(&r)])
             }
             Some(Kind::GetSegment) => send_frame(s, Kind::SegmentReply, rid, &[seg]),
