@@ -179,7 +179,9 @@ fn a_cma_copy_past_its_deadline_names_the_time_it_had() {
     match &e {
         Error::TransferTimeout { what, ms } => {
             assert!(what.starts_with("cma transfer"), "{e}");
-            assert!(*ms > 0 && *ms <= WAIT.as_millis() as u64, "{e}");
+            // The budget left when the batch reached cma: most of WAIT.
+            let wait = WAIT.as_millis() as u64;
+            assert!(*ms >= wait / 2 && *ms <= wait, "{e}");
         }
         other => panic!("not a transfer timeout: {other}"),
     }

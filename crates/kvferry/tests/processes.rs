@@ -410,13 +410,8 @@ fn reading_memory_the_target_unmapped_fails_with_its_reason() {
     let mut buf = vec![0u8; LEN];
     // SAFETY: `buf` outlives `e` (dropped first at the end).
     unsafe { register_all(&e, &mut buf) };
-    let op = |remote: u64| Op {
-        local: buf.as_ptr() as u64,
-        remote,
-        len: LEN as u64,
-    };
     let unmapped = t.addr + LEN as u64;
-    let err = e.read(&t.name, &[op(unmapped)]).unwrap_err();
+    let err = e.read(&t.name, &[whole(&buf, unmapped)]).unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::RequestRefused { .. }), "{msg}");
     for word in [
@@ -428,7 +423,7 @@ fn reading_memory_the_target_unmapped_fails_with_its_reason() {
         assert!(msg.contains(&word), "{word:?} not in {msg:?}");
     }
     assert!(!msg.contains("closed"), "{msg}");
-    e.read(&t.name, &[op(t.addr)]).unwrap();
+    e.read(&t.name, &[whole(&buf, t.addr)]).unwrap();
     assert!(buf == pattern(13, LEN), "the mapped half reads back");
     assert!(t.child.try_wait().unwrap().is_none(), "the target died");
     drop(e);

@@ -689,6 +689,12 @@ fn a_reply_nobody_reads_does_not_keep_its_ranges_pinned() {
     );
     let asked = Instant::now();
     s.write_all(&frame(Kind::Read, &t)).unwrap();
+    // The reply has started: the target holds the pin.
+    let h = wire::read_header(&mut s).unwrap().unwrap();
+    assert_eq!(
+        (Kind::from_u16(h.kind), h.request_id),
+        (Some(Kind::ReadData), 9)
+    );
     std::thread::sleep(TRANSFER_TIMEOUT / 2);
     // Waits for the pin up to the transfer timeout: the target must have
     // let go of it by then.
