@@ -1365,7 +1365,7 @@ static void test_peer_regions(void) {
   CHECK(count == 2);
   count = 0;
   EXPECT(kvf_engine_peer_regions(A, b_name, addrs, lens, 1, &count), KVF_STATUS_BUFFER_TOO_SMALL,
-         NULL);
+         "capacity 1, but 2 entries are needed");
   CHECK(count == 2 && addrs[0] == 0 && lens[0] == 0);
   EXPECT(kvf_engine_peer_regions(A, b_name, addrs, lens, 4, &count), KVF_STATUS_OK, NULL);
   CHECK(count == 2 && addrs[0] == lo && addrs[0] < addrs[1]);

@@ -64,3 +64,12 @@ pub(crate) fn refuse(status: Status, message: &str) -> Status {
     set_last_error(message);
     status
 }
+
+/// `KVF_STATUS_BUFFER_TOO_SMALL` for an array `argument` of `capacity`
+/// entries where `needed` are (a `refuse`: the core's error counts bytes).
+pub(crate) fn buffer_too_small(argument: &str, needed: usize, capacity: usize) -> Status {
+    refuse(
+        Status::BufferTooSmall,
+        &format!("{argument}: capacity {capacity}, but {needed} entries are needed"),
+    )
+}

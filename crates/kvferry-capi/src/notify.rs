@@ -4,7 +4,7 @@ use std::ffi::c_char;
 
 use kvferry_core::{Error, Status};
 
-use crate::boundary::ffi;
+use crate::boundary::{self, ffi};
 use crate::engine::kvf_engine;
 use crate::handle;
 
@@ -182,10 +182,11 @@ pub unsafe extern "C" fn kvf_engine_peer_regions(
         // SAFETY: checked non-NULL above; writable (caller's promise).
         unsafe { out_count.write(regions.len()) };
         if regions.len() > capacity {
-            return Err(Error::BufferTooSmall {
-                needed: regions.len(),
+            return Ok(boundary::buffer_too_small(
+                "addrs and lens",
+                regions.len(),
                 capacity,
-            });
+            ));
         }
         // Both arrays are checked (and for overlap) before either is written.
         // SAFETY: forwarded to the caller (the two arrays).

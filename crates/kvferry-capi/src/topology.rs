@@ -22,7 +22,7 @@ use kvferry_topology::{
     PushMapping, SideLayout, SplitSide, TopologyError, seed_for_request,
 };
 
-use crate::boundary::{ffi, refuse};
+use crate::boundary::{buffer_too_small, ffi};
 use crate::engine::kvf_engine;
 use crate::handle;
 use crate::transfer::transfer_target;
@@ -125,13 +125,6 @@ fn topology_error(e: TopologyError) -> Error {
     Error::InvalidArgument {
         what: e.to_string(),
     }
-}
-
-fn buffer_too_small(argument: &str, needed: usize, capacity: usize) -> Status {
-    refuse(
-        Status::BufferTooSmall,
-        &format!("{argument}: capacity {capacity}, but {needed} entries are needed"),
-    )
 }
 
 /// Reads and checks a shape (the integers; the rules are the crate's).

@@ -109,10 +109,11 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
 }
 
-/// Whether the process of `pidfd` still runs (one `poll`: a pidfd polls
-/// readable once its process has exited).
-pub fn pidfd_alive(pidfd: &OwnedFd) -> bool {
-    !crate::net::wait_fd(pidfd.as_raw_fd(), libc::POLLIN, std::time::Duration::ZERO).unwrap_or(true)
+/// Whether the process of `pidfd` has exited (one `poll`: a pidfd polls
+/// readable once its process has exited). A failed `poll` is the caller's
+/// to weigh: the board keeps an orphan's slots then, cma stops copying.
+pub fn pidfd_exited(pidfd: &OwnedFd) -> std::io::Result<bool> {
+    crate::net::wait_fd(pidfd.as_raw_fd(), libc::POLLIN, std::time::Duration::ZERO)
 }
 
 /// Bytes of a board with `slots` slots, rounded up to whole pages.
@@ -396,7 +397,8 @@ impl LeaseBoard {
             let mut orphans = self.orphans.lock();
             let mut gone = Vec::new();
             orphans.retain(|(conn, fd)| {
-                let exited = !pidfd_alive(fd);
+                // Unsure (poll failed): keep the slots, the safe side.
+                let exited = pidfd_exited(fd).unwrap_or(false);
                 if exited {
                     gone.push(*conn);
                 }

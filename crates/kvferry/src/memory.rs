@@ -305,18 +305,18 @@ impl Registry {
 /// regions it has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostMappings {
-    maps: Vec<Mapping>,
+    maps: Vec<MapRange>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Mapping {
+struct MapRange {
     start: u64,
     end: u64,
     /// The permission field as the kernel writes it: `rw-p`, `r--s`, ...
     perms: [u8; 4],
 }
 
-impl Mapping {
+impl MapRange {
     fn read_write(&self) -> bool {
         self.perms[0] == b'r' && self.perms[1] == b'w'
     }
@@ -393,42 +393,38 @@ impl HostMappings {
                     String::from_utf8_lossy(line)
                 ),
             })?;
-            maps.push(Mapping {
+            maps.push(MapRange {
                 start: m.start,
                 end: m.end,
                 perms: m.perms,
             });
         }
-        // The kernel lists them in order; the walk below relies on it.
+        // The walk below relies on address order: the kernel's, made sure.
         maps.sort_by_key(|m| m.start);
         Ok(HostMappings { maps })
     }
 
-    /// The first address of `[addr, end)` that no readable and writable
-    /// mapping covers, if any. Adjacent mappings count as one (a buffer may
-    /// span mappings the kernel keeps apart, e.g. after an `mprotect` of
-    /// a neighbour or across a file mapping placed at its end).
-    fn first_gap(&self, addr: u64, end: u64) -> Option<u64> {
-        let mut at = addr;
-        while at < end {
-            // The first mapping that ends past `at`: the one holding it, if any.
-            let i = self.maps.partition_point(|m| m.end <= at);
-            match self.maps.get(i) {
-                Some(m) if m.start <= at && m.read_write() => at = m.end,
-                _ => return Some(at),
-            }
-        }
-        None
-    }
-
     /// Where `[addr, end)` is not readable and writable memory, if it is
     /// not: the first such address, and what is there ("nothing is mapped
-    /// at ..." or the mapping and its permissions).
+    /// at ..." or the mapping and its permissions). Adjacent mappings count
+    /// as one (a buffer may span mappings the kernel keeps apart, e.g.
+    /// after an `mprotect` of a neighbour or across a file mapping placed
+    /// at its end).
     pub fn find_gap(&self, addr: u64, end: u64) -> Option<String> {
-        let gap = self.first_gap(addr, end)?;
-        let i = self.maps.partition_point(|m| m.end <= gap);
-        Some(match self.maps.get(i) {
-            Some(m) if m.start <= gap => format!(
+        let mut gap = addr;
+        // The first mapping that ends past `gap`: the one holding it, if any.
+        let holder = loop {
+            if gap >= end {
+                return None;
+            }
+            let i = self.maps.partition_point(|m| m.end <= gap);
+            match self.maps.get(i) {
+                Some(m) if m.start <= gap && m.read_write() => gap = m.end,
+                other => break other.filter(|m| m.start <= gap),
+            }
+        };
+        Some(match holder {
+            Some(m) => format!(
                 "{gap:#x} lies in the mapping [{:#x}, {:#x}) with permissions {}",
                 m.start,
                 m.end,

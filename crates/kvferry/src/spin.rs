@@ -55,7 +55,7 @@ impl Drop for Moving {
 /// of 32 on two lanes, three interleaved runs against a build that always
 /// polled): 1 MiB blocks 4.24-4.33 -> 4.40-4.49 GB/s, 4 MiB 4.69-4.78 ->
 /// 4.94-5.09; writes within noise.
-pub fn polling_pays() -> bool {
+fn polling_pays() -> bool {
     MOVING.load(Ordering::Relaxed) < cpus()
 }
 

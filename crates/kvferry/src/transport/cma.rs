@@ -236,9 +236,6 @@ struct Work {
     outcomes: Mutex<Vec<Option<CopyOutcome>>>,
     /// Chunks copied; changed under the pool's state lock.
     done: AtomicUsize,
-    /// When the last chunk was done (set with `done`): how late a worker
-    /// was, apart from how long the poster took to see it.
-    finished_at: Mutex<Option<Instant>>,
 }
 
 impl Work {
@@ -279,9 +276,9 @@ impl Work {
                 *slot = Some(o);
             }
             {
-                let _st = pool.state.lock();
+                let mut st = pool.state.lock();
                 if self.done.fetch_add(1, Ordering::Release) + 1 == self.chunks.len() {
-                    *self.finished_at.lock() = Some(Instant::now());
+                    st.finished_at = Some(Instant::now());
                 }
             }
             pool.done_cv.notify_all();
@@ -293,6 +290,9 @@ impl Work {
 struct PoolState {
     work: Option<Arc<Work>>,
     stop: bool,
+    /// When the posted work's last chunk was done: how late a worker was,
+    /// apart from how long the poster took to see it.
+    finished_at: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -386,7 +386,7 @@ impl CopyPool {
         let start = Instant::now();
         let own = start - began;
         spin::poll_briefly(|| work.done.load(Ordering::Acquire) >= all);
-        {
+        let finished = {
             let mut st = inner.state.lock();
             // Not picked up (the worker is still waking): it never will be.
             if st.work.take().is_some() {
@@ -395,11 +395,11 @@ impl CopyPool {
             while work.done.load(Ordering::Acquire) < all {
                 inner.done_cv.wait(&mut st);
             }
-        }
+            st.finished_at.take().unwrap_or(start)
+        };
         // A healthy worker ends its last chunk well within the time this
         // thread copied its share; ending later means it lost its CPU. (When
         // it ended, not when this thread, perhaps asleep, saw it.)
-        let finished = work.finished_at.lock().unwrap_or(start);
         if finished.saturating_duration_since(start) > own {
             self.backoff.store(BACKOFF_BATCHES, Ordering::Relaxed);
         }
@@ -593,7 +593,8 @@ impl BoardClient {
         }
         // Alive after the look: the pid was not handed to another process
         // while we looked (pidfd_open came first).
-        if !board::pidfd_alive(&pidfd) {
+        // Unsure (poll failed) counts as exited: no copy on a doubt.
+        if board::pidfd_exited(&pidfd).unwrap_or(true) {
             return Err(unproven(format!("pid {pid} exited")));
         }
         let (grant, slots) = conn
@@ -683,7 +684,7 @@ impl BoardClient {
 
     /// Whether the target process still runs (one `poll`).
     fn alive(&self) -> bool {
-        let alive = board::pidfd_alive(&self.pidfd);
+        let alive = !board::pidfd_exited(&self.pidfd).unwrap_or(true);
         if alive {
             let ns = self.born.elapsed().as_nanos() as u64;
             self.seen_alive.fetch_max(ns, Ordering::Relaxed);
@@ -872,7 +873,6 @@ impl CmaTransport {
                 chunks,
                 next: AtomicUsize::new(0),
                 done: AtomicUsize::new(0),
-                finished_at: Mutex::new(None),
             });
             // SAFETY: local ranges are pinned by the plan and remote ones
             // leased by the caller until after `copy` returns, and the pool
