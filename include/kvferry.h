@@ -106,7 +106,7 @@ enum kvf_status
   // end of its mapping). Nothing was registered. Also the status of a
   // target's ERROR frame for a READ or WRITE of registered memory that
   // its owner unmapped without unregistering it (the initiator's batch
-  // fails with `TransferFailed`).
+  // fails with `KVF_STATUS_TRANSFER_FAILED`).
   KVF_STATUS_REGION_NOT_MAPPED = -15,
   KVF_STATUS_ZERO_LENGTH_OP = -20,
   KVF_STATUS_ADDRESS_OVERFLOW = -21,

@@ -356,10 +356,15 @@ def pingpongs(python, seconds, quick):
     return res
 
 
+def pingpong_iperf3_runs(results):
+    """The one-stream iperf3 runs taken in the te_pingpong phase, in GB/s."""
+    return [r["gbps"] for r in results.get("pingpong", {}).get("iperf3", []) if "gbps" in r]
+
+
 def pingpong_iperf3(results):
     """The te_pingpong table's iperf3: the median of the runs taken in its
     phase (pages from before those runs: the limits phase's one run)."""
-    runs = [r["gbps"] for r in results.get("pingpong", {}).get("iperf3", []) if "gbps" in r]
+    runs = pingpong_iperf3_runs(results)
     if not runs:
         return results["limits"]["iperf3"].get("1", {}).get("gbps")
     return statistics.median(runs)
@@ -560,13 +565,14 @@ def report(results, args_line):
     pp = results.get("pingpong", {})
     w("## te_pingpong: Mooncake's engine and kvferry's, same script")
     w("")
+    cells = ("Every cell is one run (a --quick page)" if results.get("quick") else
+             f"Every cell is the median of {PINGPONG_REPEATS} runs in a row (each run's figure is in the raw results)")
     w(f"`tools/te_pingpong.py` (a copy of the shared probe): target in a child process, batches of {HEADLINE_BATCH} "
       "contiguous blocks, 1 thread, through the Mooncake Python API. *kvferry CLI* is the same workload "
       "through `kvferry bench --layout contiguous` (Rust, no Python), to show what the Python layer costs. "
-      f"Every cell is the median of {PINGPONG_REPEATS} runs in a row (each run's figure is in the raw results), "
-      "for Mooncake, kvferry and the CLI alike; the *iperf3* column is the median of the one-stream iperf3 runs "
-      "taken before, between and after the engines' cells (listed under the limits), so that every ratio compares "
-      "figures of the same minutes.")
+      f"{cells}, for Mooncake, kvferry and the CLI alike; the *iperf3* column is the median of the one-stream "
+      "iperf3 runs taken before, between and after the engines' cells (listed under the limits), so that every "
+      "ratio compares figures of the same minutes.")
     w("")
     for k, why in pp.get("skipped", {}).items():
         w(f"- **skipped** ({k}): {why}.")
@@ -623,7 +629,7 @@ def report(results, args_line):
     w("")
     for k, v in sorted(results["limits"]["iperf3"].items()):
         w(f"- iperf3 on 127.0.0.1, {k} stream(s), `-l 1M`: **{v['gbps']:.2f} GB/s**")
-    phase = [r["gbps"] for r in results.get("pingpong", {}).get("iperf3", []) if "gbps" in r]
+    phase = pingpong_iperf3_runs(results)
     if phase:
         w(f"- iperf3 as above, 1 stream, in the te_pingpong phase (before, between and after the engines' cells): "
           f"{', '.join(f'{v:.2f}' for v in phase)} GB/s, median **{statistics.median(phase):.2f}**")

@@ -227,7 +227,7 @@ pub enum Status {
     /// end of its mapping). Nothing was registered. Also the status of a
     /// target's ERROR frame for a READ or WRITE of registered memory that
     /// its owner unmapped without unregistering it (the initiator's batch
-    /// fails with `TransferFailed`).
+    /// fails with `KVF_STATUS_TRANSFER_FAILED`).
     RegionNotMapped = -15,
     // -20 .. -29: op validation (nothing was moved)
     ZeroLengthOp = -20,
