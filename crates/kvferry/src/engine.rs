@@ -292,18 +292,24 @@ impl Core {
         }
     }
 
-    /// Session and plan; a restarted peer gets a fresh session first.
-    fn prepare(&self, peer: &str, opcode: Opcode, ops: &[Op]) -> Result<(Arc<Session>, Plan)> {
+    /// Runs `f` on `peer`'s session; when the peer turns out to have
+    /// restarted, forgets that session and runs `f` once more on a new one.
+    fn with_session<T>(&self, peer: &str, f: impl Fn(&Arc<Session>) -> Result<T>) -> Result<T> {
         let session = self.session(peer)?;
-        match self.plan_for(&session, opcode, ops) {
+        match f(&session) {
             Err(Error::PeerRestarted { .. }) => {
                 self.forget(&session);
-                let session = self.session(peer)?;
-                let plan = self.plan_for(&session, opcode, ops)?;
-                Ok((session, plan))
+                f(&self.session(peer)?)
             }
-            other => Ok((session, other?)),
+            other => other,
         }
+    }
+
+    /// Session and plan; a restarted peer gets a fresh session first.
+    fn prepare(&self, peer: &str, opcode: Opcode, ops: &[Op]) -> Result<(Arc<Session>, Plan)> {
+        self.with_session(peer, |session| {
+            Ok((Arc::clone(session), self.plan_for(session, opcode, ops)?))
+        })
     }
 
     /// Runs a batch to the end, by `deadline` (set when it was submitted,
@@ -706,17 +712,9 @@ impl Engine {
     /// Sends `message` to `peer`; returns once the peer has queued it.
     pub fn notify(&self, peer: &str, message: &[u8]) -> Result<()> {
         let deadline = self.core.deadline();
-        let session = self.core.session(peer)?;
-        match session.transport().notify(self.name(), message, deadline) {
-            Err(Error::PeerRestarted { .. }) => {
-                self.core.forget(&session);
-                self.core
-                    .session(peer)?
-                    .transport()
-                    .notify(self.name(), message, deadline)
-            }
-            other => other,
-        }
+        self.core.with_session(peer, |session| {
+            session.transport().notify(self.name(), message, deadline)
+        })
     }
 
     /// Takes the oldest notification if its sender name and message fit in
@@ -753,18 +751,15 @@ impl Engine {
     /// peer's latest registrations. Handshakes on first contact; a peer that
     /// restarted gets a new session.
     pub fn peer_regions(&self, peer: &str) -> Result<Vec<RegionDesc>> {
-        let cached = self.core.sessions.lock().get(peer).cloned();
-        let Some(session) = cached else {
-            // A new session has just fetched the segment.
-            return Ok(self.core.session(peer)?.segment().regions.clone());
-        };
-        let segment = match session.refresh() {
-            Err(Error::PeerRestarted { .. }) => {
-                self.core.forget(&session);
-                self.core.session(peer)?.segment()
+        // A new session fetches the segment as it starts: no second ask.
+        let known = self.core.sessions.lock().contains_key(peer);
+        let segment = self.core.with_session(peer, |session| {
+            if known {
+                session.refresh()
+            } else {
+                Ok(session.segment())
             }
-            other => other?,
-        };
+        })?;
         Ok(segment.regions.clone())
     }
 
