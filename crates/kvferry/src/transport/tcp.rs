@@ -2,8 +2,9 @@
 //! reused across batches. READ data arrives straight into local memory and
 //! WRITE data leaves straight from it (readv / writev, no staging buffer).
 
+use std::collections::VecDeque;
 use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -20,14 +21,17 @@ use crate::wire::{self, FrameHeader, Kind};
 #[path = "tcp_device.rs"]
 mod device;
 
-/// Data bytes per request: large enough to amortise a round trip, small
-/// enough to spread a batch over lanes and keep `WINDOW` of them in flight
-/// on each. Measured on the 2-vCPU test guest (`kvferry bench --transport
-/// tcp --batch-size 32 --layout contiguous`, GB/s read / write): 1 MiB
-/// blocks 4.2-4.2 / 4.3-4.5 with 8 MiB requests, 4.6-4.8 / 4.9 with 4 MiB,
-/// 4.5-4.6 / 4.8-5.0 with 1-2 MiB; 4 MiB blocks 4.4 / 4.5-4.6, 5.1-5.3 /
-/// 5.7-5.9, 5.0-5.2 / 5.5-5.7 (the others by changing this constant).
-const REQUEST_BYTES: u64 = 4 << 20;
+/// Data bytes per request (a slice larger than this is a request of its
+/// own): large enough that a frame header and a reply are nothing beside
+/// the data, small enough that lanes taking requests as they go (`Claims`)
+/// end within a request of each other. Measured on the 2-vCPU test guest
+/// against requests dealt out in advance, 4 MiB each (`kvferry bench
+/// --transport tcp --block-size B --batch-size 32 --layout contiguous`,
+/// two interleaved rounds, GB/s): 1 MiB blocks read 4.28-4.40 -> 4.34-4.56,
+/// write 4.69-4.78 -> 5.06-5.22; 4 MiB blocks read 5.07-5.09 ->
+/// 5.17-5.37, write 5.32-5.34 -> 5.59-5.83. Taking 4 MiB requests as they
+/// go did as well within noise, but for writes of 1 MiB blocks (4.84-5.04).
+const REQUEST_BYTES: u64 = 1 << 20;
 /// Requests in flight per lane before the first reply is read.
 const WINDOW: usize = 4;
 /// Batches smaller than this run on one lane on the caller's thread.
@@ -622,40 +626,42 @@ impl TcpTransport {
         Ok(seg)
     }
 
-    /// Runs requests on one lane, pipelined `WINDOW` deep. Every slice of
-    /// `requests` is reported once.
+    /// Runs requests on one lane, pipelined `WINDOW` deep, taking each from
+    /// `claims` when the window has room. Every request it takes is
+    /// reported once; an error that breaks the connection also stops every
+    /// lane from taking more.
     fn run_lane(
         &self,
         lane: Option<usize>,
         job: &Job<'_>,
-        requests: &[(usize, usize)],
+        claims: &Claims<'_>,
         report: Report<'_>,
     ) {
         let instance = self.instance();
-        let mut finished = 0usize;
+        // Requests sent and not yet answered, oldest first, with their ids.
+        let mut in_flight: VecDeque<((usize, usize), u64)> = VecDeque::with_capacity(WINDOW);
         let mut body = |conn: &mut Conn| {
             conn.arm(job.deadline)
                 .map_err(|e| conn.io(&self.name, "transfer", e))?;
-            let first_rid = conn.next_id + 1;
-            let mut sent = 0;
-            while finished < requests.len() {
-                while sent < requests.len() && sent - finished < WINDOW {
-                    let (a, b) = requests[sent];
+            loop {
+                while in_flight.len() < WINDOW {
+                    let Some((a, b)) = claims.take() else { break };
                     let rid = conn.id();
+                    // Counted before it is sent: a failed send reports it.
+                    in_flight.push_back(((a, b), rid));
                     conn.send_request(&self.name, job.opcode, instance, &job.slices[a..b], rid)?;
-                    sent += 1;
                 }
-                let (a, b) = requests[finished];
-                let rid = first_rid + finished as u64;
+                let Some(&((a, b), rid)) = in_flight.front() else {
+                    return Ok(());
+                };
                 match conn.finish_request(&self.name, job.opcode, &job.slices[a..b], rid) {
                     Ok(()) => (a..b).for_each(|i| report(i, Ok(()))),
                     // A refused request: the stream is still in step.
                     Err(e) if conn_survives(&e) => (a..b).for_each(|i| report(i, Err(e.clone()))),
                     Err(e) => return Err(e),
                 }
-                finished += 1;
+                in_flight.pop_front();
             }
-            Ok(())
         };
         // One lane given: that one; none: whichever is free.
         let r = match lane {
@@ -663,9 +669,58 @@ impl TcpTransport {
             None => self.with_free_lane(|_, c| body(c)),
         };
         if let Err(e) = r {
-            for &(a, b) in &requests[finished..] {
+            for ((a, b), _) in in_flight {
                 (a..b).for_each(|i| report(i, Err(e.clone())));
             }
+            claims.stop(e);
+        }
+    }
+}
+
+/// The requests of one job, taken in order by whichever lane has room in
+/// its window. A lane that gets more CPU takes more of them, so the lanes
+/// end together; dealt out in advance, one lane often finished its share
+/// alone while the other's CPU idled.
+#[derive(Debug)]
+struct Claims<'a> {
+    requests: &'a [(usize, usize)],
+    next: AtomicUsize,
+    /// The first error that broke a lane: no lane takes a request after
+    /// it, and the requests nobody took fail with it.
+    stopped: Mutex<Option<Error>>,
+}
+
+impl<'a> Claims<'a> {
+    fn new(requests: &'a [(usize, usize)]) -> Claims<'a> {
+        Claims {
+            requests,
+            next: AtomicUsize::new(0),
+            stopped: Mutex::new(None),
+        }
+    }
+
+    /// The next request nobody took, unless a lane broke.
+    fn take(&self) -> Option<(usize, usize)> {
+        if self.stopped.lock().is_some() {
+            return None;
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.requests.get(i).copied()
+    }
+
+    /// Stops the taking after `e` broke a lane (the first error is kept).
+    fn stop(&self, e: Error) {
+        self.stopped.lock().get_or_insert(e);
+    }
+
+    /// Reports the requests nobody took: none when no lane broke.
+    fn report_untaken(&self, report: Report<'_>) {
+        let Some(e) = self.stopped.lock().take() else {
+            return;
+        };
+        let from = self.next.load(Ordering::Relaxed).min(self.requests.len());
+        for &(a, b) in &self.requests[from..] {
+            (a..b).for_each(|i| report(i, Err(e.clone())));
         }
     }
 }
@@ -715,20 +770,20 @@ impl Transport for TcpTransport {
                 .min(requests.len())
                 .min(crate::spin::cpus())
         };
+        let claims = Claims::new(&requests);
         if lanes <= 1 {
-            self.run_lane(None, job, &requests, report);
-            return;
+            self.run_lane(None, job, &claims, report);
+        } else {
+            // The caller's thread runs lane 0.
+            std::thread::scope(|scope| {
+                for l in 1..lanes {
+                    let claims = &claims;
+                    scope.spawn(move || self.run_lane(Some(l), job, claims, report));
+                }
+                self.run_lane(Some(0), job, &claims, report);
+            });
         }
-        // Deal requests round-robin to lanes; the caller's thread runs lane 0.
-        let per_lane: Vec<Vec<(usize, usize)>> = (0..lanes)
-            .map(|l| requests.iter().copied().skip(l).step_by(lanes).collect())
-            .collect();
-        std::thread::scope(|scope| {
-            for (l, reqs) in per_lane.iter().enumerate().skip(1) {
-                scope.spawn(move || self.run_lane(Some(l), job, reqs, report));
-            }
-            self.run_lane(Some(0), job, &per_lane[0], report);
-        });
+        claims.report_untaken(report);
     }
 }
 
@@ -756,5 +811,51 @@ mod tests {
             peer,
             detail: "bad frame".into(),
         }));
+    }
+
+    fn lane_broke(n: u32) -> Error {
+        Error::TransferFailed {
+            peer: "p:1".into(),
+            reason: format!("lane {n} broke"),
+        }
+    }
+
+    #[test]
+    fn lanes_take_requests_in_order_until_one_breaks() {
+        let requests = [(0, 2), (2, 3), (3, 5), (5, 6)];
+        let claims = Claims::new(&requests);
+        assert_eq!(claims.take(), Some((0, 2)));
+        assert_eq!(claims.take(), Some((2, 3)));
+        claims.stop(lane_broke(1));
+        // A second break does not replace the first error.
+        claims.stop(lane_broke(2));
+        assert_eq!(claims.take(), None, "no lane takes a request after a break");
+        let reported = Mutex::new(Vec::new());
+        claims.report_untaken(&|i, r: Result<()>| reported.lock().push((i, r)));
+        let reported = reported.into_inner();
+        let slices: Vec<usize> = reported.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            slices,
+            [3, 4, 5],
+            "every slice of the untaken requests, once"
+        );
+        for (_, r) in &reported {
+            assert_eq!(
+                r.as_ref().unwrap_err().to_string(),
+                lane_broke(1).to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn a_job_no_lane_broke_reports_nothing_untaken() {
+        let requests = [(0, 1), (1, 2)];
+        let claims = Claims::new(&requests);
+        while claims.take().is_some() {}
+        // Taking past the end stays past the end.
+        assert_eq!(claims.take(), None);
+        let reported = Mutex::new(0);
+        claims.report_untaken(&|_, _| *reported.lock() += 1);
+        assert_eq!(*reported.lock(), 0);
     }
 }
